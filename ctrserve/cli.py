@@ -1,0 +1,102 @@
+"""The `ctrserve` command line. Heavy imports (torch) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ctrserve import commands
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _synth_parser(sub) -> None:
+    p = sub.add_parser("synth", help="write the synthetic app-store world and its impression logs")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--days", type=int, default=10, help="days of impression logs")
+    p.add_argument("--impressions-per-day", type=int, default=50_000)
+    p.set_defaults(func=commands.synth)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a run directory")
+    p.add_argument("--model", required=True, help="lr, fm, deepfm or apg-deepfm")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="synth:DIR, movielens:DIR, frappe:DIR, criteo:PATH or a spec file "
+                        "(an empty DIR means $CTR_DATA_DIR's folder for that dataset)")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    m = p.add_argument_group("model")
+    m.add_argument("--embedding-dim", type=int, default=16)
+    m.add_argument("--mlp", type=_ints, default=(400, 400, 400), help="hidden sizes, e.g. 400,400")
+    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--batch-norm", action="store_true")
+    m.add_argument("--apg-rank", type=int, default=32, help="K of the K x K matrix S_i")
+    m.add_argument("--apg-overparam", type=int, default=64, help="inner width P of U_l U_r (0=off)")
+    m.add_argument("--apg-condition", choices=("self", "group", "mix"), default="self")
+    m.add_argument("--apg-condition-fields", type=_names, default=(),
+                   help="comma-separated fields for group/mix conditions")
+    t = p.add_argument_group("training")
+    t.add_argument("--optimizer", choices=("adam", "adagrad"), default="adam")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    t.add_argument("--l2-embedding", type=float, default=0.0, help="L2 on looked-up embeddings")
+    t.add_argument("--batch-size", type=int, default=1024, help="rows per step per process")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--patience", type=int, default=2, help="epochs without valid AUC gain")
+    t.add_argument("--seed", type=int, default=2026)
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--lr-scaling", choices=("none", "sqrt", "linear"), default="none",
+                   help="scale the learning rate with the number of torchrun processes")
+    t.add_argument("--buffer-rows", type=int, default=1_000_000,
+                   help="shuffle buffer; larger splits stream chunk by chunk")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=commands.train)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run to an ONNX bundle in a registry")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--registry", required=True, type=Path)
+    p.set_defaults(func=commands.export)
+
+
+def _verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="verify a bundle (hash, parity record, ONNX session)")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=commands.verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_synth_parser, _train_parser, _export_parser, _verify_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], dict] = args.func
+    try:
+        result = func(args)
+    except commands.USER_ERRORS as exc:
+        print(f"ctrserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=1, default=str))
+    return 0

@@ -1,0 +1,66 @@
+"""What each CLI command does, in terms of the library; returns a JSON-able summary."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ctrserve.errors import UserError
+from features.spec import SpecError
+
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
+
+
+def synth(args: argparse.Namespace) -> dict[str, Any]:
+    from loadtest.synth_logs import write_synthetic_logs
+
+    summary = write_synthetic_logs(args.out, seed=args.seed, days=args.days,
+                                   impressions_per_day=args.impressions_per_day)
+    return {"out": str(args.out), **summary}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from models import MODELS, ModelConfig
+    from training.data import open_source
+    from training.train import TrainConfig, train
+
+    if args.model not in MODELS:
+        raise SpecError(f"--model: unknown model {args.model!r}; expected one of {sorted(MODELS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model_cfg = ModelConfig(
+            name=args.model, embedding_dim=args.embedding_dim, mlp=args.mlp,
+            dropout=args.dropout, batch_norm=args.batch_norm, apg_rank=args.apg_rank,
+            apg_overparam=args.apg_overparam, apg_condition=args.apg_condition,
+            apg_condition_fields=args.apg_condition_fields)
+        train_cfg = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+            optimizer=args.optimizer, l2_embedding=args.l2_embedding, patience=args.patience,
+            seed=args.seed, buffer_rows=args.buffer_rows, lr_scaling=args.lr_scaling,
+            device=args.device)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    source = open_source(args.data)
+    info = train(source, model_cfg, train_cfg, args.out, progress=not args.no_progress)
+    return {"run": str(args.out), "test": info["metrics"]["test"],
+            "best_epoch": info["best_epoch"],
+            "train_samples_per_second": round(info["train_samples_per_second"])}
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    from training.export import export_run
+
+    bundle = export_run(args.run_dir, args.registry)
+    return {"bundle": str(bundle)}
+
+
+def verify(args: argparse.Namespace) -> dict[str, Any]:
+    from bundles import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    return {"bundle": str(bundle.path), "version": m.version, "model_type": m.model_type,
+            "parity_max_abs_diff": m.parity.max_abs_diff, "sha256": m.sha256, "ok": True}

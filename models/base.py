@@ -1,0 +1,76 @@
+"""What every model shares: its config, its inputs, and the exported output."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a model; stored in the run directory and the bundle manifest."""
+
+    name: str = "deepfm"
+    embedding_dim: int = 16
+    mlp: tuple[int, ...] = (400, 400, 400)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    embedding_init_std: float = 1e-4
+    # APG-DeepFM: rank K of U S_i V, width P of the over-parameterisation (0 = off),
+    # condition: "self" (the layer input), "group" (embeddings of condition_fields) or "mix"
+    apg_rank: int = 32
+    apg_overparam: int = 64
+    apg_condition: str = "self"
+    apg_condition_fields: tuple[str, ...] = field(default_factory=tuple)
+    apg_generator_hidden: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        out = cls(**data)
+        out.mlp = tuple(out.mlp)
+        out.apg_condition_fields = tuple(out.apg_condition_fields)
+        return out
+
+
+class CTRModel(nn.Module):
+    """Base class: forward(*inputs) in the encoder's input order returns logits of shape [B].
+
+    `inputs` are the encoder outputs named in `input_names` (`cat_ids`, `multi_ids`,
+    `numeric`, whichever the dataset has), passed positionally so ONNX export sees plain
+    tensors.
+    """
+
+    def __init__(self, config: ModelConfig, layout: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.layout = layout
+        groups = (("cat_ids", "categorical"), ("multi_ids", "multi"), ("numeric", "numeric"))
+        self.input_names = [name for name, key in groups if layout[key]]
+
+    def named_inputs(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.input_names, inputs, strict=True))
+
+    def regularized_embeddings(self) -> list[torch.Tensor]:
+        """Embeddings looked up in the last forward pass, for the L2 penalty."""
+        return []
+
+
+class ProbabilityHead(nn.Module):
+    """Wraps a model for export: the same inputs, the click probability as output."""
+
+    def __init__(self, model: CTRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(*inputs))

@@ -1,0 +1,19 @@
+"""Model names accepted by the CLI and the classes behind them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.apg_deepfm import APGDeepFM
+from models.base import CTRModel, ModelConfig
+from models.deepfm import DeepFM
+from models.fm import FM
+from models.lr import LR
+
+MODELS: dict[str, type[CTRModel]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "apg-deepfm": APGDeepFM}
+
+
+def build_model(config: ModelConfig, layout: dict[str, Any]) -> CTRModel:
+    if config.name not in MODELS:
+        raise ValueError(f"unknown model {config.name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[config.name](config, layout)

@@ -1,0 +1,1 @@
+"""Offline side of ctrserve: data sources, training, evaluation and ONNX export (torch)."""

@@ -1,0 +1,165 @@
+"""The training loop: fit the encoder, train with early stopping on validation AUC, write a run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from features import FeatureEncoder
+from models import CTRModel, ModelConfig, build_model
+from training.batches import BatchStream, Encoded, encode_split
+from training.data.source import DataSource, checked_chunks
+from training.distributed import World, init_world, leave, scaled_lr, wrap
+from training.evaluate import evaluate
+from training.run_dir import write_run
+
+OPTIMIZERS = ("adam", "adagrad")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    l2_embedding: float = 0.0
+    patience: int = 2
+    seed: int = 2026
+    buffer_rows: int = 1_000_000
+    lr_scaling: str = "none"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
+          progress: bool = True) -> dict[str, Any]:
+    """Train on `source`, evaluate the best epoch on its test split, write the run to `out`."""
+    world = init_world(cfg.device)
+    try:
+        return _train(source, model_config, cfg, out, world, progress and world.is_main)
+    finally:
+        leave(world)
+
+
+def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
+           world: World, progress: bool) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    encoder = FeatureEncoder.fit(source.spec, _columns(source, "train"))
+    model = build_model(model_config, encoder.layout()).to(cfg.device)
+    valid, test = encode_split(source, "valid", encoder), encode_split(source, "test", encoder)
+    stream = BatchStream(source, encoder, cfg.batch_size, cfg.seed, cfg.buffer_rows,
+                         world.rank, world.size)
+    trainer = _Trainer(model, cfg, world)
+    curve, best, best_state, stale = [], -1.0, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        loss, seconds, samples = trainer.epoch(stream, epoch, progress)
+        scores = evaluate(model, valid)
+        curve.append({"epoch": epoch, "train_loss": loss, "valid_auc": scores["auc"],
+                      "valid_logloss": scores["logloss"], "seconds": seconds,
+                      "samples_per_second": samples / seconds})
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {loss:.4f}  valid AUC {scores['auc']:.4f}  "
+                       f"logloss {scores['logloss']:.4f}  {samples / seconds:,.0f} samples/s")
+        if scores["auc"] > best:
+            best, best_state, stale = scores["auc"], copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    info = _run_info(source, model_config, cfg, world, curve, model, valid, test)
+    if world.is_main:
+        write_run(out, info, curve, encoder, model.cpu(), test)
+    return info
+
+
+def _columns(source: DataSource, split: str):
+    for chunk in checked_chunks(source, split):
+        yield {name: chunk.table.column(name) for name in source.spec.names}
+
+
+class _Trainer:
+    """One model's optimiser state and the epoch loop (DDP-wrapped when world > 1)."""
+
+    def __init__(self, model: CTRModel, cfg: TrainConfig, world: World):
+        self.model, self.cfg, self.world = model, cfg, world
+        self.net = wrap(model, world, cfg.device)
+        lr = scaled_lr(cfg.learning_rate, cfg.lr_scaling, world)
+        opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.Adagrad
+        self.optimizer = opt(model.parameters(), lr=lr)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def epoch(self, stream: BatchStream, epoch: int, progress: bool) -> tuple[float, float, int]:
+        self.model.train()
+        total, steps, samples = 0.0, 0, 0
+        start = time.perf_counter()
+        bar = tqdm(stream, desc=f"epoch {epoch}", unit="batch", disable=not progress,
+                   leave=False)
+        for inputs, labels in bar:
+            loss = self.step(inputs, labels)
+            total, steps = total + loss, steps + 1
+            samples += len(labels) * self.world.size
+            if steps % 50 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        return total / max(steps, 1), time.perf_counter() - start, samples
+
+    def step(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
+        device = self.cfg.device
+        inputs = tuple(x.to(device, non_blocking=True) for x in inputs)
+        labels = labels.to(device, non_blocking=True)
+        logits = self.net(*inputs)
+        loss = self.loss_fn(logits, labels)
+        if self.cfg.l2_embedding > 0:
+            penalty = sum(e.pow(2).sum() for e in self.model.regularized_embeddings())
+            loss = loss + self.cfg.l2_embedding * penalty / len(labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def _run_info(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, world: World,
+              curve: list[dict[str, Any]], model: CTRModel, valid: Encoded,
+              test: Encoded) -> dict[str, Any]:
+    best_epoch = max(curve, key=lambda e: e["valid_auc"])["epoch"]
+    seconds = sum(e["seconds"] for e in curve)
+    samples = sum(e["samples_per_second"] * e["seconds"] for e in curve)
+    return {
+        "model": model_config.to_dict(),
+        "train": asdict(cfg),
+        "data": json.loads(json.dumps(source.describe(), default=str)),
+        "metrics": {"valid": evaluate(model, valid), "test": evaluate(model, test)},
+        "best_epoch": best_epoch,
+        "epochs_run": len(curve),
+        "train_samples_per_second": samples / seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": world.size,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads(), "device": cfg.device},
+    }
