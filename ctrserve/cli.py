@@ -29,6 +29,9 @@ def _synth_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--days", type=int, default=10, help="days of impression logs")
     p.add_argument("--impressions-per-day", type=int, default=50_000)
+    p.add_argument("--users", type=int, default=20_000, help="number of users in the world")
+    p.add_argument("--apps", type=int, default=2_000, help="number of apps in the world")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.synth)
 
 
@@ -80,10 +83,22 @@ def _verify_parser(sub) -> None:
     p.set_defaults(func=commands.verify)
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: synthetic world, train, export, report")
+    p.add_argument("--out", type=Path, default=Path("demo"))
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--days", type=int, default=10)
+    p.add_argument("--impressions-per-day", type=int, default=50_000)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=commands.demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_synth_parser, _train_parser, _export_parser, _verify_parser):
+    for add in (_synth_parser, _train_parser, _export_parser, _verify_parser, _demo_parser):
         add(sub)
     return parser
 

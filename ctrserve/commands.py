@@ -15,8 +15,10 @@ def synth(args: argparse.Namespace) -> dict[str, Any]:
     from loadtest.synth_logs import write_synthetic_logs
 
     summary = write_synthetic_logs(args.out, seed=args.seed, days=args.days,
-                                   impressions_per_day=args.impressions_per_day)
-    return {"out": str(args.out), **summary}
+                                   impressions_per_day=args.impressions_per_day,
+                                   progress=not args.no_progress, n_users=args.users,
+                                   n_apps=args.apps)
+    return {"out": str(args.out), **{k: v for k, v in summary.items() if k != "files"}}
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,3 +66,12 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     m = bundle.manifest
     return {"bundle": str(bundle.path), "version": m.version, "model_type": m.model_type,
             "parity_max_abs_diff": m.parity.max_abs_diff, "sha256": m.sha256, "ok": True}
+
+
+def demo(args: argparse.Namespace) -> dict[str, Any]:
+    from ctrserve.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
+                     impressions_per_day=args.impressions_per_day, models=args.models,
+                     epochs=args.epochs, progress=not args.no_progress)
+    return run_demo(cfg)

@@ -76,6 +76,8 @@ def ragged(column: Any, name: str, separator: str | None) -> Ragged:
         offsets = np.asarray(column.offsets, dtype=np.int64)
         values = tokens(column.values, name)[offsets[0] : offsets[-1]]
         return Ragged(values, offsets - offsets[0])
+    if hasattr(column, "to_pylist"):  # pyarrow array of separated strings
+        column = column.to_pylist()
     rows: Sequence[Any] = list(column) if not isinstance(column, list) else column
     lists = [_split(row, name, separator) for row in rows]
     lengths = np.fromiter((len(r) for r in lists), dtype=np.int64, count=len(lists))

@@ -60,6 +60,12 @@ class CTRModel(nn.Module):
     def named_inputs(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         return dict(zip(self.input_names, inputs, strict=True))
 
+    @torch.no_grad()
+    def set_prior(self, positive_rate: float) -> None:
+        """Start the output bias at the training log-odds, so step one predicts the base rate."""
+        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
+        self.linear.bias.fill_(float(torch.logit(torch.tensor(rate))))
+
     def regularized_embeddings(self) -> list[torch.Tensor]:
         """Embeddings looked up in the last forward pass, for the L2 penalty."""
         return []

@@ -69,8 +69,10 @@ def train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: 
 def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
            world: World, progress: bool) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    encoder = FeatureEncoder.fit(source.spec, _columns(source, "train"))
-    model = build_model(model_config, encoder.layout()).to(cfg.device)
+    encoder, positive_rate = _fit_encoder(source)
+    model = build_model(model_config, encoder.layout())
+    model.set_prior(positive_rate)
+    model = model.to(cfg.device)
     valid, test = encode_split(source, "valid", encoder), encode_split(source, "test", encoder)
     stream = BatchStream(source, encoder, cfg.batch_size, cfg.seed, cfg.buffer_rows,
                          world.rank, world.size)
@@ -98,9 +100,18 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
     return info
 
 
-def _columns(source: DataSource, split: str):
-    for chunk in checked_chunks(source, split):
-        yield {name: chunk.table.column(name) for name in source.spec.names}
+def _fit_encoder(source: DataSource) -> tuple[FeatureEncoder, float]:
+    """One pass over the training split: encoder state and the positive rate."""
+    counts = np.zeros(2)
+
+    def columns():
+        for chunk in checked_chunks(source, "train"):
+            labels = chunk.table.column(source.spec.label).to_numpy()
+            counts[:] += (labels.sum(), len(labels))
+            yield {name: chunk.table.column(name) for name in source.spec.names}
+
+    encoder = FeatureEncoder.fit(source.spec, columns())
+    return encoder, float(counts[0] / counts[1])
 
 
 class _Trainer:

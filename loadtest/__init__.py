@@ -1,0 +1,1 @@
+"""Traffic simulation: the synthetic app-store world, its logs, and load generators."""

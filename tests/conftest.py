@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic world and models trained on it through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ctrserve.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MODEL_FLAGS = ["--mlp", "32,16", "--embedding-dim", "8", "--apg-rank", "4",
+                     "--apg-overparam", "8", "--batch-size", "256", "--no-progress"]
+
+
+def shared_datasets() -> Path | None:
+    """The real click logs: $CTR_DATA_DIR, else ../shared/datasets beside the checkout."""
+    env = os.environ.get("CTR_DATA_DIR")
+    path = Path(env) if env else REPO.parent / "shared" / "datasets"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    assert main(["synth", "--out", str(out), "--days", "4", "--impressions-per-day", "6000",
+                 "--users", "400", "--apps", "120", "--seed", "7", "--no-progress"]) == 0
+    return out
+
+
+def train_cli(synth_dir: Path, out: Path, model: str, *extra: str) -> int:
+    return main(["train", "--model", model, "--data", f"synth:{synth_dir}", "--out", str(out),
+                 "--epochs", "2", *SMALL_MODEL_FLAGS, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    runs = {}
+    for model in ("lr", "fm", "deepfm", "apg-deepfm"):
+        out = tmp_path_factory.mktemp(f"run-{model}")
+        assert train_cli(synth_dir, out, model) == 0
+        runs[model] = out
+    return runs
+
+
+@pytest.fixture(scope="session")
+def bundles(trained_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, Path]:
+    registry = tmp_path_factory.mktemp("registry")
+    out = {}
+    for model, run in trained_runs.items():
+        assert main(["export", str(run), "--registry", str(registry)]) == 0
+        out[model] = next(p for p in registry.iterdir()
+                          if json.loads((p / "manifest.json").read_text())["model_type"] == model)
+    return out
