@@ -35,13 +35,10 @@ def _synth_parser(sub) -> None:
     p.set_defaults(func=commands.synth)
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model and write a run directory")
-    p.add_argument("--model", required=True, help="lr, fm, deepfm or apg-deepfm")
+def _model_and_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="synth:DIR, movielens:DIR, frappe:DIR, criteo:PATH or a spec file "
                         "(an empty DIR means $CTR_DATA_DIR's folder for that dataset)")
-    p.add_argument("--out", required=True, type=Path, help="run directory to write")
     m = p.add_argument_group("model")
     m.add_argument("--embedding-dim", type=int, default=16)
     m.add_argument("--mlp", type=_ints, default=(400, 400, 400), help="hidden sizes, e.g. 400,400")
@@ -67,7 +64,23 @@ def _train_parser(sub) -> None:
                    help="shuffle buffer; larger splits stream chunk by chunk")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a run directory")
+    p.add_argument("--model", required=True, help="lr, fm, deepfm or apg-deepfm")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    _model_and_training_flags(p)
     p.set_defaults(func=commands.train)
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="train several models over several seeds, one table")
+    p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
+    p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
+    p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
+    _model_and_training_flags(p)
+    p.set_defaults(func=commands.compare)
 
 
 def _export_parser(sub) -> None:
@@ -98,7 +111,8 @@ def _demo_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_synth_parser, _train_parser, _export_parser, _verify_parser, _demo_parser):
+    for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
+                _demo_parser):
         add(sub)
     return parser
 
@@ -106,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], dict] = args.func
+    func: Callable[[argparse.Namespace], dict | str | None] = args.func
     try:
         result = func(args)
     except commands.USER_ERRORS as exc:
         print(f"ctrserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    if result is not None:
+    if isinstance(result, str):
+        print(result)
+    elif result is not None:
         print(json.dumps(result, indent=1, default=str))
     return 0

@@ -18,23 +18,23 @@ def synth(args: argparse.Namespace) -> dict[str, Any]:
                                    impressions_per_day=args.impressions_per_day,
                                    progress=not args.no_progress, n_users=args.users,
                                    n_apps=args.apps)
-    return {"out": str(args.out), **{k: v for k, v in summary.items() if k != "files"}}
+    return {k: v for k, v in summary.items() if k != "files"}
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def _configs(args: argparse.Namespace, model: str):
+    """ModelConfig and TrainConfig from the shared model and training flags."""
     import torch
 
     from models import MODELS, ModelConfig
-    from training.data import open_source
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig
 
-    if args.model not in MODELS:
-        raise SpecError(f"--model: unknown model {args.model!r}; expected one of {sorted(MODELS)}")
+    if model not in MODELS:
+        raise SpecError(f"--model: unknown model {model!r}; expected one of {sorted(MODELS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model_cfg = ModelConfig(
-            name=args.model, embedding_dim=args.embedding_dim, mlp=args.mlp,
+            name=model, embedding_dim=args.embedding_dim, mlp=args.mlp,
             dropout=args.dropout, batch_norm=args.batch_norm, apg_rank=args.apg_rank,
             apg_overparam=args.apg_overparam, apg_condition=args.apg_condition,
             apg_condition_fields=args.apg_condition_fields)
@@ -45,6 +45,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             device=args.device)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    return model_cfg, train_cfg
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    from training.data import open_source
+    from training.train import train
+
+    model_cfg, train_cfg = _configs(args, args.model)
     source = open_source(args.data)
     info = train(source, model_cfg, train_cfg, args.out, progress=not args.no_progress)
     return {"run": str(args.out), "test": info["metrics"]["test"],
@@ -52,11 +60,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "train_samples_per_second": round(info["train_samples_per_second"])}
 
 
-def export(args: argparse.Namespace) -> dict[str, Any]:
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    from training.compare import compare, markdown_table
+    from training.data import open_source
+
+    configs = [_configs(args, name) for name in args.models]
+    source = open_source(args.data)
+    result = compare(source, [m for m, _ in configs], configs[0][1], list(args.seeds), args.out,
+                     progress=not args.no_progress)
+    print(markdown_table(result["summary"]))
+    return {"results": str(args.out / "results.json"), "table": str(args.out / "results.md")}
+
+
+def export(args: argparse.Namespace) -> str:
+    """Prints the bundle's path alone, so scripts can capture it."""
     from training.export import export_run
 
-    bundle = export_run(args.run_dir, args.registry)
-    return {"bundle": str(bundle)}
+    return str(export_run(args.run_dir, args.registry))
 
 
 def verify(args: argparse.Namespace) -> dict[str, Any]:

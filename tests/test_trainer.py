@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -60,10 +61,32 @@ def test_bundle_scores_raw_rows_like_the_trained_model(bundles, synth_dir):
     assert auc == pytest.approx(bundle.manifest.metrics["test"]["auc"], abs=1e-4)
 
 
-def test_export_is_content_addressed(trained_runs, bundles, tmp_path):
+def test_export_prints_the_bundle_path_and_is_content_addressed(trained_runs, bundles,
+                                                                 tmp_path, capsys):
     assert main(["export", str(trained_runs["fm"]), "--registry", str(tmp_path)]) == 0
+    printed = Path(capsys.readouterr().out.strip())
     (again,) = list(tmp_path.iterdir())
-    assert again.name == bundles["fm"].name
+    assert printed == again and again.name == bundles["fm"].name
+
+
+def test_training_streams_when_the_split_exceeds_the_buffer(synth_dir, tmp_path):
+    """A shuffle buffer smaller than one day file still trains (the larger-than-memory path)."""
+    assert train_cli(synth_dir, tmp_path / "run", "fm", "--buffer-rows", "700") == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["metrics"]["test"]["auc"] > 0.6
+
+
+def test_an_empty_split_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("user,clicked\nu1,0\nu2,1\n")
+    (tmp_path / "empty.csv").write_text("user,clicked\n")
+    spec = {"name": "clicks", "label": "clicked", "fields": [{"name": "user",
+                                                              "kind": "categorical"}],
+            "files": {"train": "train.csv", "valid": "empty.csv", "test": "train.csv"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    argv = ["train", "--model", "lr", "--data", str(tmp_path / "spec.json"),
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    assert "valid split is empty" in capsys.readouterr().err
 
 
 def test_a_modified_model_file_is_refused(bundles, tmp_path, capsys):

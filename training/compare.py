@@ -1,0 +1,62 @@
+"""`ctrserve compare`: several models x several seeds on one data split, one table.
+
+Every model trains on the same source with the same training settings; the table gives
+test AUC and logloss as mean and standard deviation over seeds, and training throughput.
+Writes results.json (every run) and results.md (the table) to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from models import ModelConfig
+from training.data.source import DataSource
+from training.train import TrainConfig, train
+
+
+def compare(source: DataSource, models: list[ModelConfig], train_cfg: TrainConfig,
+            seeds: list[int], out: Path, progress: bool = True) -> dict[str, Any]:
+    runs = []
+    for model in models:
+        for seed in seeds:
+            if progress:
+                print(f"== {model.name} seed {seed} ==", flush=True)
+            run_dir = out / "runs" / f"{model.name}-seed{seed}"
+            info = train(source, model, replace(train_cfg, seed=seed), run_dir, progress=progress)
+            runs.append({"model": model.name, "seed": seed, "run": str(run_dir),
+                         "test": info["metrics"]["test"], "best_epoch": info["best_epoch"],
+                         "samples_per_second": info["train_samples_per_second"]})
+    summary = [_summarise(model.name, [r for r in runs if r["model"] == model.name])
+               for model in models]
+    result = {"source": source.describe(), "train": asdict(train_cfg),
+              "models": [m.to_dict() for m in models], "seeds": seeds,
+              "summary": summary, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "results.md").write_text(markdown_table(summary) + "\n")
+    return result
+
+
+def _summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    auc, auc_sd = stats([r["test"]["auc"] for r in runs])
+    ll, ll_sd = stats([r["test"]["logloss"] for r in runs])
+    speed, _ = stats([r["samples_per_second"] for r in runs])
+    return {"model": name, "auc": auc, "auc_std": auc_sd, "logloss": ll, "logloss_std": ll_sd,
+            "samples_per_second": speed, "seeds": len(runs)}
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| model | test AUC | test logloss | train samples/s | seeds |",
+             "|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['model']} | {s['auc']:.4f} ± {s['auc_std']:.4f} | "
+                     f"{s['logloss']:.4f} ± {s['logloss_std']:.4f} | "
+                     f"{s['samples_per_second']:,.0f} | {s['seeds']} |")
+    return "\n".join(lines)
