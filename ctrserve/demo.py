@@ -26,7 +26,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from models import ModelConfig
     from training.data.synthetic import SyntheticSource
     from training.export import export_run
-    from training.train import TrainConfig, train
+    from training.train import train
 
     data_dir = cfg.out / "data"
     if not (data_dir / "world.json").exists():
@@ -37,13 +37,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for name in cfg.models:
         _say(cfg, f"== training {name} ==")
         run_dir = cfg.out / "runs" / name
-        info = train(source, ModelConfig(name=name), TrainConfig(epochs=cfg.epochs, seed=cfg.seed),
-                     run_dir, progress=cfg.progress)
+        info = train(source, ModelConfig(name=name), _train_config(cfg), run_dir,
+                     progress=cfg.progress)
         bundle = export_run(run_dir, cfg.out / "registry")
         rows.append(_row(name, info, bundle))
     table = format_table(rows)
     _say(cfg, table)
     return {"data": str(data_dir), "models": rows}
+
+
+def _train_config(cfg: DemoConfig):
+    from training.train import TrainConfig
+
+    # the settings of the README's model comparison on this world (lr and L2 chosen there)
+    return TrainConfig(epochs=cfg.epochs, seed=cfg.seed, learning_rate=3e-3, l2_embedding=1e-3)
 
 
 def _row(name: str, info: dict[str, Any], bundle: Path) -> dict[str, Any]:

@@ -26,7 +26,9 @@ def test_compare_writes_mean_and_spread_over_seeds(synth_dir, tmp_path):
             "--out", str(tmp_path), "--epochs", "1", *SMALL_MODEL_FLAGS]
     assert main(argv) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert [s["model"] for s in result["summary"]] == ["lr", "fm"]
+    names = [s["model"] for s in result["summary"]]
+    assert names == ["lr", "fm", "oracle (true probability)"]
+    assert result["summary"][2]["auc"] > result["summary"][0]["auc"], "the truth ranks best"
     assert len(result["runs"]) == 4
     lr_runs = [r["test"]["auc"] for r in result["runs"] if r["model"] == "lr"]
     assert result["summary"][0]["auc"] == sum(lr_runs) / 2

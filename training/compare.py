@@ -15,6 +15,7 @@ from typing import Any
 
 from models import ModelConfig
 from training.data.source import DataSource
+from training.evaluate import metrics
 from training.train import TrainConfig, train
 
 
@@ -32,6 +33,12 @@ def compare(source: DataSource, models: list[ModelConfig], train_cfg: TrainConfi
                          "samples_per_second": info["train_samples_per_second"]})
     summary = [_summarise(model.name, [r for r in runs if r["model"] == model.name])
                for model in models]
+    if hasattr(source, "true_probabilities"):  # a synthetic world knows the ceiling
+        labels, truth = source.true_probabilities("test")
+        oracle = metrics(labels, truth)
+        summary.append({"model": "oracle (true probability)", "auc": oracle["auc"],
+                        "auc_std": 0.0, "logloss": oracle["logloss"], "logloss_std": 0.0,
+                        "samples_per_second": float("nan"), "seeds": 0})
     result = {"source": source.describe(), "train": asdict(train_cfg),
               "models": [m.to_dict() for m in models], "seeds": seeds,
               "summary": summary, "runs": runs}
@@ -58,5 +65,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     for s in summary:
         lines.append(f"| {s['model']} | {s['auc']:.4f} ± {s['auc_std']:.4f} | "
                      f"{s['logloss']:.4f} ± {s['logloss_std']:.4f} | "
-                     f"{s['samples_per_second']:,.0f} | {s['seeds']} |")
+                     f"{_speed(s['samples_per_second'])} | {s['seeds'] or '-'} |")
     return "\n".join(lines)
+
+
+def _speed(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,6 +57,14 @@ class SyntheticSource(DataSource):
         columns = [*self.spec.names, self.spec.label]
         for _, path in self.days[split]:
             yield Chunk(origin=str(path), table=_read_day(path, columns))
+
+    def true_probabilities(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and the hidden true download probabilities of a split: the oracle."""
+        tables = [_read_day(path, [self.spec.label, "true_probability"])
+                  for _, path in self.days[split]]
+        table = pa.concat_tables(tables)
+        return (table.column(self.spec.label).to_numpy(),
+                table.column("true_probability").to_numpy())
 
     def describe(self) -> dict[str, Any]:
         """Source, directory, world seed and, per split, its first and last day and files."""
