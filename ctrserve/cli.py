@@ -108,11 +108,56 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func=commands.demo)
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the scorer (HTTP API) on a bundle of a registry",
+                       description="Flags override CTRSERVE_* environment variables; the "
+                                   "README lists every setting.")
+    p.add_argument("--registry", type=Path, help="registry directory of bundles")
+    p.add_argument("--bundle", help="bundle to serve: a name in the registry or a path")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--features", type=Path, dest="load_features", metavar="SYNTH_DIR",
+                   help="load users.parquet and apps.parquet of a synth dir at start")
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--batch-max-rows", type=int)
+    p.add_argument("--batch-max-delay-ms", type=float)
+    p.add_argument("--queue-capacity-rows", type=int)
+    p.add_argument("--max-candidates", type=int)
+    p.add_argument("--providers", help="comma-separated, e.g. cuda,cpu")
+    p.add_argument("--ort-threads", type=int)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=commands.serve)
+
+
+def _load_features_parser(sub) -> None:
+    p = sub.add_parser("load-features", help="load user and item feature records into Redis")
+    p.add_argument("--synth", type=Path, metavar="DIR",
+                   help="a synth dir: its users.parquet and apps.parquet")
+    p.add_argument("--users", type=Path, help="user records (parquet or csv)")
+    p.add_argument("--items", type=Path, help="item records (parquet or csv)")
+    p.add_argument("--user-id-field")
+    p.add_argument("--item-id-field")
+    p.add_argument("--registry", type=Path,
+                   help="the embedded Redis lives in REGISTRY/.redis (ignored with REDIS_URL)")
+    p.add_argument("--redis-db", type=Path, help="embedded Redis file instead")
+    p.set_defaults(func=commands.load_features)
+
+
+def _swap_parser(sub) -> None:
+    p = sub.add_parser("swap", help="hot-swap the bundle a running scorer serves")
+    p.add_argument("--bundle", required=True, help="a bundle name in the scorer's registry")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the scorer's base URL")
+    p.add_argument("--arm", help="default: the scorer's only arm")
+    p.add_argument("--api-key", help="default: $CTRSERVE_ADMIN_API_KEY")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    p.set_defaults(func=commands.swap)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
-                _demo_parser):
+                _demo_parser, _serve_parser, _load_features_parser, _swap_parser):
         add(sub)
     return parser
 

@@ -95,3 +95,86 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
                      impressions_per_day=args.impressions_per_day, models=args.models,
                      epochs=args.epochs, progress=not args.no_progress)
     return run_demo(cfg)
+
+
+# ---- the scorer ----------------------------------------------------------------------------
+SERVE_FLAGS = ("registry", "bundle", "host", "port", "load_features", "batching",
+               "batch_max_rows", "batch_max_delay_ms", "queue_capacity_rows", "max_candidates",
+               "providers", "ort_threads")
+
+
+def _settings(**overrides: Any):
+    """Scorer settings from CTRSERVE_* variables, overridden by the flags that were given."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"setting {where!r}: {err['msg']}") from None
+
+
+def serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from bundles.load import verify_files
+    from service.models import resolve_bundle
+    from service.server import serve
+
+    settings = _settings(**{k: getattr(args, k) for k in SERVE_FLAGS})
+    if not settings.bundle:
+        raise UserError("--bundle (or CTRSERVE_BUNDLE) is required")
+    verify_files(resolve_bundle(settings.registry, settings.bundle, inside_registry=False))
+    if settings.load_features:
+        from service.feature_store import synth_files
+
+        synth_files(settings.load_features)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    serve(settings)
+
+
+def load_features(args: argparse.Namespace) -> dict[str, Any]:
+    from service.feature_store import load_tables, synth_files
+    from service.redis_server import open_sync, stop_embedded
+
+    if not (args.synth or args.users or args.items):
+        raise UserError("give --synth DIR, or --users and/or --items files")
+    users, items = synth_files(args.synth) if args.synth else (args.users, args.items)
+    settings = _settings(registry=args.registry, redis_db=args.redis_db)
+    client, embedded = open_sync(settings)
+    try:
+        meta = load_tables(client, users, items, args.user_id_field, args.item_id_field)
+    finally:
+        if embedded is not None:
+            stop_embedded(embedded)
+        else:
+            client.close()
+    where = settings.redis_url or str(settings.embedded_redis_db())
+    return {"redis": where, **{k: v for k, v in meta.items() if k in ("users", "items")}}
+
+
+def swap(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.api_key or os.environ.get("CTRSERVE_ADMIN_API_KEY", "")
+    body = json.dumps({"bundle": args.bundle, "arm": args.arm}).encode()
+    request = urllib.request.Request(f"{args.url.rstrip('/')}/admin/swap", data=body,
+                                     headers={"Content-Type": "application/json",
+                                              "X-API-Key": key}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read())["detail"][0]["msg"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            reason = exc.reason
+        raise UserError(f"HTTP {exc.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"{args.url}: cannot reach the scorer ({exc})") from None

@@ -1,0 +1,438 @@
+"""Serving benchmark: the scorer end to end against the model's in-process onnxruntime limit.
+
+    python -m loadtest.bench_serving --registry demo/registry [--bundle NAME] \\
+        [--features demo/data] [--quick] [--out bench-out/serving.json]
+
+Starts two scorers as subprocesses on loopback (batching on and off, each with its own embedded
+Redis loaded from the synth dir), drives them from a second process (`wrk` when installed,
+else an async httpx client) with candidate lists of 10, 100 and 500 at several concurrencies,
+cells of the two servers interleaved (which goes first alternates), each bounded in time (and,
+for the Python client, in count). Reports candidates/s, p50/p95/p99 latency, server and client
+CPU, and the ratio to the in-process onnxruntime limit (rows/s at its best batch size, one
+intra-op thread as served, measured before and after the HTTP cells in the same run). Prints a
+table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+QUICK = {"candidates": (10, 100, 500), "concurrency": (1, 16), "duration": 2.0,
+         "ort_seconds": 0.3, "max_requests": 20_000}
+FULL = {"candidates": (10, 100, 500), "concurrency": (1, 4, 16, 64), "duration": 10.0,
+        "ort_seconds": 2.0, "max_requests": 200_000}
+ORT_BATCHES = (1, 10, 100, 256, 512, 1024, 2048)
+BODIES_PER_SIZE = 256
+CONTEXT = {"hour": 20, "weekday": 5}
+WRK_SCRIPT = r"""
+local bodies, i = {}, 0
+for line in io.lines(os.getenv("BENCH_BODIES")) do bodies[#bodies + 1] = line end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/v1/score", nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests":%d,"seconds":%.6f,"errors":%d,"status_errors":%d,'
+    .. '"p50_ms":%.3f,"p95_ms":%.3f,"p99_ms":%.3f}\n', summary.requests,
+    summary.duration / 1e6, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50) / 1e3, latency:percentile(95) / 1e3, latency:percentile(99) / 1e3))
+end
+"""
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+def records(synth_dir: Path) -> tuple[list[dict], list[dict]]:
+    users = pq.read_table(synth_dir / "users.parquet").to_pylist()
+    apps = pq.read_table(synth_dir / "apps.parquet").to_pylist()
+    return users, apps
+
+
+def make_bodies(users: list[dict], apps: list[dict], candidates: int, count: int,
+                seed: int = 0) -> list[str]:
+    """`count` score requests of distinct users, each with `candidates` distinct apps."""
+    rng = np.random.default_rng([seed, candidates])
+    out = []
+    for _ in range(count):
+        user = users[int(rng.integers(len(users)))]["user_id"]
+        picks = rng.choice(len(apps), min(candidates, len(apps)), replace=False)
+        cands = [{"item_id": apps[int(j)]["app_id"]} for j in picks]
+        out.append(json.dumps({"user_id": user, "context": CONTEXT, "candidates": cands},
+                              separators=(",", ":")))
+    return out
+
+
+# ---- the in-process limit ---------------------------------------------------------------------
+def ort_limit(bundle_dir: Path, users: list[dict], apps: list[dict], seconds: float,
+              threads: int = 1) -> dict[str, Any]:
+    """Rows/s of the bundle's own session at each batch size, on encoded real records."""
+    from bundles import load_bundle
+
+    bundle = load_bundle(bundle_dir, threads=threads)
+    feeds = encoded_rows(bundle, users, apps, max(ORT_BATCHES))
+    per_batch = {}
+    for n in ORT_BATCHES:
+        part = {k: np.ascontiguousarray(v[:n]) for k, v in feeds.items()}
+        bundle.session.run(None, part)
+        runs, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds or runs < 3:
+            bundle.session.run(None, part)
+            runs += 1
+        per_batch[n] = runs * n / elapsed
+    best = max(per_batch, key=per_batch.get)
+    return {"threads": threads, "rows_per_s": {str(k): round(v) for k, v in per_batch.items()},
+            "best_batch": best, "best_rows_per_s": round(per_batch[best])}
+
+
+def encoded_rows(bundle: Any, users: list[dict], apps: list[dict], n: int) -> dict:
+    rng = np.random.default_rng(0)
+    rows = [{**users[int(rng.integers(len(users)))], **apps[int(rng.integers(len(apps)))],
+             **CONTEXT, "slot": 1 + j % 10} for j in range(n)]
+    columns = {f: [r.get(f) for r in rows] for f in bundle.encoder.spec.names}
+    return bundle.encoder.transform(columns)
+
+
+# ---- servers ----------------------------------------------------------------------------------
+class Server:
+    """`ctrserve serve` as a subprocess on a free loopback port."""
+
+    def __init__(self, name: str, registry: Path, bundle: str, features: Path, workdir: Path,
+                 extra: list[str]):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"server-{name}.log"
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env["CTRSERVE_REDIS_DB"] = str(workdir / f"redis-{name}" / "store.rdb")
+        cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
+               "--bundle", bundle, "--port", str(self.port), "--features", str(features),
+               "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=self.log.open("w"))
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"server {self.name} not ready after {timeout:.0f} s")
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until requests a finished client abandoned are through the queue."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
+                depth = [line for line in reply.read().decode().splitlines()
+                         if line.startswith("ctrserve_queue_depth_rows{")]
+            if all(float(line.rsplit(" ", 1)[1]) == 0 for line in depth):
+                time.sleep(0.05)  # the batch already taken finishes
+                return
+            time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process, all its threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- clients ----------------------------------------------------------------------------------
+def drive(client: str, url: str, bodies_file: Path, concurrency: int, duration: float,
+          max_requests: int, workdir: Path) -> dict[str, Any]:
+    """One cell from a separate client process; adds the client's CPU (cores busy)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    if client == "wrk":
+        script = workdir / "bench.lua"
+        script.write_text(WRK_SCRIPT)
+        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
+               "--timeout", "10s", "-s", str(script), url]
+        env = {**os.environ, "BENCH_BODIES": str(bodies_file)}
+    else:
+        cmd = [sys.executable, "-m", "loadtest.bench_serving", "client", "--url", url,
+               "--bodies", str(bodies_file), "--concurrency", str(concurrency),
+               "--duration", str(duration), "--max-requests", str(max_requests)]
+        env = dict(os.environ)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
+                         timeout=duration + 120)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["client_cpu_cores"] = round(cpu / wall, 2)
+    return result
+
+
+def python_client(url: str, bodies: list[str], concurrency: int, duration: float,
+                  max_requests: int) -> dict[str, Any]:
+    """Closed loop: `concurrency` workers, each sending its next request on a reply."""
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    errors = {"status": 0, "transport": 0}
+
+    async def worker(client: httpx.AsyncClient, start: int, until: float) -> None:
+        i = start
+        while time.perf_counter() < until and len(latencies) < max_requests:
+            t0 = time.perf_counter()
+            try:
+                reply = await client.post("/v1/score", content=bodies[i % len(bodies)],
+                                          headers={"Content-Type": "application/json"})
+                if reply.status_code != 200:
+                    errors["status"] += 1
+            except httpx.TransportError:
+                errors["transport"] += 1
+            latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(client, k, started + duration)
+                                   for k in range(concurrency)))
+            return time.perf_counter() - started
+
+    seconds = asyncio.run(main())
+    lat = np.array(latencies) * 1000
+    return {"requests": len(lat), "seconds": seconds, "errors": errors["transport"],
+            "status_errors": errors["status"], "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = QUICK if args.quick else FULL
+    candidates = args.candidates or plan["candidates"]
+    concurrency = args.concurrency or plan["concurrency"]
+    duration = args.duration or plan["duration"]
+    bundle = args.bundle or newest_bundle(args.registry, "deepfm")
+    features = args.features or args.registry.parent / "data"
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else
+                                                        "python")
+    users, apps = records(features)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    say(f"bundle {bundle}; client {client}; {len(candidates)}x{len(concurrency)} cells x 2 "
+        f"servers x {duration:.0f} s")
+    limit_before = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"])
+    say(f"in-process onnxruntime: {limit_before['best_rows_per_s']:,} rows/s at batch "
+        f"{limit_before['best_batch']}")
+    servers = {"batched": Server("batched", args.registry, bundle, features, workdir, []),
+               "unbatched": Server("unbatched", args.registry, bundle, features, workdir,
+                                   ["--no-batching"])}
+    cells = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for n in candidates:
+            bodies_file = workdir / f"bodies-{n}.jsonl"
+            bodies_file.write_text("\n".join(make_bodies(users, apps, n, BODIES_PER_SIZE)))
+            for c in concurrency:
+                order = list(servers.items())
+                if len(cells) // 2 % 2:  # ABBA: whichever runs first in a pair is not favoured
+                    order.reverse()
+                for mode, server in order:
+                    cell = measure(client, server, bodies_file, n, c, duration,
+                                   plan["max_requests"], workdir)
+                    server.wait_idle()
+                    cells.append({"mode": mode, **cell})
+                    say(row(cells[-1]))
+    finally:
+        for server in servers.values():
+            server.stop()
+    limit_after = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"])
+    limit_2t = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"], threads=2)
+    return summarize(args, bundle, client, cells, limit_before, limit_after, limit_2t)
+
+
+def measure(client: str, server: Any, bodies_file: Path, n: int, c: int, duration: float,
+            max_requests: int, workdir: Path) -> dict[str, Any]:
+    drive(client, server.url, bodies_file, c, min(1.0, duration), max_requests, workdir)  # warm
+    server.wait_idle()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir)
+    server_cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    rps = result["requests"] / result["seconds"]
+    return {"candidates": n, "concurrency": c, "requests": result["requests"],
+            "requests_per_s": round(rps, 1), "candidates_per_s": round(rps * n),
+            "p50_ms": round(result["p50_ms"], 2), "p95_ms": round(result["p95_ms"], 2),
+            "p99_ms": round(result["p99_ms"], 2),
+            "errors": result["errors"] + result["status_errors"],
+            "server_cpu_cores": round(server_cpu, 2),
+            "client_cpu_cores": result["client_cpu_cores"]}
+
+
+def summarize(args: argparse.Namespace, bundle: str, client: str, cells: list[dict],
+              before: dict, after: dict, two_threads: dict) -> dict[str, Any]:
+    limit = max(before["best_rows_per_s"], after["best_rows_per_s"])
+    for cell in cells:
+        cell["ratio_to_ort_limit"] = round(cell["candidates_per_s"] / limit, 3)
+    best = max((c for c in cells if c["mode"] == "batched"), key=lambda c: c["candidates_per_s"])
+    speedups = []
+    for cell in cells:
+        if cell["mode"] == "batched":
+            off = next(c for c in cells if c["mode"] == "unbatched"
+                       and (c["candidates"], c["concurrency"]) == (cell["candidates"],
+                                                                    cell["concurrency"]))
+            speedups.append({"candidates": cell["candidates"],
+                             "concurrency": cell["concurrency"],
+                             "batched_over_unbatched": round(
+                                 cell["candidates_per_s"] / max(off["candidates_per_s"], 1), 2)})
+    return {"bundle": bundle, "client": client, "quick": args.quick,
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "onnxruntime": ort_version()},
+            "ort_limit": {"before": before, "after": after, "two_threads": two_threads,
+                          "best_rows_per_s": limit},
+            "cells": cells, "batching_speedup": speedups,
+            "best_batched": {"candidates": best["candidates"],
+                             "concurrency": best["concurrency"],
+                             "candidates_per_s": best["candidates_per_s"],
+                             "ratio_to_ort_limit": best["ratio_to_ort_limit"]}}
+
+
+# ---- output -----------------------------------------------------------------------------------
+HEADER = (f"{'cands':>5} {'conc':>4} {'mode':<9} {'req/s':>8} {'cands/s':>9} {'p50 ms':>7} "
+          f"{'p95 ms':>7} {'p99 ms':>7} {'err':>5} {'srv cpu':>7} {'cli cpu':>7} {'ratio':>6}")
+
+
+def row(c: dict) -> str:
+    ratio = f"{c['ratio_to_ort_limit']:>6.2f}" if "ratio_to_ort_limit" in c else f"{'':>6}"
+    return (f"{c['candidates']:>5} {c['concurrency']:>4} {c['mode']:<9} "
+            f"{c['requests_per_s']:>8,.0f} {c['candidates_per_s']:>9,} {c['p50_ms']:>7.2f} "
+            f"{c['p95_ms']:>7.2f} {c['p99_ms']:>7.2f} {c['errors']:>5} "
+            f"{c['server_cpu_cores']:>7.2f} {c['client_cpu_cores']:>7.2f} {ratio}")
+
+
+def table(result: dict[str, Any]) -> str:
+    lim = result["ort_limit"]
+    before, after = lim["before"], lim["after"]
+    lines = [HEADER, "-" * len(HEADER), *(row(c) for c in result["cells"]), "",
+             f"in-process onnxruntime limit (1 thread, as served): {lim['best_rows_per_s']:,} "
+             f"rows/s (batch {before['best_batch']}; before {before['best_rows_per_s']:,}, "
+             f"after {after['best_rows_per_s']:,}); 2 threads: "
+             f"{lim['two_threads']['best_rows_per_s']:,} rows/s",
+             f"best batched: {result['best_batched']['candidates_per_s']:,} candidates/s "
+             f"({result['best_batched']['candidates']} candidates x "
+             f"{result['best_batched']['concurrency']} concurrent) = "
+             f"{result['best_batched']['ratio_to_ort_limit']:.2f} of the limit",
+             "batched / unbatched: " + ", ".join(
+                 f"{s['candidates']}x{s['concurrency']}: {s['batched_over_unbatched']:.2f}"
+                 for s in result["batching_speedup"])]
+    return "\n".join(lines)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def newest_bundle(registry: Path, model: str) -> str:
+    from bundles.registry import list_bundles
+
+    found = [p for p in list_bundles(registry) if p.name.startswith(model + "-")]
+    if not found:
+        raise SystemExit(f"{registry}: no {model} bundle; pass --bundle")
+    return max(found, key=lambda p: p.stat().st_mtime).name
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["client"]:
+        return client_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--bundle", help="bundle name (default: the newest deepfm-*)")
+    p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
+    p.add_argument("--quick", action="store_true", help="2 concurrencies, 2 s cells")
+    p.add_argument("--candidates", type=_ints)
+    p.add_argument("--concurrency", type=_ints)
+    p.add_argument("--duration", type=float, help="seconds per cell")
+    p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument("--out", type=Path, default=Path("bench-out/serving.json"))
+    args = p.parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def client_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench_serving client")
+    p.add_argument("--url", required=True)
+    p.add_argument("--bodies", type=Path, required=True)
+    p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--max-requests", type=int, required=True)
+    a = p.parse_args(argv)
+    bodies = a.bodies.read_text().splitlines()
+    print(json.dumps(python_client(a.url, bodies, a.concurrency, a.duration, a.max_requests)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

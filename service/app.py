@@ -1,0 +1,103 @@
+"""The scorer's FastAPI app: `create_app(settings)`.
+
+Start-up (lifespan): Redis (REDIS_URL or embedded), optional feature loading, load, verify and
+warm the bundle, start its batcher; only then is /readyz 200. Shutdown: uvicorn first lets
+in-flight requests finish, then the batchers drain their queues and Redis is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from ctrserve import __version__
+from service.errors import install_handlers
+from service.feature_store import FeatureStore
+from service.metrics import Metrics, MetricsMiddleware
+from service.models import ModelRegistry, resolve_bundle
+from service.redis_server import open_redis
+from service.routers import health, metrics, models, score
+from service.schemas import ScoreRequest, SwapRequest
+from service.scoring import Scorer
+from service.settings import Settings
+
+log = logging.getLogger("ctrserve.service")
+ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="ctrserve scorer", version=__version__, lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    install_handlers(app)
+    for module in (score, health, models, metrics):
+        app.include_router(module.router)
+    app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, endpoints=ENDPOINTS)
+    _document_raw_bodies(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    settings: Settings = state.settings
+    state.redis = await open_redis(settings)
+    try:
+        if settings.load_features:
+            await asyncio.to_thread(_load_features, state.redis.url, settings)
+        store = FeatureStore(state.redis.client)
+        state.models = ModelRegistry(settings, state.metrics, store)
+        try:
+            path = resolve_bundle(settings.registry, settings.bundle, inside_registry=False)
+            await state.models.load(settings.arm, path)
+            state.scorer = Scorer(settings, state.models, store, state.metrics)
+            state.ready = True
+            log.info("ready: arm %s serves %s", settings.arm,
+                     state.models.get(settings.arm).version)
+            yield
+        finally:
+            state.ready = False
+            await state.models.close()
+    finally:
+        await state.redis.close()
+
+
+def _load_features(url: str, settings: Settings) -> None:
+    import redis
+
+    from service.feature_store import load_tables, synth_files
+
+    users, items = synth_files(settings.load_features)
+    client = redis.Redis.from_url(url)
+    try:
+        meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
+    finally:
+        client.close()
+    log.info("feature store: %d users, %d items from %s", meta["users"]["rows"],
+             meta["items"]["rows"], settings.load_features)
+
+
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Routes that parse their own bodies still show the request schemas in the OpenAPI docs."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ScoreRequest, SwapRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

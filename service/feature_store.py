@@ -1,0 +1,163 @@
+"""The feature store in Redis: one JSON record per user and per item, and a meta record.
+
+Keys: `ctrserve:fs:user:<id>`, `ctrserve:fs:item:<id>`, `ctrserve:fs:meta` (which fields are
+user and item fields, id fields, counts, source). Users are read per request; item records are
+cached in process per model as encoded rows, refreshed after `item_cache_ttl_s` (item_rows.py).
+Loaded by `ctrserve load-features` from parquet or CSV tables (a synth dir's users.parquet and
+apps.parquet), with the blocking client; the scorer reads with the async one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import redis
+import redis.asyncio as aioredis
+
+from ctrserve.errors import UserError
+
+PREFIX = "ctrserve:fs:"
+META_KEY = PREFIX + "meta"
+USER_ID_NAMES = ("user_id", "user", "userid")
+ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")
+LOAD_CHUNK = 2000
+
+
+class FeatureStoreError(UserError):
+    """A feature file or record that cannot be loaded; the message names it."""
+
+
+def user_key(user_id: str) -> str:
+    return f"{PREFIX}user:{user_id}"
+
+
+def item_key(item_id: str) -> str:
+    return f"{PREFIX}item:{item_id}"
+
+
+def pick_id_field(names: Sequence[str], candidates: Sequence[str],
+                  explicit: str | None = None) -> str | None:
+    """The explicit id field if given, else the first conventional name present."""
+    if explicit:
+        return explicit
+    return next((n for n in candidates if n in names), None)
+
+
+class FeatureStore:
+    """Async reads for the scorer.
+
+    User reads of concurrent requests share round trips: while one MGET is in flight, the
+    requests that arrive queue their ids for the next one. Each request still reads its user
+    afresh; redis-py's per-command cost (about 50 us of CPU) is paid per round trip instead.
+    """
+
+    def __init__(self, client: aioredis.Redis):
+        self.client = client
+        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._reading = False
+        self._reader: asyncio.Future | None = None  # a reference keeps the task alive
+
+    async def meta(self) -> dict[str, Any]:
+        raw = await self.client.get(META_KEY)
+        return json.loads(raw) if raw else {}
+
+    async def user(self, user_id: str) -> dict[str, Any] | None:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((user_id, future))
+        if not self._reading:
+            self._reading = True
+            self._reader = asyncio.ensure_future(self._read_users())
+        return await future
+
+    async def _read_users(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    raws = await self.client.mget([user_key(u) for u, _ in batch])
+                except Exception as exc:  # every waiting request gets the error
+                    raws, error = None, exc
+                for i, (_, future) in enumerate(batch):
+                    if future.done():
+                        continue
+                    if raws is None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(json.loads(raws[i]) if raws[i] else None)
+        finally:
+            self._reading = False
+
+    async def items(self, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not item_ids:
+            return []
+        raws = await self.client.mget([item_key(i) for i in item_ids])
+        return [json.loads(r) if r else None for r in raws]
+
+
+# ---- loading (CLI, blocking) --------------------------------------------------------------
+def read_table(path: Path) -> pa.Table:
+    """A parquet or CSV file as a table."""
+    if not path.is_file():
+        raise FeatureStoreError(f"{path}: not found")
+    try:
+        if path.suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            return pacsv.read_csv(path)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise FeatureStoreError(f"{path}: cannot be read ({exc})") from None
+
+
+def load_records(client: redis.Redis, table: pa.Table, kind: str, id_field: str | None,
+                 origin: str) -> dict[str, Any]:
+    """Write one record per row of `table` (kind "user" or "item"), keyed by its id field."""
+    names = USER_ID_NAMES if kind == "user" else ITEM_ID_NAMES
+    field = pick_id_field(table.column_names, names, id_field)
+    if field is None or field not in table.column_names:
+        raise FeatureStoreError(f"{origin}: no id column (looked for {field or list(names)}); "
+                                f"columns are {table.column_names}")
+    key = user_key if kind == "user" else item_key
+    rows = table.to_pylist()
+    for start in range(0, len(rows), LOAD_CHUNK):
+        chunk = rows[start:start + LOAD_CHUNK]
+        mapping = {key(str(r[field])): json.dumps(r, default=str) for r in chunk}
+        client.mset(mapping)
+    return {"rows": len(rows), "id_field": field, "fields": table.column_names,
+            "source": origin}
+
+
+def load_tables(client: redis.Redis, users: Path | None, items: Path | None,
+                user_id_field: str | None = None,
+                item_id_field: str | None = None) -> dict[str, Any]:
+    """Load user and item files and record what was loaded in the meta record."""
+    meta: dict[str, Any] = json.loads(client.get(META_KEY) or b"{}")
+    if users is not None:
+        meta["users"] = load_records(client, read_table(users), "user", user_id_field, str(users))
+    if items is not None:
+        meta["items"] = load_records(client, read_table(items), "item", item_id_field, str(items))
+    meta["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set(META_KEY, json.dumps(meta))
+    return meta
+
+
+def synth_files(directory: Path) -> tuple[Path, Path]:
+    """users.parquet and apps.parquet of a directory written by `ctrserve synth`."""
+    users, apps = directory / "users.parquet", directory / "apps.parquet"
+    missing = [str(p) for p in (users, apps) if not p.is_file()]
+    if missing:
+        raise FeatureStoreError(f"{directory}: not a synth directory, missing {missing}")
+    return users, apps
+
+
+def item_fields(meta: dict[str, Any]) -> list[str]:
+    """The fields that item records carry, from the meta record (empty if none loaded)."""
+    return list(meta.get("items", {}).get("fields", []))

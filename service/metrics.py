@@ -1,0 +1,82 @@
+"""Prometheus metrics of the scorer, in a registry per app (tests build several apps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1., 2., 5.)
+ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("ctrserve_requests_total", "HTTP requests",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("ctrserve_request_duration_seconds", "HTTP request latency",
+                                 ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.candidates = Histogram("ctrserve_request_candidates", "candidates per score request",
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.batch_rows = Histogram("ctrserve_batch_rows", "rows per inference batch", ["arm"],
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.batch_requests = Histogram("ctrserve_batch_requests", "requests per inference batch",
+                                        ["arm"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_wait = Histogram("ctrserve_queue_wait_seconds", "time queued before inference",
+                                    ["arm"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("ctrserve_inference_seconds", "onnxruntime time per batch",
+                                   ["arm"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("ctrserve_queue_depth_rows", "rows waiting for inference",
+                                 ["arm"], registry=r)
+        self.shed = Counter("ctrserve_shed_total", "requests refused by the batcher",
+                            ["reason"], registry=r)
+        self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
+                                ["arm", "version", "model_type", "providers"], registry=r)
+        self.swaps = Counter("ctrserve_swaps_total", "hot swaps", ["arm", "result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def set_model(self, arm: str, old: dict[str, str] | None, new: dict[str, str]) -> None:
+        if old is not None:
+            self.model_info.remove(arm, *old.values())
+        self.model_info.labels(arm, *new.values()).set(1)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by endpoint (known paths, else "other") and status."""
+
+    def __init__(self, app: Any, metrics: Metrics, endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._record(scope["path"], status, time.perf_counter() - started)
+
+    def _record(self, path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in self.endpoints else "other"
+        children = self._children.get((endpoint, status))
+        if children is None:
+            children = (self.metrics.requests.labels(endpoint, str(status)),
+                        self.metrics.latency.labels(endpoint, str(status)))
+            self._children[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)

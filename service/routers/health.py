@@ -1,0 +1,40 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from pydantic_core import to_json
+from starlette.responses import Response
+
+from service.errors import error_response
+
+router = APIRouter(tags=["health"])
+REDIS_TIMEOUT_S = 1.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Models loaded and warmed, and Redis answering: 200, else 503 saying what is missing."""
+    state = request.app.state
+    problems = []
+    if not getattr(state, "ready", False):
+        problems.append({"loc": ["models"], "msg": "models not loaded yet", "type": "not_ready"})
+    else:
+        try:
+            await asyncio.wait_for(state.redis.client.ping(), REDIS_TIMEOUT_S)
+        except Exception as exc:
+            problems.append({"loc": ["redis"], "msg": f"Redis does not answer: {exc!r}",
+                             "type": "not_ready"})
+    if problems:
+        return error_response(503, problems)
+    versions = {arm: m.version for arm, m in state.models.models.items()}
+    return Response(to_json({"status": "ready", "models": versions}),
+                    media_type="application/json")

@@ -1,0 +1,64 @@
+"""GET /v1/models and POST /admin/swap (hot swap; needs the X-API-Key header)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Header, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from bundles import BundleError
+from service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
+from service.errors import validation_items as _items
+from service.models import resolve_bundle
+from service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models", response_model=ModelsResponse)
+async def models(request: Request) -> Response:
+    """What each arm serves: version, model type, bundle, providers, since when, field sources."""
+    state = request.app.state
+    body = ModelsResponse(experiment=state.settings.experiment,
+                          models=[m.info() for m in state.models.models.values()])
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+@router.post("/admin/swap", response_model=SwapResponse,
+             responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 422)},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/SwapRequest"}}}}})
+async def swap(request: Request, x_api_key: str | None = Header(None)) -> Response:
+    """Verify, load and warm a bundle of the registry, then swap it in atomically."""
+    settings = request.app.state.settings
+    _authorize(settings.admin_api_key, x_api_key)
+    try:
+        req = SwapRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidBody(_items(exc)) from None
+    arm = req.arm or settings.arm
+    registry = request.app.state.models
+    if arm not in registry.models:
+        raise NotFound(["body", "arm"], f"unknown arm {arm!r}; arms: {sorted(registry.models)}")
+    started = time.perf_counter()
+    try:
+        path = resolve_bundle(settings.registry, req.bundle, inside_registry=True)
+        old, new = await registry.load(arm, path)
+    except BundleError as exc:
+        raise InvalidInput(["body", "bundle"], f"refused, the old model keeps serving: "
+                                               f"{exc}") from None
+    reply = SwapResponse(arm=arm, from_version=old.version if old else "",
+                         to_version=new.version, bundle=str(path),
+                         seconds=round(time.perf_counter() - started, 3))
+    return Response(reply.model_dump_json(), media_type="application/json")
+
+
+def _authorize(expected: str | None, given: str | None) -> None:
+    if not expected:
+        raise Forbidden(["header", "x-api-key"], "the admin API is off; set "
+                                                 "CTRSERVE_ADMIN_API_KEY to turn it on")
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized(["header", "x-api-key"], "missing or wrong X-API-Key")

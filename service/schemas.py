@@ -1,0 +1,131 @@
+"""Request and response bodies of the scorer.
+
+Requests are parsed with `model_validate_json` straight from the raw body, and candidates are
+TypedDicts rather than models: for 500 candidates that is 0.15 ms instead of 0.6 ms.
+Feature values are scalars or lists of tokens; NaN and infinities are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, NotRequired
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+from typing_extensions import TypedDict
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+def _check_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("NaN and infinite numbers are not allowed")
+    if isinstance(value, list):
+        for token in value:
+            if not isinstance(token, str | int) or isinstance(token, bool):
+                raise ValueError("a list value holds only strings or integers")
+        return value
+    if value is not None and not isinstance(value, str | int | float):
+        raise ValueError("expected a string, number, boolean, list of tokens or null")
+    return value
+
+
+Features = dict[str, Annotated[Any, AfterValidator(_check_value)]]
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
+
+
+class Candidate(TypedDict):
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+    item_id: Id
+    features: NotRequired[Features]
+
+
+class ScoreRequest(BaseModel):
+    """Score candidates for one user; fields absent here come from the feature store."""
+
+    model_config = STRICT
+
+    user_id: Id
+    user_features: Features | None = None
+    context: Features | None = None
+    candidates: list[Candidate] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1, description="return only the best k, sorted")
+    request_id: Id | None = Field(None, description="default: a new random id")
+
+    @field_validator("candidates")
+    @classmethod
+    def _not_too_many(cls, value: list[Candidate], info: ValidationInfo) -> list[Candidate]:
+        limit = (info.context or {}).get("max_candidates")
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"{len(value)} candidates, at most {limit} allowed")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = len(info.data.get("candidates") or [])
+        if value is not None and n and value > n:
+            raise ValueError(f"top_k {value} exceeds the {n} candidates")
+        return value
+
+
+class ScoreResponse(BaseModel):
+    """Scores are the model's float32 probabilities, in request order unless top_k is set."""
+
+    request_id: str
+    experiment: str
+    arm: str
+    model_version: str
+    item_ids: list[str]
+    scores: list[float]
+    positions: list[int] | None = Field(
+        None, description="with top_k: index of each returned item in the request's candidates")
+
+
+class LoadedModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    arm: str
+    version: str
+    model_type: str
+    bundle: str
+    providers: list[str]
+    loaded_at: str
+    fields: dict[str, list[str]]
+
+
+class ModelsResponse(BaseModel):
+    experiment: str
+    models: list[LoadedModelInfo]
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Id = Field(description="a bundle name in the registry, or a path inside it")
+    arm: str | None = Field(None, description="default: the only arm")
+
+
+class SwapResponse(BaseModel):
+    arm: str
+    from_version: str
+    to_version: str
+    bundle: str
+    seconds: float
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    detail: list[ErrorItem]

@@ -1,0 +1,176 @@
+"""One score request from raw body to reply bytes.
+
+parse (pydantic, from bytes) -> user record (Redis) -> shared row (cached) -> item rows
+(cached, misses from Redis) -> assemble -> batcher -> reply (pydantic_core.to_json).
+Between picking the model and queuing its rows only the item-cache refill awaits; if a swap
+closed the model's queue meanwhile, the request starts over on the new model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any
+
+import numpy as np
+import redis
+from pydantic import ValidationError
+from pydantic_core import to_json
+
+from service.batcher import BatcherClosed
+from service.encoding import Feeds, overwrite
+from service.errors import (
+    DeadlineExceeded,
+    InvalidBody,
+    InvalidInput,
+    NotReady,
+    validation_items,
+)
+from service.feature_store import FeatureStore
+from service.metrics import Metrics
+from service.models import LoadedModel, ModelRegistry
+from service.plan import FieldPlan, clock_values, kind_error
+from service.schemas import ScoreRequest
+from service.settings import Settings
+
+ATTEMPTS = 3
+
+
+def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
+    try:
+        return ScoreRequest.model_validate_json(body, context={"max_candidates": max_candidates})
+    except ValidationError as exc:
+        raise InvalidBody(validation_items(exc)) from None
+
+
+class Scorer:
+    def __init__(self, settings: Settings, models: ModelRegistry, store: FeatureStore,
+                 metrics: Metrics):
+        self.settings, self.models, self.store = settings, models, store
+        self._candidates = metrics.candidates
+        self._deadline_s = settings.request_deadline_ms / 1000
+        self._prefix = os.urandom(6).hex()  # request ids: prefix-counter, no syscall each
+        self._counter = itertools.count(1)
+
+    async def score(self, body: bytes) -> bytes:
+        deadline = time.monotonic() + self._deadline_s
+        req = parse_request(body, self.settings.max_candidates)
+        self._candidates.observe(len(req.candidates))
+        try:
+            user = await self.store.user(req.user_id)
+            for _ in range(ATTEMPTS):
+                model = self.models.get(self.settings.arm)
+                try:
+                    probs = await self._infer(model, req, user, deadline)
+                    return self._reply(req, model, probs)
+                except BatcherClosed:
+                    continue
+        except redis.RedisError as exc:
+            raise NotReady(["redis"], f"feature store unavailable: {exc}",
+                           {"Retry-After": str(self.settings.retry_after_s)}) from None
+        raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
+
+    async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
+                     deadline: float) -> np.ndarray:
+        plan, enc = model.plan, model.encoder
+        values = shared_values(plan, req, user)
+        shared = enc.shared(values)
+        ids = [c["item_id"] for c in req.candidates]
+        feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
+        custom = [i for i, c in enumerate(req.candidates) if c.get("features")]
+        if custom:
+            await self._custom_rows(model, req, custom, values, feeds)
+        future = model.batcher.submit(feeds, len(ids), deadline)
+        # a timer on the future itself: a third of asyncio.timeout's cost per request
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_exception(DeadlineExceeded(
+                ["deadline"], f"no result within {self.settings.request_deadline_ms:.0f} ms"))
+
+    async def _item_rows(self, model: LoadedModel, ids: list[str]) -> Feeds:
+        rows = model.encoder.items
+        now = time.monotonic()
+        idx, stale = rows.locate(ids, now)
+        if stale:
+            rows.put(stale, await self.store.items(stale), now)
+            idx, _ = rows.locate(ids, now)
+        return rows.gather(idx)
+
+    async def _custom_rows(self, model: LoadedModel, req: ScoreRequest, custom: list[int],
+                           values: dict[str, Any], feeds: Feeds) -> None:
+        """Candidates with their own features: encoded whole, over the cached rows."""
+        plan = model.plan
+        records = await self.store.items([req.candidates[i]["item_id"] for i in custom])
+        rows = []
+        for i, record in zip(custom, records, strict=True):
+            cand = req.candidates[i]
+            row = dict(values)
+            row.update({f: record[f] for f in plan.item if record and f in record})
+            if plan.item_id:
+                row[plan.item_id] = cand["item_id"]
+            if plan.position:
+                row[plan.position] = i + 1
+            row.update(checked(plan, cand["features"], ["body", "candidates", i, "features"],
+                               per_candidate=True))
+            rows.append(row)
+        overwrite(feeds, np.array(custom), model.encoder.full_rows(rows))
+
+    def _reply(self, req: ScoreRequest, model: LoadedModel, probs: np.ndarray) -> bytes:
+        scores = probs.astype(np.float64)  # the float32 values exactly
+        ids = [c["item_id"] for c in req.candidates]
+        positions = None
+        if req.top_k is not None:
+            order = np.argsort(-probs, kind="stable")[: req.top_k]
+            ids, scores, positions = [ids[i] for i in order], scores[order], order.tolist()
+        return to_json({
+            "request_id": req.request_id or f"{self._prefix}-{next(self._counter)}",
+            "experiment": self.settings.experiment,
+            "arm": model.arm,
+            "model_version": model.version,
+            "item_ids": ids,
+            "scores": scores.tolist(),
+            "positions": positions,
+        })
+
+
+def shared_values(plan: FieldPlan, req: ScoreRequest, user: dict | None) -> dict[str, Any]:
+    """Per-request field values: user record < user_features < context < request user id."""
+    values: dict[str, Any] = {}
+    if user:
+        values.update({f: user[f] for f in plan.shared if f in user})
+    if req.user_features:
+        values.update(checked(plan, req.user_features, ["body", "user_features"]))
+    if req.context:
+        values.update(checked(plan, req.context, ["body", "context"]))
+    if plan.clock:
+        for name, value in clock_values(plan.clock).items():
+            values.setdefault(name, value)
+    if plan.user_id:
+        values[plan.user_id] = req.user_id
+    return values
+
+
+def checked(plan: FieldPlan, given: dict[str, Any], loc: list[str | int],
+            per_candidate: bool = False) -> dict[str, Any]:
+    """Request-given values, refused with their location if unknown or of the wrong kind."""
+    for name, value in given.items():
+        spec = plan.specs.get(name)
+        if spec is None:
+            raise InvalidInput([*loc, name], f"unknown field {name!r}; the model's fields are "
+                               f"{sorted(plan.specs)}")
+        if not per_candidate and (name in plan.item or name == plan.position):
+            raise InvalidInput([*loc, name], f"{name!r} is a per-candidate field; give it in "
+                               "candidates[].features")
+        problem = kind_error(spec, value)
+        if problem:
+            raise InvalidInput([*loc, name], f"field {name!r} ({spec.kind}): {problem}")
+    return given

@@ -1,0 +1,90 @@
+"""Scorer settings: flags or environment variables prefixed CTRSERVE_ (REDIS_URL also works).
+
+Defaults and the measurement behind each are listed in README.md ("The scorer").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_", extra="ignore",
+                                      protected_namespaces=())
+
+    # ---- what to serve ------------------------------------------------------------------
+    registry: Path = Field(Path("registry"), description="registry directory of bundles")
+    bundle: str = Field("", description="bundle to serve: a name in the registry or a path")
+    experiment: str = Field("default", description="experiment name reported in responses")
+    arm: str = Field("control", description="the single arm until A/B routing lands")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # ---- request limits -----------------------------------------------------------------
+    max_candidates: int = Field(1000, ge=1, description="candidates per request")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size")
+    request_deadline_ms: float = Field(1000.0, gt=0, description="queue wait + inference")
+
+    # ---- dynamic batching ---------------------------------------------------------------
+    batching: bool = Field(True, description="coalesce rows across requests (off: one "
+                                             "inference per request)")
+    batch_max_rows: int = Field(256, ge=1, description="row budget of one inference "
+                                                       "(a larger single request runs alone)")
+    batch_max_delay_ms: float = Field(0.0, ge=0, description="how long the first request of "
+                                                            "a batch waits for company")
+    queue_capacity_rows: int = Field(8192, ge=1, description="rows waiting; past it 503")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
+
+    # ---- onnxruntime --------------------------------------------------------------------
+    ort_threads: int = Field(1, ge=1, description="intra-op threads per session")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [CPU], description="execution providers, e.g. cuda,cpu")
+    warmup_rounds: int = Field(3, ge=0)
+
+    # ---- features -----------------------------------------------------------------------
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("CTRSERVE_REDIS_URL",
+                                                                      "REDIS_URL"))
+    redis_db: Path | None = Field(None, description="embedded Redis file; default "
+                                                    "REGISTRY/.redis/ctrserve.rdb")
+    load_features: Path | None = Field(None, description="synth dir loaded into the feature "
+                                                         "store at start")
+    user_id_field: str | None = Field(None, description="default: user_id or user")
+    item_id_field: str | None = Field(None, description="default: item_id, app_id or item")
+    position_field: str | None = Field("slot", description="filled with the 1-based "
+                                                           "candidate position when absent")
+    fill_clock: bool = Field(True, description="fill absent hour/weekday from the UTC clock")
+    item_cache_ttl_s: float = Field(60.0, gt=0, description="bounded staleness of item records")
+    item_cache_max_items: int = Field(200_000, ge=1)
+    shared_cache_max_rows: int = Field(65_536, ge=1, description="encoded user+context rows")
+
+    # ---- admin and shutdown -------------------------------------------------------------
+    admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")
+    drain_timeout_s: float = Field(10.0, ge=0)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.queue_capacity_rows < self.max_candidates:
+            raise ValueError(f"queue_capacity_rows ({self.queue_capacity_rows}) must be >= "
+                             f"max_candidates ({self.max_candidates})")
+        self.providers = [_provider(p) for p in self.providers]
+        return self
+
+    def embedded_redis_db(self) -> Path:
+        return self.redis_db or self.registry / ".redis" / "ctrserve.rdb"
+
+
+def _provider(name: str) -> str:
+    short = {"cpu": CPU, "cuda": CUDA}
+    return short.get(name.strip().lower(), name.strip())
