@@ -9,10 +9,10 @@ DEMO_DIR ?= demo
 
 .PHONY: demo test lint clean
 
+# torch: the CPU build of exactly this version first; an open range would pull CUDA wheels
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU build of exactly this torch first: an open range would pull CUDA wheels
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $(STAMP)

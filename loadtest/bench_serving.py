@@ -296,8 +296,10 @@ def measure(client: str, server: Any, bodies_file: Path, n: int, c: int, duratio
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir)
     server_cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-    rps = result["requests"] / result["seconds"]
-    return {"candidates": n, "concurrency": c, "requests": result["requests"],
+    # only answered requests count as throughput: shed (503) and failed ones do not
+    answered = result["requests"] - result["errors"] - result["status_errors"]
+    rps = answered / result["seconds"]
+    return {"candidates": n, "concurrency": c, "requests": answered,
             "requests_per_s": round(rps, 1), "candidates_per_s": round(rps * n),
             "p50_ms": round(result["p50_ms"], 2), "p95_ms": round(result["p95_ms"], 2),
             "p99_ms": round(result["p99_ms"], 2),

@@ -1,0 +1,432 @@
+"""Statistics of the A/B report: per-arm CTR and CVR, uplift over control, sample-ratio check.
+
+Users are the unit of randomisation, so the impressions of one user are not independent draws:
+a user who likes the recommendations downloads from many of them. Every interval here treats
+the user as the independent unit, through the user-level sufficient statistics of `ArmStats`.
+
+Notation, per arm: n users; user u had x_u impressions and y_u downloads;
+X = Σx_u, Y = Σy_u, x̄ = X/n, and the sample (co)variances over users (divisor n − 1):
+
+    s_x² = (n·Σx_u² − X²) / (n(n − 1))
+    s_y² = (n·Σy_u² − Y²) / (n(n − 1))
+    s_xy = (n·Σx_u·y_u − X·Y) / (n(n − 1))
+
+Intervals are normal (Wald) intervals, estimate ± z·se, z = Φ⁻¹(1 − α/2) (1.96 at 95%).
+Undefined quantities (an arm without impressions, fewer than two users, a zero control rate)
+come out as NaN, never as an exception; `report` turns them into None for JSON.
+
+numpy and scipy only: this module sits on the serving side, which never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+SRM_ALPHA = 0.001  # GrowthBook's and Statsig's threshold: a real mismatch, not bad luck
+NAN = float("nan")
+
+METHODS = {
+    "ctr": "delta method for a ratio of per-user means, users as the unit",
+    "cvr": "normal interval of downloads per user (CLT over users)",
+    "uplift": "t/c - 1; delta method on log(t/c), independent arms; two-sided z test on log(t/c)",
+    "srm": f"chi-square of users per arm against configured weights, flagged at p < {SRM_ALPHA}",
+}
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """User-level sufficient statistics of one arm (for one day, or summed over days).
+
+    `users` is the number of independent units the sums run over, `impressions` = Σx_u,
+    `downloads` = Σy_u, and `sum_x2` = Σx_u², `sum_y2` = Σy_u², `sum_xy` = Σx_u·y_u.
+
+    Adding two `ArmStats` (for instance the days of an experiment, `sum(days)` works) adds every
+    sum, so a user active on three days counts three times in `users`: the unit becomes the
+    user-day and the total's intervals treat a user's days as independent, slightly optimistic
+    when users return. The users *shown* for the total should come from a distinct count when
+    one is available (a set or HyperLogLog over the whole period): pass it as `distinct_users`
+    (`ArmStats.total(days, distinct_users=n)` or `.with_distinct_users(n)`). It then replaces n
+    in CVR = Y/n and in the sample-ratio check, while the variances keep using the units the sums
+    run over. Exact totals need the user-level arrays of the whole period (`from_user_arrays`).
+    """
+
+    users: int
+    impressions: int
+    downloads: int
+    sum_x2: int
+    sum_y2: int
+    sum_xy: int
+    distinct_users: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+                raise ValueError(f"ArmStats.{f.name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, f.name, int(value))  # numpy scalars -> exact Python ints
+
+    @classmethod
+    def from_user_arrays(cls, x: Any, y: Any, distinct_users: int | None = None) -> ArmStats:
+        """Sufficient statistics from per-user impressions `x` and downloads `y` (same length)."""
+        x_arr, y_arr = _count_array("x", x), _count_array("y", y)
+        if x_arr.shape != y_arr.shape:
+            raise ValueError(f"x and y differ in length: {x_arr.size} and {y_arr.size} users")
+        return cls(
+            users=x_arr.size,
+            impressions=int(x_arr.sum()),
+            downloads=int(y_arr.sum()),
+            sum_x2=int((x_arr * x_arr).sum()),
+            sum_y2=int((y_arr * y_arr).sum()),
+            sum_xy=int((x_arr * y_arr).sum()),
+            distinct_users=distinct_users,
+        )
+
+    @classmethod
+    def empty(cls) -> ArmStats:
+        return cls(0, 0, 0, 0, 0, 0)
+
+    @classmethod
+    def total(cls, parts: Iterable[ArmStats], distinct_users: int | None = None) -> ArmStats:
+        """The sum of `parts` (days), with the distinct user count of the whole period if known."""
+        return sum(parts, cls.empty()).with_distinct_users(distinct_users)
+
+    def with_distinct_users(self, distinct_users: int | None) -> ArmStats:
+        return replace(self, distinct_users=distinct_users)
+
+    @property
+    def user_count(self) -> int:
+        """Users to show and to divide by in CVR: the distinct count if given, else `users`."""
+        return self.users if self.distinct_users is None else self.distinct_users
+
+    def __add__(self, other: object) -> ArmStats:
+        if not isinstance(other, ArmStats):
+            return NotImplemented
+        # distinct counts do not add (a user may be in both parts): the sum has none
+        return ArmStats(
+            users=self.users + other.users,
+            impressions=self.impressions + other.impressions,
+            downloads=self.downloads + other.downloads,
+            sum_x2=self.sum_x2 + other.sum_x2,
+            sum_y2=self.sum_y2 + other.sum_y2,
+            sum_xy=self.sum_xy + other.sum_xy,
+        )
+
+    def __radd__(self, other: object) -> ArmStats:
+        if isinstance(other, int) and other == 0:  # lets the builtin sum() start from 0
+            return self
+        return NotImplemented
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its standard error and confidence interval [lo, hi]."""
+
+    value: float
+    se: float
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class Uplift:
+    """Relative uplift t/c − 1 with its interval, p-value and the standard error of log(t/c)."""
+
+    value: float
+    lo: float
+    hi: float
+    p_value: float
+    se_log: float
+
+
+@dataclass(frozen=True)
+class SampleRatioCheck:
+    """Chi-square goodness of fit of users per arm against the configured weights."""
+
+    observed: dict[str, int]
+    expected: dict[str, float]
+    chi2: float
+    p_value: float
+    flagged: bool
+    alpha: float
+
+
+def z_value(confidence: float = CONFIDENCE) -> float:
+    """Two-sided normal quantile: z = Φ⁻¹(1 − (1 − confidence)/2)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return float(sps.norm.ppf(0.5 + confidence / 2.0))
+
+
+def normal_interval(value: float, se: float, confidence: float = CONFIDENCE) -> Estimate:
+    """value ± z·se; NaN bounds when either is NaN."""
+    half = z_value(confidence) * se
+    return Estimate(value=value, se=se, lo=value - half, hi=value + half)
+
+
+def user_moments(arm: ArmStats) -> tuple[float, float, float]:
+    """(s_x², s_y², s_xy) over the arm's units, exact integer numerators; NaN if n < 2."""
+    n = arm.users
+    if n < 2:
+        return NAN, NAN, NAN
+    denom = n * (n - 1)
+    s_xx = (n * arm.sum_x2 - arm.impressions**2) / denom
+    s_yy = (n * arm.sum_y2 - arm.downloads**2) / denom
+    s_xy = (n * arm.sum_xy - arm.impressions * arm.downloads) / denom
+    return s_xx, s_yy, s_xy
+
+
+def ctr_interval(arm: ArmStats, confidence: float = CONFIDENCE) -> Estimate:
+    """CTR r = Y/X with the delta-method interval for a ratio of per-user means.
+
+    var(r) ≈ (1/(n·x̄²))·(s_y² − 2r·s_xy + r²·s_x²). NaN without impressions or with n < 2.
+    """
+    if arm.impressions == 0:
+        return Estimate(NAN, NAN, NAN, NAN)
+    r = arm.downloads / arm.impressions
+    s_xx, s_yy, s_xy = user_moments(arm)
+    var = arm.users * (s_yy - 2.0 * r * s_xy + r * r * s_xx) / arm.impressions**2  # n·x̄² = X²/n
+    # the bracket is the variance of y_u − r·x_u, ≥ 0; rounding can leave a tiny negative
+    return normal_interval(r, math.sqrt(max(var, 0.0)) if var == var else NAN, confidence)
+
+
+def cvr_interval(arm: ArmStats, confidence: float = CONFIDENCE) -> Estimate:
+    """CVR c = Y/N, downloads per user (N = `user_count`), with a CLT interval over users.
+
+    se = sqrt(n·s_y²)/N: var(Y) = n·s_y² over the n units of the sums. With N = n this is the
+    familiar s_y/√n. NaN without users or with n < 2.
+    """
+    if arm.user_count == 0:
+        return Estimate(NAN, NAN, NAN, NAN)
+    c = arm.downloads / arm.user_count
+    _, s_yy, _ = user_moments(arm)
+    se = math.sqrt(max(arm.users * s_yy, 0.0)) / arm.user_count if s_yy == s_yy else NAN
+    return normal_interval(c, se, confidence)
+
+
+def binomial_ctr_interval(arm: ArmStats, confidence: float = CONFIDENCE) -> Estimate:
+    """Naive Wald interval over impressions, r ± z·sqrt(r(1 − r)/X). Do not use it.
+
+    It treats every impression as an independent Bernoulli trial, which ignores that
+    impressions of one user share that user's taste: with heterogeneous users it is too narrow
+    (tests/test_stats.py measures how much). Kept only to show that in tests.
+    """
+    if arm.impressions == 0:
+        return Estimate(NAN, NAN, NAN, NAN)
+    r = arm.downloads / arm.impressions
+    return normal_interval(r, math.sqrt(max(r * (1.0 - r), 0.0) / arm.impressions), confidence)
+
+
+def relative_uplift(
+    treatment: Estimate, control: Estimate, confidence: float = CONFIDENCE
+) -> Uplift:
+    """Relative uplift t/c − 1 of two independent estimates, on the log scale.
+
+    se(log(t/c)) = sqrt((se_t/t)² + (se_c/c)²) (delta method, independent arms);
+    interval exp(log(t/c) ± z·se) − 1, which stays above −100% and is asymmetric like a ratio;
+    p-value: two-sided z test of log(t/c) = 0, p = 2·(1 − Φ(|log(t/c)|/se)), so p < 1 − confidence
+    exactly when the interval excludes 0. NaN when either rate is zero or not finite.
+    """
+    t, c = treatment.value, control.value
+    if not (t > 0 and c > 0 and math.isfinite(treatment.se) and math.isfinite(control.se)):
+        return Uplift(NAN, NAN, NAN, NAN, NAN)
+    log_ratio = math.log(t) - math.log(c)
+    se = math.hypot(treatment.se / t, control.se / c)
+    half = z_value(confidence) * se
+    p_value = float(2.0 * sps.norm.sf(abs(log_ratio) / se)) if se > 0 else NAN
+    return Uplift(
+        value=math.expm1(log_ratio),
+        lo=math.expm1(log_ratio - half),
+        hi=math.expm1(log_ratio + half),
+        p_value=p_value,
+        se_log=se,
+    )
+
+
+def ctr_uplift(
+    treatment: ArmStats, control: ArmStats, confidence: float = CONFIDENCE
+) -> Uplift:
+    """Relative CTR uplift of `treatment` over `control` (see `relative_uplift`)."""
+    return relative_uplift(ctr_interval(treatment), ctr_interval(control), confidence)
+
+
+def cvr_uplift(
+    treatment: ArmStats, control: ArmStats, confidence: float = CONFIDENCE
+) -> Uplift:
+    """Relative CVR uplift of `treatment` over `control` (see `relative_uplift`)."""
+    return relative_uplift(cvr_interval(treatment), cvr_interval(control), confidence)
+
+
+def sample_ratio_check(
+    users: Mapping[str, int], weights: Mapping[str, float], alpha: float = SRM_ALPHA
+) -> SampleRatioCheck:
+    """Sample-ratio mismatch: chi-square of users per arm against the configured weights.
+
+    Expected users of arm i = N·w_i/Σw (weights are normalised over the arms given, so a
+    holdout outside them does not matter). χ² = Σ(o_i − e_i)²/e_i with k − 1 degrees of
+    freedom (scipy.stats.chisquare); flagged when p < alpha (0.001). Users in an arm of weight 0
+    are a mismatch by definition (χ² = ∞, p = 0). Fewer than two arms with weight, or no users:
+    not testable (NaN, not flagged).
+    """
+    if set(users) != set(weights):
+        raise ValueError(
+            f"arms with users {sorted(users)} and arms with weights {sorted(weights)} differ"
+        )
+    for arm, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"weight of arm {arm!r} must be a finite number >= 0, got {w!r}")
+    total_w = float(sum(weights.values()))
+    if total_w <= 0:
+        raise ValueError("the arms' weights must not all be zero")
+    names = list(users)
+    observed = {a: int(users[a]) for a in names}
+    n = sum(observed.values())
+    expected = {a: n * weights[a] / total_w for a in names}
+    chi2, p = _chi_square(observed, expected, weights)
+    return SampleRatioCheck(observed, expected, chi2, p, bool(p < alpha), alpha)
+
+
+def _chi_square(
+    observed: dict[str, int], expected: dict[str, float], weights: Mapping[str, float]
+) -> tuple[float, float]:
+    if any(weights[a] == 0 and observed[a] > 0 for a in observed):
+        return math.inf, 0.0
+    live = [a for a in observed if weights[a] > 0]
+    if len(live) < 2 or sum(observed.values()) == 0:
+        return NAN, NAN
+    result = sps.chisquare([observed[a] for a in live], [expected[a] for a in live])
+    return float(result.statistic), float(result.pvalue)
+
+
+def report(
+    arms: Mapping[str, ArmStats],
+    control: str,
+    weights: Mapping[str, float],
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """The statistics of one period (a day or the total) as plain JSON-able data.
+
+    {"control", "confidence", "methods", "srm": {...}, "arms": {name: {"users", "impressions",
+    "downloads", "ctr": {value, se, lo, hi}, "cvr": {...}, "uplift": None for the control, else
+    {"ctr": {value, lo, hi, p_value, se_log}, "cvr": {...}}}}}. Control first, then the others in
+    the given order. Undefined numbers are None (strict JSON has no NaN).
+    """
+    if control not in arms:
+        raise ValueError(f"control arm {control!r} is not among the arms {sorted(arms)}")
+    order = [control, *(a for a in arms if a != control)]
+    srm = sample_ratio_check({a: arms[a].user_count for a in order}, weights)
+    return {
+        "control": control,
+        "confidence": confidence,
+        "methods": dict(METHODS),
+        "srm": _json(asdict(srm)),
+        "arms": {a: _arm_entry(arms[a], arms[control], a == control, confidence) for a in order},
+    }
+
+
+def _arm_entry(arm: ArmStats, control: ArmStats, is_control: bool, confidence: float) -> dict:
+    uplift = None
+    if not is_control:
+        uplift = {
+            "ctr": _json(asdict(ctr_uplift(arm, control, confidence))),
+            "cvr": _json(asdict(cvr_uplift(arm, control, confidence))),
+        }
+    return {
+        "users": arm.user_count,
+        "impressions": arm.impressions,
+        "downloads": arm.downloads,
+        "ctr": _json(asdict(ctr_interval(arm, confidence))),
+        "cvr": _json(asdict(cvr_interval(arm, confidence))),
+        "uplift": uplift,
+    }
+
+
+def _json(value: Any) -> Any:
+    """NaN and ±inf to None, numpy scalars to Python, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def format_report(rep: Mapping[str, Any], title: str | None = None) -> str:
+    """A readable text table of a `report(...)` dict, with the sample-ratio verdict below it."""
+    level = f"{rep['confidence']:.0%}"
+    header = ["arm", "users", "impressions", "downloads", f"CTR [{level} CI]", f"CVR [{level} CI]",
+              "CTR uplift [CI]", "p", "CVR uplift [CI]", "p"]
+    rows = [header] + [_arm_row(name, entry) for name, entry in rep["arms"].items()]
+    lines = [title] if title else []
+    lines += _table(rows)
+    lines.append(_srm_line(rep["srm"]))
+    return "\n".join(lines)
+
+
+def _arm_row(name: str, entry: Mapping[str, Any]) -> list[str]:
+    ctr, cvr, uplift = entry["ctr"], entry["cvr"], entry["uplift"]
+    row = [name, f"{entry['users']:,}", f"{entry['impressions']:,}", f"{entry['downloads']:,}",
+           _interval(ctr, lambda v: f"{v:.3%}"), _interval(cvr, lambda v: f"{v:.4g}")]
+    if uplift is None:
+        return [*row, "(control)", "", "", ""]
+    for key in ("ctr", "cvr"):
+        row += [_interval(uplift[key], lambda v: f"{v:+.2%}"), _p(uplift[key]["p_value"])]
+    return row
+
+
+def _interval(est: Mapping[str, Any], fmt: Any) -> str:
+    if est["value"] is None:
+        return "n/a"
+    if est["lo"] is None or est["hi"] is None:
+        return f"{fmt(est['value'])} [n/a]"
+    return f"{fmt(est['value'])} [{fmt(est['lo'])}, {fmt(est['hi'])}]"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.rjust(w) for c, w in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])  # arm names left-aligned, numbers right-aligned
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _srm_line(srm: Mapping[str, Any]) -> str:
+    counts = ", ".join(
+        f"{a} {o:,} (expected {srm['expected'][a]:,.0f})" for a, o in srm["observed"].items()
+    )
+    if srm["p_value"] is None:
+        return f"Sample ratio: not testable ({counts})"
+    chi2 = "inf" if srm["chi2"] is None else f"{srm['chi2']:.2f}"
+    verdict = f"chi2={chi2}, p={srm['p_value']:.3g}; users {counts}"
+    if srm["flagged"]:
+        return (f"!!! SAMPLE RATIO MISMATCH: {verdict} (p < {srm['alpha']}). Users per arm do "
+                "not match the configured weights: assignment or logging is broken, do not "
+                "trust these comparisons. !!!")
+    return f"Sample ratio: OK ({verdict})"
+
+
+def _count_array(name: str, values: Any) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (one entry per user), got {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iub" and not np.all(np.mod(arr, 1) == 0)):
+        raise ValueError(f"{name} must hold integer counts")
+    if arr.size and np.any(arr < 0):
+        raise ValueError(f"{name} must hold non-negative counts")
+    return arr.astype(np.int64)
