@@ -114,6 +114,8 @@ def _serve_parser(sub) -> None:
                                    "README lists every setting.")
     p.add_argument("--registry", type=Path, help="registry directory of bundles")
     p.add_argument("--bundle", help="bundle to serve: a name in the registry or a path")
+    p.add_argument("--experiments", type=Path, dest="experiments_file", metavar="FILE",
+                   help="A/B experiments config (YAML or JSON): arms, weights, their bundles")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--features", type=Path, dest="load_features", metavar="SYNTH_DIR",

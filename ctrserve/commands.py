@@ -98,9 +98,9 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- the scorer ----------------------------------------------------------------------------
-SERVE_FLAGS = ("registry", "bundle", "host", "port", "load_features", "batching",
-               "batch_max_rows", "batch_max_delay_ms", "queue_capacity_rows", "max_candidates",
-               "providers", "ort_threads")
+SERVE_FLAGS = ("registry", "bundle", "experiments_file", "host", "port", "load_features",
+               "batching", "batch_max_rows", "batch_max_delay_ms", "queue_capacity_rows",
+               "max_candidates", "providers", "ort_threads")
 
 
 def _settings(**overrides: Any):
@@ -125,15 +125,31 @@ def serve(args: argparse.Namespace) -> None:
     from service.server import serve
 
     settings = _settings(**{k: getattr(args, k) for k in SERVE_FLAGS})
-    if not settings.bundle:
-        raise UserError("--bundle (or CTRSERVE_BUNDLE) is required")
-    verify_files(resolve_bundle(settings.registry, settings.bundle, inside_registry=False))
+    if settings.experiments_file:
+        _check_experiments(settings)
+    elif not settings.bundle:
+        raise UserError("--bundle or --experiments (or CTRSERVE_BUNDLE, "
+                        "CTRSERVE_EXPERIMENTS_FILE) is required")
+    else:
+        verify_files(resolve_bundle(settings.registry, settings.bundle, inside_registry=False))
     if settings.load_features:
         from service.feature_store import synth_files
 
         synth_files(settings.load_features)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     serve(settings)
+
+
+def _check_experiments(settings: Any) -> None:
+    from bundles.load import verify_files
+    from service.experiments.config import ExperimentConfigError, load_experiments
+
+    try:
+        experiments = load_experiments(settings.experiments_file, settings.registry)
+    except ExperimentConfigError as exc:
+        raise UserError(f"{settings.experiments_file}: {exc}") from None
+    for name in experiments.bundles():
+        verify_files(settings.registry / name)
 
 
 def load_features(args: argparse.Namespace) -> dict[str, Any]:

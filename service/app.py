@@ -1,8 +1,9 @@
 """The scorer's FastAPI app: `create_app(settings)`.
 
 Start-up (lifespan): Redis (REDIS_URL or embedded), optional feature loading, load, verify and
-warm the bundle, start its batcher; only then is /readyz 200. Shutdown: uvicorn first lets
-in-flight requests finish, then the batchers drain their queues and Redis is closed.
+warm the bundle (or every bundle of the experiments file), start their batchers; only then is
+/readyz 200. Shutdown: uvicorn first lets in-flight requests finish, then the batchers drain
+their queues and Redis is closed.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from ctrserve import __version__
 from service.errors import install_handlers
 from service.feature_store import FeatureStore
 from service.metrics import Metrics, MetricsMiddleware
-from service.models import ModelRegistry, resolve_bundle
+from service.models import ModelRegistry
 from service.redis_server import open_redis
-from service.routers import health, metrics, models, score
+from service.routers import experiments, health, metrics, models, score
+from service.routing import Routing
 from service.schemas import ScoreRequest, SwapRequest
 from service.scoring import Scorer
 from service.settings import Settings
 
 log = logging.getLogger("ctrserve.service")
-ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics"}
+ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics",
+             "/v1/experiments", "/v1/assignment", "/admin/experiments"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.ready = False
     install_handlers(app)
-    for module in (score, health, models, metrics):
+    for module in (score, health, models, experiments, metrics):
         app.include_router(module.router)
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, endpoints=ENDPOINTS)
@@ -56,12 +59,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = FeatureStore(state.redis.client)
         state.models = ModelRegistry(settings, state.metrics, store)
         try:
-            path = resolve_bundle(settings.registry, settings.bundle, inside_registry=False)
-            await state.models.load(settings.arm, path)
-            state.scorer = Scorer(settings, state.models, store, state.metrics)
+            state.routing = Routing(settings, state.models)
+            await state.routing.start()
+            state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing)
             state.ready = True
-            log.info("ready: arm %s serves %s", settings.arm,
-                     state.models.get(settings.arm).version)
+            log.info("ready: %s", {k: m.version for k, m in state.models.models.items()})
             yield
         finally:
             state.ready = False

@@ -45,6 +45,9 @@ class Metrics:
             self.model_info.remove(arm, *old.values())
         self.model_info.labels(arm, *new.values()).set(1)
 
+    def drop_model(self, arm: str, labels: dict[str, str]) -> None:
+        self.model_info.remove(arm, *labels.values())
+
 
 class MetricsMiddleware:
     """Counts and times every HTTP request by endpoint (known paths, else "other") and status."""

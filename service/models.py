@@ -127,7 +127,8 @@ def warm_up(runner: Runner, encoder: RequestEncoder, settings: Settings) -> None
 
 
 class ModelRegistry:
-    """The loaded model of each arm."""
+    """The loaded models, by key: the arm's name without an experiments file, else the bundle
+    name (one model per distinct bundle, whichever arms and experiments it serves)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, store: FeatureStore):
         self.settings, self.metrics, self.store = settings, metrics, store
@@ -160,6 +161,17 @@ class ModelRegistry:
             await old.batcher.close(self.settings.drain_timeout_s)
         log.info("arm %s serves %s (was %s)", arm, new.version, old.version if old else None)
         return old, new
+
+    async def unload(self, key: str) -> None:
+        """Stop serving `key`: requests already queued on it finish first."""
+        async with self._lock:
+            model = self.models.pop(key, None)
+            if model is None:
+                return
+            self.metrics.drop_model(key, model.labels())
+        if not await model.batcher.close(self.settings.drain_timeout_s):
+            log.warning("%s: queue not drained within %.0f s", key, self.settings.drain_timeout_s)
+        log.info("%s (%s) unloaded", key, model.version)
 
     async def _warm_items(self, old: LoadedModel | None) -> tuple[list[str], list[Any]]:
         if old is None:

@@ -58,6 +58,7 @@ class ScoreRequest(BaseModel):
     candidates: list[Candidate] = Field(min_length=1)
     top_k: int | None = Field(None, ge=1, description="return only the best k, sorted")
     request_id: Id | None = Field(None, description="default: a new random id")
+    experiment: Id | None = Field(None, description="default: the first experiment")
 
     @field_validator("candidates")
     @classmethod
@@ -82,6 +83,7 @@ class ScoreResponse(BaseModel):
     request_id: str
     experiment: str
     arm: str
+    holdout: bool = Field(False, description="in the holdout: served by control, not counted")
     model_version: str
     item_ids: list[str]
     scores: list[float]
@@ -129,3 +131,41 @@ class ErrorItem(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: list[ErrorItem]
+
+
+class ArmInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    weight: float
+    control: bool
+    bundle: str
+    model_version: str
+    buckets: list[int] = Field(description="[start, end) of the arm's buckets")
+
+
+class ExperimentInfo(BaseModel):
+    name: str
+    salt: str
+    holdout: float
+    holdout_buckets: list[int] | None = Field(description="[start, end), null without holdout")
+    arms: list[ArmInfo]
+    forced: dict[str, str]
+
+
+class ExperimentsResponse(BaseModel):
+    buckets: int = Field(description="bucket = FNV-1a 64 of 'salt:user_id' mod this")
+    default: str = Field(description="the experiment of requests that name none")
+    experiments: list[ExperimentInfo]
+
+
+class AssignmentResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    experiment: str
+    user_id: str
+    bucket: int
+    arm: str
+    holdout: bool
+    forced: bool
+    model_version: str

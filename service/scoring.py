@@ -1,9 +1,10 @@
 """One score request from raw body to reply bytes.
 
-parse (pydantic, from bytes) -> user record (Redis) -> shared row (cached) -> item rows
-(cached, misses from Redis) -> assemble -> batcher -> reply (pydantic_core.to_json).
-Between picking the model and queuing its rows only the item-cache refill awaits; if a swap
-closed the model's queue meanwhile, the request starts over on the new model.
+parse (pydantic, from bytes) -> user record (Redis) -> arm (service/experiments) -> shared row
+(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> reply
+(pydantic_core.to_json). Between picking the model and queuing its rows only the item-cache
+refill awaits; if a swap or a new experiment set closed the model's queue meanwhile, the
+request starts over on the new set and model.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from service.errors import (
     NotReady,
     validation_items,
 )
+from service.experiments.assignment import Assignment
+from service.experiments.config import UnknownExperiment
 from service.feature_store import FeatureStore
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.plan import FieldPlan, clock_values, kind_error
+from service.routing import Routing
 from service.schemas import ScoreRequest
 from service.settings import Settings
 
@@ -47,8 +51,8 @@ def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
 
 class Scorer:
     def __init__(self, settings: Settings, models: ModelRegistry, store: FeatureStore,
-                 metrics: Metrics):
-        self.settings, self.models, self.store = settings, models, store
+                 metrics: Metrics, routing: Routing):
+        self.settings, self.models, self.store, self.routing = settings, models, store, routing
         self._candidates = metrics.candidates
         self._deadline_s = settings.request_deadline_ms / 1000
         self._prefix = os.urandom(6).hex()  # request ids: prefix-counter, no syscall each
@@ -61,16 +65,24 @@ class Scorer:
         try:
             user = await self.store.user(req.user_id)
             for _ in range(ATTEMPTS):
-                model = self.models.get(self.settings.arm)
+                arm, key = self._route(req)
+                model = self.models.get(key)
                 try:
                     probs = await self._infer(model, req, user, deadline)
-                    return self._reply(req, model, probs)
+                    return self._reply(req, arm, model, probs)
                 except BatcherClosed:
                     continue
         except redis.RedisError as exc:
             raise NotReady(["redis"], f"feature store unavailable: {exc}",
                            {"Retry-After": str(self.settings.retry_after_s)}) from None
         raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
+
+    def _route(self, req: ScoreRequest) -> tuple[Assignment, str]:
+        """The user's arm (the set is re-read on each attempt: it may have been replaced)."""
+        try:
+            return self.routing.experiments.assign(req.experiment, req.user_id)
+        except UnknownExperiment as exc:
+            raise InvalidInput(["body", "experiment"], str(exc)) from None
 
     async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
                      deadline: float) -> np.ndarray:
@@ -124,7 +136,8 @@ class Scorer:
             rows.append(row)
         overwrite(feeds, np.array(custom), model.encoder.full_rows(rows))
 
-    def _reply(self, req: ScoreRequest, model: LoadedModel, probs: np.ndarray) -> bytes:
+    def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
+               probs: np.ndarray) -> bytes:
         scores = probs.astype(np.float64)  # the float32 values exactly
         ids = [c["item_id"] for c in req.candidates]
         positions = None
@@ -133,8 +146,9 @@ class Scorer:
             ids, scores, positions = [ids[i] for i in order], scores[order], order.tolist()
         return to_json({
             "request_id": req.request_id or f"{self._prefix}-{next(self._counter)}",
-            "experiment": self.settings.experiment,
-            "arm": model.arm,
+            "experiment": arm.experiment,
+            "arm": arm.arm,
+            "holdout": arm.holdout,
             "model_version": model.version,
             "item_ids": ids,
             "scores": scores.tolist(),

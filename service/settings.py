@@ -22,8 +22,10 @@ class Settings(BaseSettings):
     # ---- what to serve ------------------------------------------------------------------
     registry: Path = Field(Path("registry"), description="registry directory of bundles")
     bundle: str = Field("", description="bundle to serve: a name in the registry or a path")
-    experiment: str = Field("default", description="experiment name reported in responses")
-    arm: str = Field("control", description="the single arm until A/B routing lands")
+    experiments_file: Path | None = Field(None, description="experiments config (YAML or "
+                                                            "JSON); unset: one arm, `bundle`")
+    experiment: str = Field("default", description="the experiment without experiments_file")
+    arm: str = Field("control", description="its one arm")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

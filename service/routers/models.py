@@ -22,7 +22,7 @@ router = APIRouter(tags=["models"])
 async def models(request: Request) -> Response:
     """What each arm serves: version, model type, bundle, providers, since when, field sources."""
     state = request.app.state
-    body = ModelsResponse(experiment=state.settings.experiment,
+    body = ModelsResponse(experiment=state.routing.experiments.default,
                           models=[m.info() for m in state.models.models.values()])
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -34,7 +34,7 @@ async def models(request: Request) -> Response:
 async def swap(request: Request, x_api_key: str | None = Header(None)) -> Response:
     """Verify, load and warm a bundle of the registry, then swap it in atomically."""
     settings = request.app.state.settings
-    _authorize(settings.admin_api_key, x_api_key)
+    authorize(settings.admin_api_key, x_api_key)
     try:
         req = SwapRequest.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -56,7 +56,7 @@ async def swap(request: Request, x_api_key: str | None = Header(None)) -> Respon
     return Response(reply.model_dump_json(), media_type="application/json")
 
 
-def _authorize(expected: str | None, given: str | None) -> None:
+def authorize(expected: str | None, given: str | None) -> None:
     if not expected:
         raise Forbidden(["header", "x-api-key"], "the admin API is off; set "
                                                  "CTRSERVE_ADMIN_API_KEY to turn it on")

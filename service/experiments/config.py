@@ -1,0 +1,201 @@
+"""The experiment config file (YAML or JSON) and its validation.
+
+    experiments:
+      - name: ranker
+        salt: ranker-2026-01
+        holdout: 0.05            # optional share of users: control model, flagged holdout
+        arms:
+          - {name: control, weight: 0.9, bundle: lr-1a2b3c, control: true}
+          - {name: deepfm, weight: 0.1, bundle: deepfm-4d5e6f}
+        forced: {qa-user-1: deepfm}   # optional QA allowlist: user id -> arm
+
+Weights are fractions of the users outside the holdout and add up to 1 (within 1e-6). Bundles
+are names in the registry, checked when the file is loaded. The first experiment is the default
+of requests that name none. Errors name the field, e.g. `experiments.0.arms`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from service.experiments.assignment import Assignment, Splitter, bucket_ends
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+WEIGHT_TOLERANCE = 1e-6
+STRICT = ConfigDict(extra="forbid")
+
+
+class ExperimentConfigError(ValueError):
+    """An invalid config: `items` are {"loc", "msg", "type"} naming each field."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+        super().__init__("; ".join(f"{'.'.join(map(str, i['loc'])) or 'config'}: {i['msg']}"
+                                   for i in items))
+
+
+class UnknownExperiment(LookupError):
+    pass
+
+
+class ArmConfig(BaseModel):
+    model_config = STRICT
+
+    name: Name
+    weight: float = Field(ge=0, le=1, description="share of the users outside the holdout")
+    bundle: str = Field(min_length=1, description="a bundle name in the registry")
+    control: bool = False
+
+    @field_validator("bundle")
+    @classmethod
+    def _in_registry(cls, value: str, info: ValidationInfo) -> str:
+        registry = (info.context or {}).get("registry")
+        if registry is not None and (Path(value).name != value
+                                     or not (Path(registry) / value).is_dir()):
+            raise ValueError(f"unknown bundle {value!r}: not a bundle name in the registry "
+                             f"{registry}")
+        return value
+
+
+class ExperimentConfig(BaseModel):
+    model_config = STRICT
+
+    name: Name
+    salt: str = Field(min_length=1, description="changing it reshuffles every user")
+    arms: list[ArmConfig] = Field(min_length=1)
+    holdout: float = Field(0.0, ge=0, lt=1, description="share of users held out")
+    forced: dict[str, str] = Field(default_factory=dict, description="user id -> arm, for QA")
+
+    @field_validator("salt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the salt must not be blank")
+        return value
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
+        names = [a.name for a in arms]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate arm names {duplicates}")
+        controls = [a.name for a in arms if a.control]
+        if len(controls) != 1:
+            raise ValueError(f"exactly one arm must have control: true, found {len(controls)}"
+                             + (f" ({controls})" if controls else ""))
+        total = sum(a.weight for a in arms)
+        if abs(total - 1) > WEIGHT_TOLERANCE:
+            raise ValueError(f"arm weights add up to {total:g}, not 1 (weights are fractions)")
+        return arms
+
+    @field_validator("forced")
+    @classmethod
+    def _forced_arms(cls, forced: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        arms = {a.name for a in info.data.get("arms") or []}
+        for user, arm in forced.items():
+            if arms and arm not in arms:
+                raise ValueError(f"user {user!r} is forced into unknown arm {arm!r}; arms: "
+                                 f"{sorted(arms)}")
+        return forced
+
+    def control_arm(self) -> ArmConfig:
+        return next(a for a in self.arms if a.control)
+
+    def splitter(self) -> Splitter:
+        return Splitter(self.name, self.salt, [a.name for a in self.arms],
+                        bucket_ends([a.weight for a in self.arms], self.holdout),
+                        self.control_arm().name, dict(self.forced))
+
+
+class ExperimentsFile(BaseModel):
+    model_config = STRICT
+
+    experiments: list[ExperimentConfig] = Field(min_length=1)
+
+    @field_validator("experiments")
+    @classmethod
+    def _unique(cls, experiments: list[ExperimentConfig]) -> list[ExperimentConfig]:
+        names = [e.name for e in experiments]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate experiment names {duplicates}")
+        return experiments
+
+
+class ExperimentSet:
+    """Validated experiments, ready to route: dict lookups and a bisect per request."""
+
+    def __init__(self, config: ExperimentsFile, keys: dict[str, str] | None = None):
+        self.config = config
+        self.by_name = {e.name: e for e in config.experiments}
+        self.splitters = {e.name: e.splitter() for e in config.experiments}
+        self.default = config.experiments[0].name
+        # bundle name -> key of its loaded model (the bundle name itself unless told)
+        self.keys = keys or {b: b for b in self.bundles()}
+        self._arm_keys = {(e.name, a.name): self.keys[a.bundle]
+                          for e in config.experiments for a in e.arms}
+
+    def bundles(self) -> list[str]:
+        """Distinct bundle names of all arms, in config order."""
+        return list(dict.fromkeys(a.bundle for e in self.config.experiments for a in e.arms))
+
+    def splitter(self, experiment: str | None) -> Splitter:
+        try:
+            return self.splitters[experiment or self.default]
+        except KeyError:
+            raise UnknownExperiment(f"unknown experiment {experiment!r}; experiments: "
+                                    f"{sorted(self.splitters)}") from None
+
+    def assign(self, experiment: str | None, user_id: str) -> tuple[Assignment, str]:
+        """The user's assignment and the key of the model that serves it."""
+        a = self.splitter(experiment).assign(user_id)
+        return a, self._arm_keys[a.experiment, a.arm]
+
+
+def parse_experiments(data: Any, registry: Path | None) -> ExperimentSet:
+    """Validate a parsed config (bundles checked in `registry` unless None)."""
+    try:
+        config = ExperimentsFile.model_validate(data, context={"registry": registry})
+    except ValidationError as exc:
+        raise ExperimentConfigError([
+            {"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, "),
+             "type": e["type"]} for e in exc.errors(include_url=False, include_input=False)
+        ]) from None
+    return ExperimentSet(config)
+
+
+def parse_text(text: str | bytes, fmt: str = "yaml") -> Any:
+    """JSON or YAML text to data; a syntax error is an ExperimentConfigError."""
+    try:
+        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ExperimentConfigError([{"loc": [], "msg": f"not valid {fmt.upper()}: {exc}",
+                                      "type": "syntax"}]) from None
+
+
+def load_experiments(path: Path, registry: Path | None) -> ExperimentSet:
+    """Read and validate an experiments file (.json is JSON, anything else YAML)."""
+    fmt = "json" if Path(path).suffix.lower() == ".json" else "yaml"
+    return parse_experiments(parse_text(Path(path).read_text(), fmt), registry)
+
+
+def single_arm(experiment: str, arm: str, bundle: str) -> ExperimentSet:
+    """The set without an experiments file: one arm, served by the model loaded as `arm`."""
+    config = ExperimentsFile(experiments=[ExperimentConfig(
+        name=experiment, salt=experiment,
+        arms=[ArmConfig(name=arm, weight=1.0, bundle=bundle, control=True)])])
+    return ExperimentSet(config, keys={bundle: arm})

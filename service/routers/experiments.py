@@ -1,0 +1,99 @@
+"""GET /v1/experiments, GET /v1/assignment (QA) and PUT /admin/experiments (X-API-Key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from service.errors import InvalidBody, NotFound
+from service.experiments.assignment import BUCKETS
+from service.experiments.config import (
+    ExperimentConfigError,
+    ExperimentSet,
+    UnknownExperiment,
+    parse_experiments,
+    parse_text,
+)
+from service.models import ModelRegistry
+from service.routers.models import authorize
+from service.routers.score import read_body
+from service.schemas import (
+    ArmInfo,
+    AssignmentResponse,
+    ErrorResponse,
+    ExperimentInfo,
+    ExperimentsResponse,
+)
+
+router = APIRouter(tags=["experiments"])
+CONFIG_EXAMPLE = {"experiments": [{"name": "ranker", "salt": "ranker-1", "arms": [
+    {"name": "control", "weight": 0.9, "bundle": "lr-...", "control": True},
+    {"name": "deepfm", "weight": 0.1, "bundle": "deepfm-..."}]}]}
+
+
+@router.get("/v1/experiments", response_model=ExperimentsResponse)
+async def list_experiments(request: Request) -> Response:
+    """Every experiment with its arms' weights, bundles, model versions and bucket ranges."""
+    return _json(describe(request.app.state.routing.experiments, request.app.state.models))
+
+
+@router.get("/v1/assignment", response_model=AssignmentResponse,
+            responses={404: {"model": ErrorResponse}})
+async def assignment(request: Request, user_id: str = Query(min_length=1, max_length=256),
+                     experiment: str | None = Query(None)) -> Response:
+    """The bucket and arm of one user (forced assignments and the holdout included)."""
+    state = request.app.state
+    try:
+        a, key = state.routing.experiments.assign(experiment, user_id)
+    except UnknownExperiment as exc:
+        raise NotFound(["query", "experiment"], str(exc)) from None
+    body = AssignmentResponse(experiment=a.experiment, user_id=user_id, bucket=a.bucket,
+                              arm=a.arm, holdout=a.holdout, forced=a.forced,
+                              model_version=state.models.get(key).version)
+    return _json(body)
+
+
+@router.put("/admin/experiments", response_model=ExperimentsResponse,
+            responses={s: {"model": ErrorResponse} for s in (401, 403, 422)},
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/json": {"example": CONFIG_EXAMPLE}, "application/yaml": {}}}})
+async def replace_experiments(request: Request, x_api_key: str | None = Header(None)
+                              ) -> Response:
+    """Validate a new config (JSON or YAML body), load and warm its new bundles, switch to it.
+
+    Invalid: 422 naming the field, and the running config stays.
+    """
+    state = request.app.state
+    authorize(state.settings.admin_api_key, x_api_key)
+    fmt = "yaml" if "yaml" in request.headers.get("content-type", "") else "json"
+    try:
+        text = await read_body(request, state.settings.max_body_bytes)
+        new = parse_experiments(parse_text(text, fmt), state.settings.registry)
+        await state.routing.replace(new)
+    except ExperimentConfigError as exc:
+        raise InvalidBody([{**i, "loc": ["body", *i["loc"]]} for i in exc.items]) from None
+    return _json(describe(new, state.models))
+
+
+def describe(experiments: ExperimentSet, models: ModelRegistry) -> ExperimentsResponse:
+    infos = []
+    for e in experiments.config.experiments:
+        split = experiments.splitters[e.name]
+        ranges = split.ranges()
+        arms = [ArmInfo(name=a.name, weight=a.weight, control=a.control, bundle=a.bundle,
+                        model_version=_version(models, experiments.keys[a.bundle]),
+                        buckets=list(ranges[a.name])) for a in e.arms]
+        holdout = [split.holdout_from, BUCKETS] if split.holdout_from < BUCKETS else None
+        infos.append(ExperimentInfo(name=e.name, salt=e.salt, holdout=e.holdout,
+                                    holdout_buckets=holdout, arms=arms, forced=e.forced))
+    return ExperimentsResponse(buckets=BUCKETS, default=experiments.default, experiments=infos)
+
+
+def _version(models: ModelRegistry, key: str) -> str:
+    model = models.models.get(key)
+    return model.version if model else ""
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")

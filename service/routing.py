@@ -1,0 +1,83 @@
+"""Which loaded model serves each arm: the experiment set at start, and its replacement.
+
+At start every bundle named by an arm is verified, loaded and warmed (one model per distinct
+bundle). A replacement loads and warms the bundles it adds beside the serving ones, switches the
+set in one assignment, then unloads the bundles no arm names any more; requests already queued
+on them finish there, and a request that had picked one but not yet queued starts over on the
+new set. A bundle that fails to load refuses the whole replacement and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from bundles import BundleError
+from service.experiments.config import (
+    ExperimentConfigError,
+    ExperimentSet,
+    load_experiments,
+    single_arm,
+)
+from service.models import ModelRegistry, resolve_bundle
+from service.settings import Settings
+
+log = logging.getLogger("ctrserve.routing")
+
+
+class Routing:
+    def __init__(self, settings: Settings, models: ModelRegistry):
+        self.settings, self.models = settings, models
+        self.experiments: ExperimentSet | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> ExperimentSet:
+        """Load the experiments file (or the single bundle) and every model it names."""
+        s = self.settings
+        if s.experiments_file is None:
+            await self.models.load(s.arm, resolve_bundle(s.registry, s.bundle, False))
+            self.experiments = single_arm(s.experiment, s.arm, s.bundle)
+        else:
+            experiments = load_experiments(s.experiments_file, s.registry)
+            await self._load_missing(experiments)
+            self.experiments = experiments
+        return self.experiments
+
+    async def replace(self, new: ExperimentSet) -> list[str]:
+        """Serve `new` from now on; returns the bundles it loaded."""
+        async with self._lock:
+            added = await self._load_missing(new)
+            old, self.experiments = self.experiments, new
+            keep = set(new.keys.values())
+            for key in (old.keys.values() if old else ()):
+                if key not in keep:
+                    await self.models.unload(key)
+        log.info("experiments now %s (loaded %s)", [e.name for e in new.config.experiments],
+                 added)
+        return added
+
+    async def _load_missing(self, experiments: ExperimentSet) -> list[str]:
+        added: list[str] = []
+        for name in experiments.bundles():
+            key = experiments.keys[name]
+            if key in self.models.models:
+                continue
+            try:
+                path = resolve_bundle(self.settings.registry, name, inside_registry=True)
+                await self.models.load(key, path)
+            except BundleError as exc:
+                for done in added:
+                    await self.models.unload(done)
+                raise ExperimentConfigError([{"loc": _bundle_loc(experiments, name),
+                                              "msg": f"bundle refused: {exc}",
+                                              "type": "bundle"}]) from None
+            added.append(key)
+        return added
+
+
+def _bundle_loc(experiments: ExperimentSet, bundle: str) -> list[str | int]:
+    for i, e in enumerate(experiments.config.experiments):
+        for j, a in enumerate(e.arms):
+            if a.bundle == bundle:
+                return ["experiments", i, "arms", j, "bundle"]
+    return ["experiments"]
