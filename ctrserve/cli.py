@@ -155,11 +155,70 @@ def _swap_parser(sub) -> None:
     p.set_defaults(func=commands.swap)
 
 
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="drive a running scorer with the synthetic world's users: "
+                                        "score, show, download, report events")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the scorer (loopback only)")
+    p.add_argument("--world", required=True, type=Path, metavar="DIR", help="a synth dir")
+    p.add_argument("--days", type=int, default=1, help="simulated days")
+    p.add_argument("--requests-per-day", type=int, default=1000)
+    p.add_argument("--start-day", type=_date, help="default: the day after the world's logs")
+    p.add_argument("--candidates", type=_ints, default=(50, 100), metavar="MIN,MAX")
+    p.add_argument("--top-k", type=int, default=10, help="slots shown per request")
+    p.add_argument("--concurrency", type=int, default=8, help="score requests in flight")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--duplicate-rate", type=float, default=0.02,
+                   help="share of events delivered twice")
+    p.add_argument("--event-batch", type=int, default=100, help="events per POST /v1/events")
+    p.add_argument("--no-events", action="store_true", help="do not report events")
+    p.add_argument("--experiment", help="default: the scorer's default experiment")
+    p.add_argument("--max-seconds", type=float, default=3600.0, help="wall-clock bound")
+    p.add_argument("--out", type=Path, help="also write the JSON summary to this file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=commands.simulate)
+
+
+def _date(text: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _redis_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", type=Path,
+                   help="the embedded Redis lives in REGISTRY/.redis (ignored with REDIS_URL)")
+    p.add_argument("--redis-db", type=Path, help="embedded Redis file instead")
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="A/B report of an experiment from the counts in Redis")
+    p.add_argument("--experiment", required=True)
+    _redis_flags(p)
+    p.add_argument("--experiments", type=Path, dest="experiments_file", metavar="FILE",
+                   help="arms and weights from this config instead of the scorer's last one")
+    p.add_argument("--json", action="store_true", help="the JSON of GET .../report instead")
+    p.set_defaults(func=commands.report)
+
+
+def _drain_parser(sub) -> None:
+    p = sub.add_parser("drain-events", help="move the event log stream into day-partitioned "
+                                            "Parquet files")
+    p.add_argument("--out", type=Path, required=True, help="OUT/day=YYYY-MM-DD/*.parquet")
+    _redis_flags(p)
+    p.add_argument("--chunk", type=int, default=10_000, help="entries per read and file")
+    p.add_argument("--limit", type=int, help="move at most this many entries")
+    p.set_defaults(func=commands.drain_events)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
-                _demo_parser, _serve_parser, _load_features_parser, _swap_parser):
+                _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
+                _simulate_parser, _report_parser, _drain_parser):
         add(sub)
     return parser
 

@@ -194,3 +194,74 @@ def swap(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"HTTP {exc.code}: {reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise UserError(f"{args.url}: cannot reach the scorer ({exc})") from None
+
+
+def simulate(args: argparse.Namespace) -> dict[str, Any]:
+    """Prints the table per day and arm to stderr; the JSON summary is the result."""
+    import sys
+
+    from loadtest.simulator import SimConfig, format_summary, simulate, write_summary
+
+    if not (args.world / "world.json").is_file():
+        raise UserError(f"--world: {args.world} holds no world.json (write it with ctrserve synth)")
+    if len(args.candidates) != 2:
+        raise UserError(f"--candidates: expected MIN,MAX, got {args.candidates}")
+    try:
+        cfg = SimConfig(url=args.url, days=args.days, requests_per_day=args.requests_per_day,
+                        start_day=args.start_day, candidates=args.candidates, top_k=args.top_k,
+                        concurrency=args.concurrency, seed=args.seed,
+                        duplicate_rate=args.duplicate_rate, events=not args.no_events,
+                        event_batch=args.event_batch, experiment=args.experiment,
+                        max_seconds=args.max_seconds, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    summary = simulate(args.world, cfg)
+    print(format_summary(summary), file=sys.stderr)
+    if args.out:
+        write_summary(summary, args.out)
+    return summary
+
+
+def _with_redis(args: argparse.Namespace, work: Any) -> Any:
+    """Run `work(client)` on REDIS_URL or the registry's embedded Redis, then let go of it."""
+    from service.redis_server import open_sync, stop_embedded
+
+    settings = _settings(registry=args.registry, redis_db=args.redis_db)
+    client, embedded = open_sync(settings)
+    try:
+        return work(client)
+    finally:
+        if embedded is not None:
+            stop_embedded(embedded)
+        else:
+            client.close()
+
+
+def report(args: argparse.Namespace) -> dict[str, Any] | str:
+    from service.counts import build_report, experiment_configs, format_full_report, load_config
+    from service.experiments.config import ExperimentConfigError, load_experiments
+
+    def work(client: Any) -> dict[str, Any]:
+        if args.experiments_file:
+            try:
+                configs = experiment_configs(load_experiments(args.experiments_file, None))
+            except ExperimentConfigError as exc:
+                raise UserError(f"{args.experiments_file}: {exc}") from None
+            config = configs.get(args.experiment)
+        else:
+            config = load_config(client, args.experiment)
+        if config is None:
+            raise UserError(f"no experiment {args.experiment!r} is known (give --experiments "
+                            "FILE, or serve it once)")
+        return build_report(client, args.experiment, config["control"], config["weights"])
+
+    rep = _with_redis(args, work)
+    return rep if args.json else format_full_report(rep)
+
+
+def drain_events(args: argparse.Namespace) -> dict[str, Any]:
+    from service.event_log import drain
+
+    if args.chunk < 1:
+        raise UserError("--chunk must be at least 1")
+    return _with_redis(args, lambda client: drain(client, args.out, args.chunk, args.limit))

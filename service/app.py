@@ -1,8 +1,9 @@
 """The scorer's FastAPI app: `create_app(settings)`.
 
 Start-up (lifespan): Redis (REDIS_URL or embedded), optional feature loading, load, verify and
-warm the bundle (or every bundle of the experiments file), start their batchers; only then is
-/readyz 200. Shutdown: uvicorn first lets in-flight requests finish, then the batchers drain
+warm the bundle (or every bundle of the experiments file), start their batchers, record the
+experiments' arms and weights in Redis (for `ctrserve report`); only then is /readyz 200.
+Shutdown: uvicorn first lets in-flight requests finish, then the batchers drain
 their queues and Redis is closed.
 """
 
@@ -17,12 +18,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from ctrserve import __version__
+from service.attribution import Recorder
 from service.errors import install_handlers
+from service.events import EventIngest
 from service.feature_store import FeatureStore
 from service.metrics import Metrics, MetricsMiddleware
 from service.models import ModelRegistry
 from service.redis_server import open_redis
-from service.routers import experiments, health, metrics, models, score
+from service.routers import events, experiments, health, metrics, models, score
+from service.routers.events import EventsRequest
 from service.routing import Routing
 from service.schemas import ScoreRequest, SwapRequest
 from service.scoring import Scorer
@@ -30,7 +34,7 @@ from service.settings import Settings
 
 log = logging.getLogger("ctrserve.service")
 ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics",
-             "/v1/experiments", "/v1/assignment", "/admin/experiments"}
+             "/v1/experiments", "/v1/assignment", "/admin/experiments", "/v1/events"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.ready = False
     install_handlers(app)
-    for module in (score, health, models, experiments, metrics):
+    for module in (score, events, health, models, experiments, metrics):
         app.include_router(module.router)
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, endpoints=ENDPOINTS)
@@ -59,9 +63,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = FeatureStore(state.redis.client)
         state.models = ModelRegistry(settings, state.metrics, store)
         try:
-            state.routing = Routing(settings, state.models)
+            state.routing = Routing(settings, state.models, state.redis.client)
             await state.routing.start()
-            state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing)
+            recorder = None
+            if settings.events:
+                recorder = Recorder(state.redis.client, settings.attribution_window_s,
+                                    state.metrics.users)
+            state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing,
+                                  recorder)
+            state.ingest = EventIngest(state.redis.client, state.metrics,
+                                       settings.attribution_window_s, settings.max_events)
             state.ready = True
             log.info("ready: %s", {k: m.version for k, m in state.models.models.items()})
             yield
@@ -95,7 +106,7 @@ def _document_raw_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = plain()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ScoreRequest, SwapRequest):
+            for model in (ScoreRequest, SwapRequest, EventsRequest):
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body

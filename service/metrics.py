@@ -36,6 +36,16 @@ class Metrics:
         self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
                                 ["arm", "version", "model_type", "providers"], registry=r)
         self.swaps = Counter("ctrserve_swaps_total", "hot swaps", ["arm", "result"], registry=r)
+        # A/B counts: the recording rules in deploy/ read these names and labels
+        ab = ["experiment", "arm"]
+        self.impressions = Counter("ctrserve_impressions", "items shown (accepted impressions, "
+                                   "holdout excluded)", ab, registry=r)
+        self.downloads = Counter("ctrserve_downloads", "accepted downloads, holdout excluded",
+                                 ab, registry=r)
+        self.users = Counter("ctrserve_users", "users counted, once per arm and UTC day", ab,
+                             registry=r)
+        self.events = Counter("ctrserve_events", "events received by type and status",
+                              ["type", "status"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

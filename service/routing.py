@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import redis.asyncio as aioredis
+
 from bundles import BundleError
+from service.counts import save_configs
 from service.experiments.config import (
     ExperimentConfigError,
     ExperimentSet,
@@ -26,8 +29,9 @@ log = logging.getLogger("ctrserve.routing")
 
 
 class Routing:
-    def __init__(self, settings: Settings, models: ModelRegistry):
-        self.settings, self.models = settings, models
+    def __init__(self, settings: Settings, models: ModelRegistry,
+                 client: aioredis.Redis | None = None):
+        self.settings, self.models, self.client = settings, models, client
         self.experiments: ExperimentSet | None = None
         self._lock = asyncio.Lock()
 
@@ -41,7 +45,12 @@ class Routing:
             experiments = load_experiments(s.experiments_file, s.registry)
             await self._load_missing(experiments)
             self.experiments = experiments
+        await self._save(self.experiments)
         return self.experiments
+
+    async def _save(self, experiments: ExperimentSet) -> None:
+        if self.client is not None:
+            await save_configs(self.client, experiments)
 
     async def replace(self, new: ExperimentSet) -> list[str]:
         """Serve `new` from now on; returns the bundles it loaded."""
@@ -52,6 +61,7 @@ class Routing:
             for key in (old.keys.values() if old else ()):
                 if key not in keep:
                     await self.models.unload(key)
+            await self._save(new)
         log.info("experiments now %s (loaded %s)", [e.name for e in new.config.experiments],
                  added)
         return added

@@ -1,8 +1,9 @@
 """One score request from raw body to reply bytes.
 
 parse (pydantic, from bytes) -> user record (Redis) -> arm (service/experiments) -> shared row
-(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> reply
-(pydantic_core.to_json). Between picking the model and queuing its rows only the item-cache
+(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> attribution record
+(attribution.py, shared with concurrent requests) -> reply (pydantic_core.to_json).
+Between picking the model and queuing its rows only the item-cache
 refill awaits; if a swap or a new experiment set closed the model's queue meanwhile, the
 request starts over on the new set and model.
 """
@@ -20,6 +21,7 @@ import redis
 from pydantic import ValidationError
 from pydantic_core import to_json
 
+from service.attribution import Recorder, Served
 from service.batcher import BatcherClosed
 from service.encoding import Feeds, overwrite
 from service.errors import (
@@ -51,8 +53,9 @@ def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
 
 class Scorer:
     def __init__(self, settings: Settings, models: ModelRegistry, store: FeatureStore,
-                 metrics: Metrics, routing: Routing):
+                 metrics: Metrics, routing: Routing, recorder: Recorder | None = None):
         self.settings, self.models, self.store, self.routing = settings, models, store, routing
+        self.recorder = recorder
         self._candidates = metrics.candidates
         self._deadline_s = settings.request_deadline_ms / 1000
         self._prefix = os.urandom(6).hex()  # request ids: prefix-counter, no syscall each
@@ -68,10 +71,10 @@ class Scorer:
                 arm, key = self._route(req)
                 model = self.models.get(key)
                 try:
-                    probs = await self._infer(model, req, user, deadline)
-                    return self._reply(req, arm, model, probs)
+                    probs, values = await self._infer(model, req, user, deadline)
                 except BatcherClosed:
                     continue
+                return await self._reply(req, arm, model, probs, values)
         except redis.RedisError as exc:
             raise NotReady(["redis"], f"feature store unavailable: {exc}",
                            {"Retry-After": str(self.settings.retry_after_s)}) from None
@@ -85,7 +88,8 @@ class Scorer:
             raise InvalidInput(["body", "experiment"], str(exc)) from None
 
     async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
-                     deadline: float) -> np.ndarray:
+                     deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """Probabilities, and the shared field values they were computed from."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
         shared = enc.shared(values)
@@ -99,7 +103,7 @@ class Scorer:
         loop = asyncio.get_running_loop()
         timer = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire, future)
         try:
-            return await future
+            return await future, values
         finally:
             timer.cancel()
 
@@ -136,16 +140,21 @@ class Scorer:
             rows.append(row)
         overwrite(feeds, np.array(custom), model.encoder.full_rows(rows))
 
-    def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
-               probs: np.ndarray) -> bytes:
+    async def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
+                     probs: np.ndarray, values: dict[str, Any]) -> bytes:
         scores = probs.astype(np.float64)  # the float32 values exactly
         ids = [c["item_id"] for c in req.candidates]
         positions = None
         if req.top_k is not None:
             order = np.argsort(-probs, kind="stable")[: req.top_k]
             ids, scores, positions = [ids[i] for i in order], scores[order], order.tolist()
+        request_id = req.request_id or f"{self._prefix}-{next(self._counter)}"
+        if self.recorder is not None:
+            custom = {c["item_id"]: c["features"] for c in req.candidates if c.get("features")}
+            await self.recorder.record(Served(request_id, arm.experiment, arm.arm, model.version,
+                                              req.user_id, ids, arm.holdout, values, custom))
         return to_json({
-            "request_id": req.request_id or f"{self._prefix}-{next(self._counter)}",
+            "request_id": request_id,
             "experiment": arm.experiment,
             "arm": arm.arm,
             "holdout": arm.holdout,

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     item_cache_max_items: int = Field(200_000, ge=1)
     shared_cache_max_rows: int = Field(65_536, ge=1, description="encoded user+context rows")
 
+    # ---- events and counts --------------------------------------------------------------
+    events: bool = Field(True, description="record each score for attribution and counting "
+                                           "(off: /v1/events rejects every event)")
+    attribution_window_s: int = Field(86_400, ge=60, description="how long a request accepts "
+                                                                  "events; also the dedup window")
+    max_events: int = Field(1000, ge=1, description="events per /v1/events batch")
+
     # ---- admin and shutdown -------------------------------------------------------------
     admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")
     drain_timeout_s: float = Field(10.0, ge=0)

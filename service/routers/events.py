@@ -1,0 +1,81 @@
+"""POST /v1/events (impressions and downloads) and GET /v1/experiments/{name}/report."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import redis
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from pydantic_core import to_json
+from starlette.responses import Response
+
+from service.counts import build_report, experiment_configs
+from service.errors import NotFound, NotReady
+from service.events import Download, Impression
+from service.routers.score import read_body
+from service.schemas import ErrorResponse
+
+router = APIRouter(tags=["events"])
+
+
+class EventResult(BaseModel):
+    event_id: str | None
+    status: Literal["accepted", "duplicate", "rejected"]
+    reason: str | None = None
+    detail: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
+    counted: bool | None = None
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicate: int
+    rejected: int
+    results: list[EventResult]
+
+
+class EventsRequest(BaseModel):
+    events: list[Impression | Download]
+
+
+@router.post("/v1/events", response_model=EventsResponse,
+             responses={s: {"model": ErrorResponse} for s in (413, 422, 503)},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": f"#/components/schemas/{EventsRequest.__name__}"}}}}})
+async def events(request: Request) -> Response:
+    """Impressions and downloads, each accepted, a duplicate, or rejected with its reason.
+
+    A 200 answers every event; an accepted event is counted and in the event log. A body that
+    is not `{"events": [...]}` is a 422 naming the field.
+    """
+    state = request.app.state
+    body = await read_body(request, state.settings.max_body_bytes)
+    try:
+        reply = await state.ingest.ingest(body)
+    except redis.RedisError as exc:
+        raise NotReady(["redis"], f"event store unavailable: {exc}",
+                       {"Retry-After": str(state.settings.retry_after_s)}) from None
+    return Response(to_json(reply), media_type="application/json")
+
+
+@router.get("/v1/experiments/{name}/report", responses={404: {"model": ErrorResponse}})
+async def experiment_report(request: Request, name: str) -> Response:
+    """Per day and in total: impressions, downloads, users, CTR and CVR with intervals, uplift
+    over control with p-values, and the sample-ratio check against the configured weights."""
+    state = request.app.state
+    config = experiment_configs(state.routing.experiments).get(name)
+    if config is None:
+        raise NotFound(["path", "name"], f"unknown experiment {name!r}")
+    rep = await asyncio.to_thread(_report, state.redis.url, name, config)
+    return Response(to_json(rep), media_type="application/json")
+
+
+def _report(url: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
+    client = redis.Redis.from_url(url)
+    try:
+        return build_report(client, name, config["control"], config["weights"])
+    finally:
+        client.close()
