@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -84,3 +85,17 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def copy_registry(bundles: dict[str, Path], dest: Path, models: tuple[str, ...] = ("lr", "deepfm"),
+                  broken: bool = False) -> Path:
+    """A registry holding copies of the fixture bundles; `broken` adds a DeepFM copy whose
+    model file was altered (it must fail verification)."""
+    for model in models:
+        shutil.copytree(bundles[model], dest / bundles[model].name)
+    if broken:
+        bad = dest / "deepfm-broken"
+        shutil.copytree(bundles["deepfm"], bad)
+        with (bad / "model.onnx").open("ab") as fh:
+            fh.write(b"\0")
+    return dest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from service.experiments.stats import ArmStats, report
 from service.feature_store import load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
-from tests.serving import LiveServer, metric_value
+from tests.serving import LiveServer, copy_registry, metric_value
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"a{i:04d}" for i in range(1, 21)]
@@ -35,10 +34,7 @@ ITEMS = [f"a{i:04d}" for i in range(1, 21)]
 
 @pytest.fixture(scope="module")
 def registry(bundles, tmp_path_factory) -> Path:
-    reg = tmp_path_factory.mktemp("events-registry")
-    for model in ("lr", "deepfm"):
-        shutil.copytree(bundles[model], reg / bundles[model].name)
-    return reg
+    return copy_registry(bundles, tmp_path_factory.mktemp("events-registry"))
 
 
 def config(registry: Path) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from service.experiments.config import (
 from service.feature_store import load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
-from tests.serving import LiveServer, World, direct_scores
+from tests.serving import LiveServer, World, copy_registry, direct_scores
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "exp-key"
@@ -201,14 +200,7 @@ def test_config_loads_from_yaml_and_json(fake_registry, tmp_path):
 # ---- the scorer with two arms --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def registry(bundles, tmp_path_factory) -> Path:
-    reg = tmp_path_factory.mktemp("exp-registry")
-    for model in ("lr", "deepfm"):
-        shutil.copytree(bundles[model], reg / bundles[model].name)
-    broken = reg / "deepfm-broken"
-    shutil.copytree(bundles["deepfm"], broken)
-    with (broken / "model.onnx").open("ab") as fh:
-        fh.write(b"\0")
-    return reg
+    return copy_registry(bundles, tmp_path_factory.mktemp("exp-registry"), broken=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from ctrserve.cli import main
 from service.feature_store import item_key, load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
-from tests.serving import LiveServer, World, direct_scores, metric_value
+from tests.serving import LiveServer, World, copy_registry, direct_scores, metric_value
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -33,14 +32,7 @@ MAX_CANDIDATES = 100
 @pytest.fixture(scope="module")
 def registry(bundles, tmp_path_factory) -> Path:
     """Copies of the DeepFM and LR bundles, and a DeepFM copy whose model file was altered."""
-    reg = tmp_path_factory.mktemp("serving-registry")
-    for model in ("deepfm", "lr"):
-        shutil.copytree(bundles[model], reg / bundles[model].name)
-    broken = reg / "deepfm-broken"
-    shutil.copytree(bundles["deepfm"], broken)
-    with (broken / "model.onnx").open("ab") as fh:
-        fh.write(b"\0")
-    return reg
+    return copy_registry(bundles, tmp_path_factory.mktemp("serving-registry"), broken=True)
 
 
 def bundle_name(registry: Path, model: str) -> str:
