@@ -213,12 +213,35 @@ def _drain_parser(sub) -> None:
     p.set_defaults(func=commands.drain_events)
 
 
+def _deploy_parsers(sub) -> None:
+    p = sub.add_parser("deploy", help="make an arm serve a bundle of the registry (every "
+                                      "scorer follows within seconds)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--arm", required=True)
+    p.add_argument("--bundle", required=True, help="a bundle name in the registry")
+    p.add_argument("--why", default="", help="recorded in the history")
+    _redis_flags(p)
+    p.set_defaults(func=commands.deploy)
+    p = sub.add_parser("rollback", help="return an arm to the bundle it served before its "
+                                        "last deploy")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--arm", required=True)
+    p.add_argument("--why", default="", help="recorded in the history")
+    _redis_flags(p)
+    p.set_defaults(func=commands.rollback)
+    p = sub.add_parser("deployments", help="the history of deploys and rollbacks")
+    p.add_argument("--experiment", help="only this experiment")
+    p.add_argument("--json", action="store_true", help="the records as JSON")
+    _redis_flags(p)
+    p.set_defaults(func=commands.deployments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
-                _simulate_parser, _report_parser, _drain_parser):
+                _simulate_parser, _report_parser, _drain_parser, _deploy_parsers):
         add(sub)
     return parser
 
@@ -226,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], dict | str | None] = args.func
+    func: Callable[[argparse.Namespace], dict | list | str | None] = args.func
     try:
         result = func(args)
     except commands.USER_ERRORS as exc:

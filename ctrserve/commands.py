@@ -265,3 +265,44 @@ def drain_events(args: argparse.Namespace) -> dict[str, Any]:
     if args.chunk < 1:
         raise UserError("--chunk must be at least 1")
     return _with_redis(args, lambda client: drain(client, args.out, args.chunk, args.limit))
+
+
+# ---- deployments ---------------------------------------------------------------------------
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    return _settings(registry=args.registry, redis_db=args.redis_db).registry
+
+
+def deploy(args: argparse.Namespace) -> dict[str, Any]:
+    from service.deployments import check_bundle
+    from service.deployments import deploy as deploy_bundle
+
+    registry = _registry(args)
+    check_bundle(registry, args.bundle)  # before starting Redis: a refusal changes nothing
+    return _with_redis(args, lambda client: deploy_bundle(
+        client, args.experiment, args.arm, args.bundle, _who(), args.why, registry=registry))
+
+
+def rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from service.deployments import rollback as roll_back
+
+    registry = _registry(args)
+    return _with_redis(args, lambda client: roll_back(
+        client, args.experiment, args.arm, _who(), args.why, registry=registry))
+
+
+def deployments(args: argparse.Namespace) -> list[dict[str, Any]] | str:
+    from service.deployments import format_history, history
+
+    records = _with_redis(args, lambda client: history(client, args.experiment))
+    return records if args.json else format_history(records)

@@ -2,7 +2,8 @@
 
 Start-up (lifespan): Redis (REDIS_URL or embedded), optional feature loading, load, verify and
 warm the bundle (or every bundle of the experiments file), start their batchers, record the
-experiments' arms and weights in Redis (for `ctrserve report`); only then is /readyz 200.
+experiments' arms and weights in Redis (for `ctrserve report`), apply the deployment state in
+Redis (it wins over the file) and start following it; only then is /readyz 200.
 Shutdown: uvicorn first lets in-flight requests finish, then the batchers drain
 their queues and Redis is closed.
 """
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from ctrserve import __version__
 from service.attribution import Recorder
+from service.deploy_follower import DeploymentFollower
 from service.errors import install_handlers
 from service.events import EventIngest
 from service.feature_store import FeatureStore
@@ -65,6 +67,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             state.routing = Routing(settings, state.models, state.redis.client)
             await state.routing.start()
+            state.follower = DeploymentFollower(state.routing, state.redis.client,
+                                                settings.deploy_poll_s)
+            await state.follower.sync()  # a deployment state in Redis wins over the file
             recorder = None
             if settings.events:
                 recorder = Recorder(state.redis.client, settings.attribution_window_s,
@@ -74,10 +79,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.ingest = EventIngest(state.redis.client, state.metrics,
                                        settings.attribution_window_s, settings.max_events)
             state.ready = True
+            state.follower.start()
             log.info("ready: %s", {k: m.version for k, m in state.models.models.items()})
             yield
         finally:
             state.ready = False
+            if getattr(state, "follower", None) is not None:
+                await state.follower.stop()
             await state.models.close()
     finally:
         await state.redis.close()

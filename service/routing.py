@@ -5,26 +5,33 @@ bundle). A replacement loads and warms the bundles it adds beside the serving on
 set in one assignment, then unloads the bundles no arm names any more; requests already queued
 on them finish there, and a request that had picked one but not yet queued starts over on the
 new set. A bundle that fails to load refuses the whole replacement and nothing changes.
+
+`follow` applies the deployment state in Redis (service/deployments.py) the same way: the
+arms whose deployed bundle differs from the one they serve get it, everything else stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from bundles import BundleError
 from service.counts import save_configs
+from service.deployments import seed
 from service.experiments.config import (
     ExperimentConfigError,
     ExperimentSet,
     load_experiments,
+    parse_experiments,
     single_arm,
 )
 from service.models import ModelRegistry, resolve_bundle
 from service.settings import Settings
 
+DeployState = dict[str, dict[str, str]]
 log = logging.getLogger("ctrserve.routing")
 
 
@@ -51,17 +58,43 @@ class Routing:
     async def _save(self, experiments: ExperimentSet) -> None:
         if self.client is not None:
             await save_configs(self.client, experiments)
+            await seed(self.client, arm_bundles(experiments))
 
     async def replace(self, new: ExperimentSet) -> list[str]:
         """Serve `new` from now on; returns the bundles it loaded."""
         async with self._lock:
-            added = await self._load_missing(new)
-            old, self.experiments = self.experiments, new
-            keep = set(new.keys.values())
-            for key in (old.keys.values() if old else ()):
-                if key not in keep:
-                    await self.models.unload(key)
-            await self._save(new)
+            return await self._replace(new)
+
+    async def follow(self, state: DeployState) -> bool:
+        """Serve the deployed bundles of `state` ({experiment: {arm: bundle}}); False when
+        nothing differs. A bundle that fails raises ExperimentConfigError or BundleError and
+        nothing changes."""
+        async with self._lock:
+            if self.settings.experiments_file is None:
+                return await self._follow_single(state)
+            new = overlay(self.experiments, state, self.settings.registry)
+            if new is not None:
+                await self._replace(new)
+            return new is not None
+
+    async def _follow_single(self, state: DeployState) -> bool:
+        s, current = self.settings, self.experiments
+        bundle = state.get(s.experiment, {}).get(s.arm)
+        if not bundle or current is None or bundle == current.bundles()[0]:
+            return False
+        await self.models.load(s.arm, resolve_bundle(s.registry, bundle, inside_registry=True))
+        self.experiments = single_arm(s.experiment, s.arm, bundle)
+        await self._save(self.experiments)
+        return True
+
+    async def _replace(self, new: ExperimentSet) -> list[str]:
+        added = await self._load_missing(new)
+        old, self.experiments = self.experiments, new
+        keep = set(new.keys.values())
+        for key in (old.keys.values() if old else ()):
+            if key not in keep:
+                await self.models.unload(key)
+        await self._save(new)
         log.info("experiments now %s (loaded %s)", [e.name for e in new.config.experiments],
                  added)
         return added
@@ -91,3 +124,21 @@ def _bundle_loc(experiments: ExperimentSet, bundle: str) -> list[str | int]:
             if a.bundle == bundle:
                 return ["experiments", i, "arms", j, "bundle"]
     return ["experiments"]
+
+
+def arm_bundles(experiments: ExperimentSet) -> DeployState:
+    return {e.name: {a.name: a.bundle for a in e.arms} for e in experiments.config.experiments}
+
+
+def overlay(experiments: ExperimentSet, state: DeployState, registry: Path
+            ) -> ExperimentSet | None:
+    """`experiments` with each arm's bundle taken from `state` where it has one; None when
+    that changes nothing."""
+    data = experiments.config.model_dump()
+    changed = False
+    for e in data["experiments"]:
+        for a in e["arms"]:
+            bundle = state.get(e["name"], {}).get(a["name"])
+            if bundle and bundle != a["bundle"]:
+                a["bundle"], changed = bundle, True
+    return parse_experiments(data, registry) if changed else None

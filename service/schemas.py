@@ -103,9 +103,16 @@ class LoadedModelInfo(BaseModel):
     fields: dict[str, list[str]]
 
 
+class DeploymentStatus(BaseModel):
+    version: int = Field(description="the deployment state version last applied or refused")
+    applied_at: str = Field("", description="when a deployment last changed a bundle (UTC)")
+    error: str | None = Field(None, description="why the last deployment was refused")
+
+
 class ModelsResponse(BaseModel):
     experiment: str
     models: list[LoadedModelInfo]
+    deployment: DeploymentStatus | None = None
 
 
 class SwapRequest(BaseModel):

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # ---- admin and shutdown -------------------------------------------------------------
     admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")
     drain_timeout_s: float = Field(10.0, ge=0)
+    deploy_poll_s: float = Field(2.0, gt=0, description="how often the deployment state in "
+                                                        "Redis is checked for a change")
 
     @field_validator("providers", mode="before")
     @classmethod

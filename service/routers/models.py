@@ -20,10 +20,13 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelsResponse)
 async def models(request: Request) -> Response:
-    """What each arm serves: version, model type, bundle, providers, since when, field sources."""
+    """What each arm serves: version, model type, bundle, providers, since when, field sources;
+    and the deployment state version it follows (with the last refusal, if any)."""
     state = request.app.state
+    follower = getattr(state, "follower", None)
     body = ModelsResponse(experiment=state.routing.experiments.default,
-                          models=[m.info() for m in state.models.models.values()])
+                          models=[m.info() for m in state.models.models.values()],
+                          deployment=follower.status() if follower else None)
     return Response(body.model_dump_json(), media_type="application/json")
 
 

@@ -1,0 +1,75 @@
+"""The scorer follows the deployment state in Redis.
+
+Every `deploy_poll_s` it reads the version counter; when it moved, it reads the state of the
+experiments it serves and hands it to `Routing.follow` (load, verify, warm beside, swap). A
+bundle that fails is refused and logged, the old one keeps serving, and the refusal shows in
+`GET /v1/models` (`deployment.error`) until a later version applies cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from bundles import BundleError
+from service.deployments import read_state, read_version
+from service.experiments.config import ExperimentConfigError
+from service.routing import Routing
+from service.schemas import DeploymentStatus
+
+log = logging.getLogger("ctrserve.deployments")
+
+
+class DeploymentFollower:
+    def __init__(self, routing: Routing, client: aioredis.Redis, poll_s: float):
+        self.routing, self.client, self.poll_s = routing, client, poll_s
+        self.version: int | None = None
+        self.applied_at = ""
+        self.error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def sync(self) -> None:
+        """Apply the state when its version differs from the last one seen."""
+        if await read_version(self.client) != self.version:
+            await self.apply()
+
+    async def apply(self) -> None:
+        names = [e.name for e in self.routing.experiments.config.experiments]
+        version, state = await read_state(self.client, names)
+        try:
+            changed = await self.routing.follow(state)
+        except (ExperimentConfigError, BundleError) as exc:
+            self.error = f"deployment version {version} refused, the old bundles keep " \
+                         f"serving: {exc}"
+            log.error("%s", self.error)
+        else:
+            self.error = None
+            if changed:
+                self.applied_at = datetime.now(UTC).isoformat(timespec="seconds")
+                log.info("deployment version %d applied", version)
+        self.version = version
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="deploy-follower")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.sync()
+            except Exception as exc:  # Redis away for a moment: keep serving, try again
+                log.warning("deployment state not read: %r", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def status(self) -> DeploymentStatus:
+        return DeploymentStatus(version=self.version or 0, applied_at=self.applied_at,
+                                error=self.error)
