@@ -104,6 +104,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--impressions-per-day", type=int, default=50_000)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
+    p.add_argument("--ab-days", type=int, default=2,
+                   help="simulated A/B days, LR against DeepFM (0 skips the A/B test)")
+    p.add_argument("--ab-requests-per-day", type=int, default=1500)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.demo)
 

@@ -93,7 +93,8 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
                      impressions_per_day=args.impressions_per_day, models=args.models,
-                     epochs=args.epochs, progress=not args.no_progress)
+                     epochs=args.epochs, ab_days=args.ab_days,
+                     ab_requests_per_day=args.ab_requests_per_day, progress=not args.no_progress)
     return run_demo(cfg)
 
 

@@ -1,13 +1,23 @@
-"""The README's main job on the embedded default: synthesize, train, export, report.
+"""The README's main job on the embedded default: synthesize, train, export, then serve LR
+and DeepFM as two A/B arms to simulated users and print the per-arm report.
 
-Grows with the product: later steps serve the bundles and simulate an A/B test.
+Still to come (the retrain issue): daily retrains between the simulated days.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,8 @@ class DemoConfig:
     impressions_per_day: int = 50_000
     models: tuple[str, ...] = ("lr", "fm", "deepfm", "apg-deepfm")
     epochs: int = 5
+    ab_days: int = 2  # simulated A/B days (LR control against DeepFM treatment); 0 skips it
+    ab_requests_per_day: int = 1500
     progress: bool = True
 
 
@@ -41,9 +53,75 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                      progress=cfg.progress)
         bundle = export_run(run_dir, cfg.out / "registry")
         rows.append(_row(name, info, bundle))
-    table = format_table(rows)
-    _say(cfg, table)
-    return {"data": str(data_dir), "models": rows}
+    _say(cfg, format_table(rows))
+    result: dict[str, Any] = {"data": str(data_dir), "models": rows}
+    bundles = {r["model"]: Path(r["bundle"]).name for r in rows}
+    if cfg.ab_days and {"lr", "deepfm"} <= bundles.keys():
+        result["ab_test"] = run_ab_test(cfg, bundles["lr"], bundles["deepfm"])
+    return result
+
+
+def run_ab_test(cfg: DemoConfig, control: str, treatment: str) -> dict[str, Any]:
+    """Serve LR (control) and DeepFM (treatment) 50/50, simulate users, print the report."""
+    from loadtest.simulator import SimConfig, format_summary, simulate
+    from service.counts import format_full_report
+
+    experiments = cfg.out / "experiments.yaml"
+    experiments.write_text(AB_CONFIG.format(control=control, treatment=treatment))
+    _say(cfg, "== A/B test: lr (control) against deepfm (treatment), 50/50 ==")
+    with _scorer(cfg, experiments) as url:
+        sim = SimConfig(url=url, days=cfg.ab_days, requests_per_day=cfg.ab_requests_per_day,
+                        seed=cfg.seed, progress=cfg.progress)
+        summary = simulate(cfg.out / "data", sim)
+        report = httpx.get(f"{url}/v1/experiments/ranker/report", timeout=30).json()
+    _say(cfg, format_summary(summary))
+    _say(cfg, format_full_report(report))
+    return {"experiments": str(experiments), "simulation": summary["arms"], "report": report}
+
+
+AB_CONFIG = """experiments:
+  - name: ranker
+    salt: ranker-demo
+    arms:
+      - {{name: lr, weight: 0.5, bundle: {control}, control: true}}
+      - {{name: deepfm, weight: 0.5, bundle: {treatment}}}
+"""
+
+
+@contextlib.contextmanager
+def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[str]:
+    """`ctrserve serve` in a subprocess on a free loopback port, stopped with SIGTERM."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(cfg.out / "registry"),
+           "--experiments", str(experiments), "--features", str(cfg.out / "data"),
+           "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the scorer exited: {proc.stderr.read().decode()[-1000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the scorer was not ready within {timeout_s:.0f} s")
 
 
 def _train_config(cfg: DemoConfig):

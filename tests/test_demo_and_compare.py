@@ -10,7 +10,8 @@ from tests.conftest import SMALL_MODEL_FLAGS
 
 def test_demo_trains_exports_and_reports(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--days", "3", "--impressions-per-day", "3000",
-            "--epochs", "1", "--models", "lr,deepfm"]
+            "--epochs", "1", "--models", "lr,deepfm", "--ab-days", "1",
+            "--ab-requests-per-day", "150"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test AUC" in out and "deepfm" in out
@@ -19,6 +20,13 @@ def test_demo_trains_exports_and_reports(tmp_path, capsys):
     for row in summary["models"]:
         assert (tmp_path / "registry").joinpath(row["bundle"].split("/")[-1]).is_dir()
         assert row["parity"] <= 1e-5 and 0 < row["test_auc"] < 1
+    ab = summary["ab_test"]
+    assert "CTR uplift" in out and "Sample ratio" in out
+    arms = ab["report"]["total"]["arms"]
+    assert set(arms) == {"lr", "deepfm"}
+    for arm, seen in ab["simulation"].items():  # the scorer counted what the client reported
+        assert arms[arm]["impressions"] == seen["impressions"]
+        assert arms[arm]["downloads"] == seen["downloads"]
 
 
 def test_compare_writes_mean_and_spread_over_seeds(synth_dir, tmp_path):
