@@ -77,6 +77,9 @@ def _train_parser(sub) -> None:
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train several models over several seeds, one table")
     p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
+    p.add_argument("--ab-days", type=int, default=2,
+                   help="simulated A/B days, LR against DeepFM (0 skips the A/B test)")
+    p.add_argument("--ab-requests-per-day", type=int, default=1500)
     p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
     p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
     _model_and_training_flags(p)
@@ -239,12 +242,42 @@ def _deploy_parsers(sub) -> None:
     p.set_defaults(func=commands.deployments)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _retrain_parser(sub) -> None:
+    p = sub.add_parser("retrain", help="train a challenger on the event log, gate it against "
+                                       "the arm's champion, deploy it when it passes")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--arm", required=True)
+    p.add_argument("--events", type=Path, required=True, help="the drain-events directory")
+    _redis_flags(p)
+    p.add_argument("--window-days", type=int, default=7,
+                   help="last N days of the log: the last is held out (test), the one before "
+                        "it is validation, the rest train")
+    p.add_argument("--auc-tolerance", type=float, default=0.005)
+    p.add_argument("--logloss-tolerance", type=float, default=0.005)
+    p.add_argument("--calibration-bounds", type=_floats, default=(0.8, 1.25), metavar="LOW,HIGH",
+                   help="mean predicted over observed download rate must lie within")
+    p.add_argument("--epochs", type=int, help="default: the champion's")
+    p.add_argument("--shuffle-labels", action="store_true",
+                   help="test/diagnostic only: shuffle the training labels to produce a "
+                        "deliberately bad challenger (the gate must reject it)")
+    p.set_defaults(func=commands.retrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
-                _simulate_parser, _report_parser, _drain_parser, _deploy_parsers):
+                _simulate_parser, _report_parser, _drain_parser, _deploy_parsers,
+                _retrain_parser):
         add(sub)
     return parser
 

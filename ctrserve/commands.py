@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ctrserve.errors import UserError
@@ -307,3 +308,23 @@ def deployments(args: argparse.Namespace) -> list[dict[str, Any]] | str:
 
     records = _with_redis(args, lambda client: history(client, args.experiment))
     return records if args.json else format_history(records)
+
+
+# ---- retrain -------------------------------------------------------------------------------
+def retrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Progress on stderr, the run record (JSON) on stdout; a rejection is not an error."""
+    from training.retrain import Gate, RetrainOptions
+    from training.retrain import retrain as run_retrain
+
+    if len(args.calibration_bounds) != 2 or args.calibration_bounds[0] > args.calibration_bounds[1]:
+        raise UserError(f"--calibration-bounds: expected LOW,HIGH, got {args.calibration_bounds}")
+    registry = _registry(args)
+    gate = Gate(args.auc_tolerance, args.logloss_tolerance, tuple(args.calibration_bounds))
+    opts = RetrainOptions(window_days=args.window_days, gate=gate, epochs=args.epochs,
+                          shuffle_labels=args.shuffle_labels, who=f"retrain:{_who()}")
+
+    def say(line: str) -> None:
+        print(f"retrain {args.experiment}/{args.arm}: {line}", file=sys.stderr, flush=True)
+
+    return _with_redis(args, lambda client: run_retrain(
+        args.experiment, args.arm, registry, args.events, client, opts, say))

@@ -1,0 +1,204 @@
+"""A data source over the drained event log (`ctrserve drain-events`): what was served, labelled.
+
+One row per shown impression item: the raw shared feature values the scorer recorded for the
+request (user record, user features, context, clock, user id), the candidate's own features if
+the request gave any, the item's feature-store record (`item_records`, read when the source is
+built: as of now, not as served; see issue 5), the item id and the 1-based position shown (the
+position field, `slot` by default). The label is 1 when an accepted download of that item for
+that request exists, else 0. Only accepted events are in the log; readers deduplicate by
+`event_id` (a drain can write a chunk twice).
+
+The fields come from the champion bundle's encoder spec, so the rows hold exactly the fields
+the champion was served with. Days come from the impression event's `ts` (UTC), not from the
+clock of the machine that retrains: the last `window_days` days present in the log are used, the
+most recent is the test split (held out), the one before it valid, the earlier ones train.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features import DatasetSpec, SpecError
+from training.data.source import SPLITS, Chunk, DataError, DataSource
+
+ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")  # as service.feature_store
+ItemRecords = Mapping[str, dict[str, Any]] | Callable[[list[str]], Mapping[str, dict[str, Any]]]
+
+
+def event_day(ts: Any) -> date:
+    """The UTC day of an event timestamp (ISO 8601 text, or epoch seconds)."""
+    text = str(ts).strip()
+    try:
+        return datetime.fromtimestamp(float(text), UTC).date()
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise DataError(f"event timestamp {text!r}: not ISO 8601 or epoch seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).date()
+
+
+class EventLogSource(DataSource):
+    """Impressions of the drained event log, labelled by attributed downloads, split by day."""
+
+    name = "events"
+
+    def __init__(self, path: str | Path, window_days: int,
+                 champion_encoder_spec: DatasetSpec | dict[str, Any], *,
+                 item_records: ItemRecords | None = None, experiment: str | None = None,
+                 arms: Sequence[str] | None = None, position_field: str | None = "slot",
+                 item_id_field: str | None = None, shuffle_labels: bool = False,
+                 seed: int = 0):
+        if window_days < 3:
+            raise DataError(f"window_days must be >= 3 (train, valid and test days), "
+                            f"got {window_days}")
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such event log directory (write one with "
+                            "`ctrserve drain-events --out DIR`)")
+        self.spec = _as_spec(champion_encoder_spec)
+        names = self.spec.names
+        self.item_id = item_id_field or next((n for n in ITEM_ID_NAMES if n in names), None)
+        self.position = position_field if position_field in names else None
+        self.window_days, self.experiment = window_days, experiment
+        self.arms = list(arms) if arms else None
+        self.shuffle_labels = shuffle_labels
+        rows_by_day = self._rows(item_records)
+        days = sorted(rows_by_day)
+        if len(days) < 3:
+            raise DataError(f"{self.root}: impressions on {len(days)} day(s) "
+                            f"{[d.isoformat() for d in days]}, need at least 3 (train, valid, "
+                            "test); drain more days of events")
+        days = days[-window_days:]
+        self.days = {"train": days[:-2], "valid": [days[-2]], "test": [days[-1]]}
+        rng = np.random.default_rng(seed)
+        self.tables: dict[date, pa.Table] = {}
+        for day in days:
+            table = self._table(rows_by_day[day])
+            if shuffle_labels and day != days[-1]:  # the held-out day keeps its true labels
+                labels = table.column(self.spec.label).to_numpy()
+                table = table.set_column(table.schema.get_field_index(self.spec.label),
+                                         self.spec.label, pa.array(rng.permutation(labels)))
+            self.tables[day] = table
+
+    @property
+    def last_day(self) -> date:
+        return self.days["test"][0]
+
+    def chunks(self, split: str) -> Iterator[Chunk]:
+        """One chunk per day of `split`, in day order."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        for day in self.days[split]:
+            yield Chunk(origin=f"{self.root}/day={day.isoformat()}", table=self.tables[day])
+
+    def describe(self) -> dict[str, Any]:
+        def stats(days: list[date]) -> dict[str, Any]:
+            labels = np.concatenate([self.tables[d].column(self.spec.label).to_numpy()
+                                     for d in days])
+            return {"first_day": days[0].isoformat(), "last_day": days[-1].isoformat(),
+                    "days": len(days), "rows": int(len(labels)),
+                    "positives": int(labels.sum())}
+
+        return {"source": self.name, "path": str(self.root), "experiment": self.experiment,
+                "arms": self.arms, "window_days": self.window_days,
+                "shuffle_labels": self.shuffle_labels,
+                "splits": {s: stats(d) for s, d in self.days.items()}}
+
+    # ---- building the rows ----------------------------------------------------------------
+    def _events(self) -> list[dict[str, Any]]:
+        from service.event_log import read_log
+
+        table = read_log(self.root)
+        if self.experiment is not None:
+            table = table.filter(pc.equal(table.column("experiment"), self.experiment))
+        if self.arms is not None:
+            table = table.filter(pc.is_in(table.column("arm"),
+                                                  value_set=pa.array(self.arms)))
+        seen, events = set(), []
+        for event in table.to_pylist():
+            if event["event_id"] not in seen:
+                seen.add(event["event_id"])
+                events.append(event)
+        return events
+
+    def _rows(self, item_records: ItemRecords | None) -> dict[date, list[dict[str, Any]]]:
+        events = self._events()
+        downloads = {(e["request_id"], e["item_id"]) for e in events if e["type"] == "download"}
+        shown: dict[tuple[str, str], tuple[date, dict[str, Any], int]] = {}
+        for e in events:
+            if e["type"] != "impression":
+                continue
+            day = event_day(e["ts"])
+            for item, position in zip(e["items"] or [], e["positions"] or [], strict=True):
+                shown.setdefault((e["request_id"], item), (day, e, position))
+        if not shown:
+            what = f" of experiment {self.experiment!r}" if self.experiment else ""
+            raise DataError(f"{self.root}: no impressions{what} in the event log")
+        records = _records(item_records, sorted({item for _, item in shown}))
+        by_day: dict[date, list[dict[str, Any]]] = defaultdict(list)
+        parsed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for (request_id, item), (day, e, position) in shown.items():
+            if request_id not in parsed:
+                parsed[request_id] = (json.loads(e["features"] or "{}"),
+                                      json.loads(e["item_features"] or "{}"))
+            shared, own = parsed[request_id]
+            row = dict(shared)
+            row.update(records.get(item) or {})
+            if self.item_id:
+                row[self.item_id] = item
+            row.update(own.get(item) or {})
+            if self.position:  # the position shown, even if it was scored at another slot
+                row[self.position] = position
+            row[self.spec.label] = int((request_id, item) in downloads)
+            by_day[day].append(row)
+        return by_day
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        columns = {}
+        for f in self.spec.fields:
+            values = [r.get(f.name) for r in rows]
+            columns[f.name] = _column(values, f.kind)
+        columns[self.spec.label] = pa.array([r[self.spec.label] for r in rows], pa.int8())
+        return pa.table(columns)
+
+
+def _as_spec(spec: DatasetSpec | dict[str, Any]) -> DatasetSpec:
+    if isinstance(spec, DatasetSpec):
+        return spec
+    try:
+        return DatasetSpec.from_dict(spec)
+    except (SpecError, TypeError, KeyError) as exc:
+        raise DataError(f"champion encoder spec: {exc}") from None
+
+
+def _records(item_records: ItemRecords | None, ids: list[str]) -> Mapping[str, dict[str, Any]]:
+    if item_records is None:
+        return {}
+    if callable(item_records):
+        return item_records(ids)
+    return item_records
+
+
+def _column(values: list[Any], kind: str) -> pa.Array:
+    if kind == "numeric":
+        return pa.array([None if v is None else float(v) for v in values], pa.float64())
+    if kind == "multi":
+        return pa.array([v if v is None or isinstance(v, str) else [str(x) for x in v]
+                         for v in values])
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds: the encoder reads text
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
