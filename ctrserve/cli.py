@@ -11,12 +11,21 @@ from pathlib import Path
 from ctrserve import commands
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+def _numbers(kind: type, what: str) -> Callable[[str], tuple]:
+    """An argparse type for comma-separated values of `kind`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            msg = f"expected comma-separated {what}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    return parse
+
+
+_ints = _numbers(int, "integers")
+_floats = _numbers(float, "numbers")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -240,14 +249,6 @@ def _deploy_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="the records as JSON")
     _redis_flags(p)
     p.set_defaults(func=commands.deployments)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        msg = f"expected comma-separated numbers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _retrain_parser(sub) -> None:

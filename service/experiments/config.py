@@ -89,8 +89,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("arms")
     @classmethod
     def _arms(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
-        names = [a.name for a in arms]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = _duplicates([a.name for a in arms])
         if duplicates:
             raise ValueError(f"duplicate arm names {duplicates}")
         controls = [a.name for a in arms if a.control]
@@ -129,8 +128,7 @@ class ExperimentsFile(BaseModel):
     @field_validator("experiments")
     @classmethod
     def _unique(cls, experiments: list[ExperimentConfig]) -> list[ExperimentConfig]:
-        names = [e.name for e in experiments]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = _duplicates([e.name for e in experiments])
         if duplicates:
             raise ValueError(f"duplicate experiment names {duplicates}")
         return experiments
@@ -199,3 +197,7 @@ def single_arm(experiment: str, arm: str, bundle: str) -> ExperimentSet:
         name=experiment, salt=experiment,
         arms=[ArmConfig(name=arm, weight=1.0, bundle=bundle, control=True)])])
     return ExperimentSet(config, keys={bundle: arm})
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    return sorted({n for n in names if names.count(n) > 1})
