@@ -85,10 +85,13 @@ def _train_parser(sub) -> None:
 
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train several models over several seeds, one table")
-    p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
-    p.add_argument("--ab-days", type=int, default=2,
-                   help="simulated A/B days, LR against DeepFM (0 skips the A/B test)")
+    p.add_argument("--models", type=_names, default=("lr", "deepfm", "apg-deepfm"),
+                   help="each becomes an A/B arm (lr, the control, must be one)")
+    p.add_argument("--ab-days", type=int, default=7,
+                   help="simulated A/B days (0 skips the A/B test)")
     p.add_argument("--ab-requests-per-day", type=int, default=1500)
+    p.add_argument("--no-retrain", action="store_true",
+                   help="no daily retrain between the simulated days")
     p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
     p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
     _model_and_training_flags(p)
@@ -115,10 +118,13 @@ def _demo_parser(sub) -> None:
     p.add_argument("--days", type=int, default=10)
     p.add_argument("--impressions-per-day", type=int, default=50_000)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
-    p.add_argument("--ab-days", type=int, default=2,
-                   help="simulated A/B days, LR against DeepFM (0 skips the A/B test)")
+    p.add_argument("--models", type=_names, default=("lr", "deepfm", "apg-deepfm"),
+                   help="each becomes an A/B arm (lr, the control, must be one)")
+    p.add_argument("--ab-days", type=int, default=7,
+                   help="simulated A/B days (0 skips the A/B test)")
     p.add_argument("--ab-requests-per-day", type=int, default=1500)
+    p.add_argument("--no-retrain", action="store_true",
+                   help="no daily retrain between the simulated days")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.demo)
 
@@ -231,36 +237,67 @@ def _drain_parser(sub) -> None:
 def _deploy_parsers(sub) -> None:
     p = sub.add_parser("deploy", help="make an arm serve a bundle of the registry (every "
                                       "scorer follows within seconds)")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--arm", required=True)
+    _arm_flags(p)
     p.add_argument("--bundle", required=True, help="a bundle name in the registry")
+    p.add_argument("--canary", type=float, metavar="SHARE",
+                   help="serve the bundle to this share (0 < SHARE < 1) of the arm's users "
+                        "only, beside the arm's bundle, until promote or rollback")
     p.add_argument("--why", default="", help="recorded in the history")
     _redis_flags(p)
     p.set_defaults(func=commands.deploy)
-    p = sub.add_parser("rollback", help="return an arm to the bundle it served before its "
-                                        "last deploy")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--arm", required=True)
+    p = sub.add_parser("promote", help="make an arm's canary bundle serve all its users")
+    _arm_flags(p)
+    p.add_argument("--why", default="", help="recorded in the history")
+    _redis_flags(p)
+    p.set_defaults(func=commands.promote)
+    p = sub.add_parser("rollback", help="remove an arm's canary, or else return the arm to the "
+                                        "bundle it served before its last deploy")
+    _arm_flags(p)
     p.add_argument("--why", default="", help="recorded in the history")
     _redis_flags(p)
     p.set_defaults(func=commands.rollback)
-    p = sub.add_parser("deployments", help="the history of deploys and rollbacks")
+    p = sub.add_parser("deployments", help="the history of deploys, canaries, promotes and "
+                                           "rollbacks, then the active canaries")
     p.add_argument("--experiment", help="only this experiment")
     p.add_argument("--json", action="store_true", help="the records as JSON")
     _redis_flags(p)
     p.set_defaults(func=commands.deployments)
 
 
+def _arm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--arm", required=True)
+
+
 def _retrain_parser(sub) -> None:
     p = sub.add_parser("retrain", help="train a challenger on the event log, gate it against "
                                        "the arm's champion, deploy it when it passes")
     p.add_argument("--experiment", required=True)
-    p.add_argument("--arm", required=True)
+    p.add_argument("--arm", required=True, help="an arm, or 'all': each arm of the experiment "
+                                                "in turn")
     p.add_argument("--events", type=Path, required=True, help="the drain-events directory")
+    p.add_argument("--drain", action="store_true",
+                   help="first move the accepted events from Redis into --events (what "
+                        "`ctrserve drain-events` does): the daily job in one command")
     _redis_flags(p)
     p.add_argument("--window-days", type=int, default=7,
                    help="last N days of the log: the last is held out (test), the one before "
                         "it is validation, the rest train")
+    p.add_argument("--attribution-window", type=float, default=86_400, metavar="SECONDS",
+                   help="a download labels an impression when it came within this many "
+                        "seconds of it (0: every logged download counts)")
+    p.add_argument("--own-traffic", action="store_true",
+                   help="train on the arm's own impressions only (default: every arm's)")
+    p.add_argument("--base-data", metavar="SOURCE",
+                   help="a data source (e.g. synth:DIR) whose rows train ahead of the logged "
+                        "days; then two logged days suffice (valid, test)")
+    p.add_argument("--base-rows", type=int, help="only the most recent N rows of --base-data")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start from the champion's weights and keep its encoder (new ids map "
+                        "to OOV until a cold retrain)")
+    p.add_argument("--canary", type=float, metavar="SHARE",
+                   help="deploy a passing challenger as a canary to this share of the arm's "
+                        "users (promote it with `ctrserve promote`)")
     p.add_argument("--auc-tolerance", type=float, default=0.005)
     p.add_argument("--logloss-tolerance", type=float, default=0.005)
     p.add_argument("--calibration-bounds", type=_floats, default=(0.8, 1.25), metavar="LOW,HIGH",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -95,7 +96,8 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
                      impressions_per_day=args.impressions_per_day, models=args.models,
                      epochs=args.epochs, ab_days=args.ab_days,
-                     ab_requests_per_day=args.ab_requests_per_day, progress=not args.no_progress)
+                     ab_requests_per_day=args.ab_requests_per_day,
+                     retrain=not args.no_retrain, progress=not args.no_progress)
     return run_demo(cfg)
 
 
@@ -175,7 +177,6 @@ def load_features(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def swap(args: argparse.Namespace) -> dict[str, Any]:
-    import json
     import os
     import urllib.error
     import urllib.request
@@ -286,13 +287,24 @@ def _registry(args: argparse.Namespace) -> Any:
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from service.deployments import check_bundle
+    from service.deployments import check_bundle, check_share
     from service.deployments import deploy as deploy_bundle
 
     registry = _registry(args)
+    if args.canary is not None:
+        check_share(args.canary, "--canary")
     check_bundle(registry, args.bundle)  # before starting Redis: a refusal changes nothing
     return _with_redis(args, lambda client: deploy_bundle(
-        client, args.experiment, args.arm, args.bundle, _who(), args.why, registry=registry))
+        client, args.experiment, args.arm, args.bundle, _who(), args.why, registry=registry,
+        canary=args.canary))
+
+
+def promote(args: argparse.Namespace) -> dict[str, Any]:
+    from service.deployments import promote as promote_canary
+
+    registry = _registry(args)
+    return _with_redis(args, lambda client: promote_canary(
+        client, args.experiment, args.arm, _who(), args.why, registry=registry))
 
 
 def rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,27 +316,79 @@ def rollback(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def deployments(args: argparse.Namespace) -> list[dict[str, Any]] | str:
-    from service.deployments import format_history, history
+    """The history; as text, followed by a line per active canary."""
+    from service.deployments import canaries, format_canaries, format_history, history
 
-    records = _with_redis(args, lambda client: history(client, args.experiment))
-    return records if args.json else format_history(records)
+    def work(client: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        records = history(client, args.experiment)
+        return records, canaries(client, [r["experiment"] for r in records])
+
+    records, active = _with_redis(args, work)
+    if args.json:
+        return records
+    return "\n".join(filter(None, [format_history(records), format_canaries(active)]))
 
 
 # ---- retrain -------------------------------------------------------------------------------
 def retrain(args: argparse.Namespace) -> dict[str, Any]:
-    """Progress on stderr, the run record (JSON) on stdout; a rejection is not an error."""
-    from training.retrain import Gate, RetrainOptions
+    """Progress on stderr, the run record (JSON) on stdout; a rejection is not an error.
+    `--arm all` retrains every arm in turn and fails at the end if any failed."""
+    from training.retrain import RetrainError, arms_of
     from training.retrain import retrain as run_retrain
 
-    if len(args.calibration_bounds) != 2 or args.calibration_bounds[0] > args.calibration_bounds[1]:
-        raise UserError(f"--calibration-bounds: expected LOW,HIGH, got {args.calibration_bounds}")
-    registry = _registry(args)
-    gate = Gate(args.auc_tolerance, args.logloss_tolerance, tuple(args.calibration_bounds))
-    opts = RetrainOptions(window_days=args.window_days, gate=gate, epochs=args.epochs,
-                          shuffle_labels=args.shuffle_labels, who=f"retrain:{_who()}")
+    registry, opts = _registry(args), _retrain_options(args)
 
-    def say(line: str) -> None:
-        print(f"retrain {args.experiment}/{args.arm}: {line}", file=sys.stderr, flush=True)
+    def one(client: Any, arm: str) -> dict[str, Any]:
+        def say(line: str) -> None:
+            print(f"retrain {args.experiment}/{arm}: {line}", file=sys.stderr, flush=True)
 
-    return _with_redis(args, lambda client: run_retrain(
-        args.experiment, args.arm, registry, args.events, client, opts, say))
+        return run_retrain(args.experiment, arm, registry, args.events, client, opts, say)
+
+    def every(client: Any) -> dict[str, Any]:
+        arms = arms_of(client, args.experiment)
+        if not arms:
+            raise UserError(f"--experiment {args.experiment}: no arms in the deployment state")
+        runs, failed = [], []
+        for arm in arms:
+            try:
+                runs.append(one(client, arm))
+            except RetrainError as exc:
+                runs.append({"arm": arm, "decision": "failed", "error": str(exc)})
+                failed.append(arm)
+        if failed:
+            print(json.dumps({"experiment": args.experiment, "runs": runs}, default=str))
+            raise UserError(f"retrain failed for arm(s) {failed}; the others ran (see above)")
+        return {"experiment": args.experiment, "runs": runs}
+
+    def run(client: Any) -> dict[str, Any]:
+        if args.drain:
+            from service.event_log import drain
+
+            moved = drain(client, args.events)
+            print(f"retrain {args.experiment}: drained {moved['events']} event(s) into "
+                  f"{args.events}", file=sys.stderr, flush=True)
+        return every(client) if args.arm == "all" else one(client, args.arm)
+
+    return _with_redis(args, run)
+
+
+def _retrain_options(args: argparse.Namespace) -> Any:
+    from training.retrain import Gate, RetrainOptions
+
+    low_high = args.calibration_bounds
+    if len(low_high) != 2 or low_high[0] > low_high[1]:
+        raise UserError(f"--calibration-bounds: expected LOW,HIGH, got {low_high}")
+    if args.canary is not None:
+        from service.deployments import check_share
+
+        check_share(args.canary, "--canary")
+    if args.base_rows is not None and args.base_data is None:
+        raise UserError("--base-rows needs --base-data")
+    if args.attribution_window < 0:
+        raise UserError(f"--attribution-window: seconds >= 0, got {args.attribution_window}")
+    return RetrainOptions(
+        window_days=args.window_days, epochs=args.epochs, shuffle_labels=args.shuffle_labels,
+        gate=Gate(args.auc_tolerance, args.logloss_tolerance, tuple(low_high)),
+        attribution_window_s=args.attribution_window or None, own_traffic=args.own_traffic,
+        base_data=args.base_data, base_rows=args.base_rows, warm_start=args.warm_start,
+        canary=args.canary, who=f"retrain:{_who()}")

@@ -1,7 +1,6 @@
 """The README's main job on the embedded default: synthesize, train, export, then serve LR
-and DeepFM as two A/B arms to simulated users and print the per-arm report.
-
-Still to come (the retrain issue): daily retrains between the simulated days.
+(control), DeepFM and APG-DeepFM as A/B arms to simulated users for several days with the daily
+retrain of every arm between the days, and print the per-day table and the per-arm report.
 """
 
 from __future__ import annotations
@@ -26,10 +25,11 @@ class DemoConfig:
     seed: int = 2026
     days: int = 10
     impressions_per_day: int = 50_000
-    models: tuple[str, ...] = ("lr", "fm", "deepfm", "apg-deepfm")
+    models: tuple[str, ...] = ("lr", "deepfm", "apg-deepfm")
     epochs: int = 5
-    ab_days: int = 2  # simulated A/B days (LR control against DeepFM treatment); 0 skips it
+    ab_days: int = 7  # simulated A/B days (LR control against the others); 0 skips it
     ab_requests_per_day: int = 1500
+    retrain: bool = True  # the daily retrain of every arm between the days
     progress: bool = True
 
 
@@ -56,36 +56,54 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _say(cfg, format_table(rows))
     result: dict[str, Any] = {"data": str(data_dir), "models": rows}
     bundles = {r["model"]: Path(r["bundle"]).name for r in rows}
-    if cfg.ab_days and {"lr", "deepfm"} <= bundles.keys():
-        result["ab_test"] = run_ab_test(cfg, bundles["lr"], bundles["deepfm"])
+    if cfg.ab_days and "lr" in bundles and len(bundles) > 1:
+        result["ab_test"] = run_ab_test(cfg, bundles)
     return result
 
 
-def run_ab_test(cfg: DemoConfig, control: str, treatment: str) -> dict[str, Any]:
-    """Serve LR (control) and DeepFM (treatment) 50/50, simulate users, print the report."""
-    from loadtest.simulator import SimConfig, format_summary, simulate
+def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
+    """Serve every model as an arm (LR the control, equal weights), simulate users day by day
+    with the daily retrain between days, print the per-day table and the report."""
+    import json
+
+    from loadtest.ab_days import ABDays, format_days, run_days
     from service.counts import format_full_report
+    from service.redis_server import open_sync, stop_embedded
+    from service.settings import Settings
+    from training.retrain import RetrainOptions
 
     experiments = cfg.out / "experiments.yaml"
-    experiments.write_text(AB_CONFIG.format(control=control, treatment=treatment))
-    _say(cfg, "== A/B test: lr (control) against deepfm (treatment), 50/50 ==")
+    experiments.write_text(experiments_yaml(bundles))
+    arms = ", ".join(bundles)
+    _say(cfg, f"== A/B test: {arms} (lr is the control), {cfg.ab_days} day(s) of "
+              f"{cfg.ab_requests_per_day} requests" + (", daily retrains" if cfg.retrain else ""))
+    retrain = RetrainOptions(warm_start=True, base_data=f"synth:{cfg.out / 'data'}",
+                             base_rows=50_000, epochs=2) if cfg.retrain else None
     with _scorer(cfg, experiments) as url:
-        sim = SimConfig(url=url, days=cfg.ab_days, requests_per_day=cfg.ab_requests_per_day,
-                        seed=cfg.seed, progress=cfg.progress)
-        summary = simulate(cfg.out / "data", sim)
+        client, embedded = open_sync(Settings(registry=cfg.out / "registry"))
+        try:
+            days = run_days(ABDays(url=url, world_dir=cfg.out / "data",
+                                   registry=cfg.out / "registry", events_dir=cfg.out / "events",
+                                   days=cfg.ab_days, requests_per_day=cfg.ab_requests_per_day,
+                                   seed=cfg.seed, retrain=retrain), client,
+                            lambda line: _say(cfg, line))
+        finally:
+            stop_embedded(embedded)
         report = httpx.get(f"{url}/v1/experiments/ranker/report", timeout=30).json()
-    _say(cfg, format_summary(summary))
+    _say(cfg, format_days(days, control="lr"))
     _say(cfg, format_full_report(report))
-    return {"experiments": str(experiments), "simulation": summary["arms"], "report": report}
+    (cfg.out / "ab_days.json").write_text(json.dumps(days, indent=1))
+    return {"experiments": str(experiments), "days": days, "report": report}
 
 
-AB_CONFIG = """experiments:
-  - name: ranker
-    salt: ranker-demo
-    arms:
-      - {{name: lr, weight: 0.5, bundle: {control}, control: true}}
-      - {{name: deepfm, weight: 0.5, bundle: {treatment}}}
-"""
+def experiments_yaml(bundles: dict[str, str]) -> str:
+    """One experiment, `ranker`: an arm per model at equal weights, LR the control."""
+    weights = [round(1 / len(bundles), 4)] * (len(bundles) - 1)
+    weights.append(round(1 - sum(weights), 4))  # the weights add up to exactly 1
+    arms = "\n".join(f"      - {{name: {model}, weight: {weight}, bundle: {name}"
+                     f"{', control: true' if model == 'lr' else ''}}}"
+                     for (model, name), weight in zip(bundles.items(), weights, strict=True))
+    return f"experiments:\n  - name: ranker\n    salt: ranker-demo\n    arms:\n{arms}\n"
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The scorer follows the deployment state in Redis.
 
 Every `deploy_poll_s` it reads the version counter; when it moved, it reads the state of the
-experiments it serves and hands it to `Routing.follow` (load, verify, warm beside, swap). A
+experiments it serves, canaries included, and hands it to `Routing.follow` (load, verify, warm
+beside, swap). A
 bundle that fails is refused and logged, the old one keeps serving, and the refusal shows in
 `GET /v1/models` (`deployment.error`) until a later version applies cleanly.
 """
@@ -39,9 +40,9 @@ class DeploymentFollower:
 
     async def apply(self) -> None:
         names = [e.name for e in self.routing.experiments.config.experiments]
-        version, state = await read_state(self.client, names)
+        version, state, canaries = await read_state(self.client, names)
         try:
-            changed = await self.routing.follow(state)
+            changed = await self.routing.follow(state, canaries)
         except (ExperimentConfigError, BundleError) as exc:
             self.error = f"deployment version {version} refused, the old bundles keep " \
                          f"serving: {exc}"

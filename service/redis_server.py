@@ -87,7 +87,7 @@ def stop_embedded(server: Any, timeout_s: float = 30.0) -> None:
             return
         clients = _client_count(server)
         if clients > 1:  # another process attached to the same file
-            log.warning("embedded redis-server %d left running: %d other client(s)", pid,
+            log.info("embedded redis-server %d left running: %d other client(s)", pid,
                         clients - 1)
             server.connection_pool.disconnect()
             return

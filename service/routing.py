@@ -7,7 +7,10 @@ on them finish there, and a request that had picked one but not yet queued start
 new set. A bundle that fails to load refuses the whole replacement and nothing changes.
 
 `follow` applies the deployment state in Redis (service/deployments.py) the same way: the
-arms whose deployed bundle differs from the one they serve get it, everything else stays.
+arms whose deployed bundle differs from the one they serve get it, everything else stays. An
+arm's canary bundle is loaded and warmed beside the others before it takes its share of the
+arm's users, and unloaded when no arm or canary names it any more. Without an experiments file
+the one arm's canary is the model loaded as `control:canary` (the arm's name, ":canary").
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import redis.asyncio as aioredis
 
 from bundles import BundleError
 from service.counts import save_configs
-from service.deployments import seed
+from service.deployments import CanaryState, DeployState, seed
 from service.experiments.config import (
     ExperimentConfigError,
     ExperimentSet,
+    arm_canaries,
+    canary_key,
     load_experiments,
     parse_experiments,
     single_arm,
@@ -31,7 +36,6 @@ from service.experiments.config import (
 from service.models import ModelRegistry, resolve_bundle
 from service.settings import Settings
 
-DeployState = dict[str, dict[str, str]]
 log = logging.getLogger("ctrserve.routing")
 
 
@@ -65,27 +69,42 @@ class Routing:
         async with self._lock:
             return await self._replace(new)
 
-    async def follow(self, state: DeployState) -> bool:
-        """Serve the deployed bundles of `state` ({experiment: {arm: bundle}}); False when
-        nothing differs. A bundle that fails raises ExperimentConfigError or BundleError and
-        nothing changes."""
+    async def follow(self, state: DeployState, canaries: CanaryState | None = None) -> bool:
+        """Serve the deployed bundles of `state` ({experiment: {arm: bundle}}) and the canaries
+        of `canaries` ({experiment: {arm: {"bundle", "share"}}}); False when nothing differs.
+        A bundle that fails raises ExperimentConfigError or BundleError and nothing changes."""
         async with self._lock:
             if self.settings.experiments_file is None:
-                return await self._follow_single(state)
-            new = overlay(self.experiments, state, self.settings.registry)
+                return await self._follow_single(state, canaries or {})
+            new = overlay(self.experiments, state, canaries or {}, self.settings.registry)
             if new is not None:
                 await self._replace(new)
             return new is not None
 
-    async def _follow_single(self, state: DeployState) -> bool:
+    async def _follow_single(self, state: DeployState, canaries: CanaryState) -> bool:
         s, current = self.settings, self.experiments
-        bundle = state.get(s.experiment, {}).get(s.arm)
-        if not bundle or current is None or bundle == current.bundles()[0]:
+        if current is None:
             return False
-        await self.models.load(s.arm, resolve_bundle(s.registry, bundle, inside_registry=True))
-        self.experiments = single_arm(s.experiment, s.arm, bundle)
-        await self._save(self.experiments)
+        serving = current.config.experiments[0].arms[0].bundle
+        bundle = state.get(s.experiment, {}).get(s.arm) or serving
+        plain = single_arm(s.experiment, s.arm, bundle)
+        canary = arm_canaries(plain.config, canaries).get((s.experiment, s.arm))
+        old_canary = current.canaries.get((s.experiment, s.arm))
+        if bundle == serving and canary == old_canary:
+            return False
+        if canary is not None and (old_canary is None or canary.bundle != old_canary.bundle):
+            await self._load_single(canary_key(s.arm), canary.bundle)  # first: refused = no change
+        if bundle != serving:
+            await self._load_single(s.arm, bundle)
+        self.experiments = new = single_arm(s.experiment, s.arm, bundle, canary)
+        if canary is None and old_canary is not None:
+            await self.models.unload(canary_key(s.arm))
+        await self._save(new)
         return True
+
+    async def _load_single(self, key: str, bundle: str) -> None:
+        path = resolve_bundle(self.settings.registry, bundle, inside_registry=True)
+        await self.models.load(key, path)
 
     async def _replace(self, new: ExperimentSet) -> list[str]:
         added = await self._load_missing(new)
@@ -123,6 +142,11 @@ def _bundle_loc(experiments: ExperimentSet, bundle: str) -> list[str | int]:
         for j, a in enumerate(e.arms):
             if a.bundle == bundle:
                 return ["experiments", i, "arms", j, "bundle"]
+    for i, e in enumerate(experiments.config.experiments):
+        for j, a in enumerate(e.arms):
+            canary = experiments.canaries.get((e.name, a.name))
+            if canary is not None and canary.bundle == bundle:
+                return ["experiments", i, "arms", j, "canary", "bundle"]
     return ["experiments"]
 
 
@@ -130,10 +154,10 @@ def arm_bundles(experiments: ExperimentSet) -> DeployState:
     return {e.name: {a.name: a.bundle for a in e.arms} for e in experiments.config.experiments}
 
 
-def overlay(experiments: ExperimentSet, state: DeployState, registry: Path
-            ) -> ExperimentSet | None:
-    """`experiments` with each arm's bundle taken from `state` where it has one; None when
-    that changes nothing."""
+def overlay(experiments: ExperimentSet, state: DeployState, canaries: CanaryState,
+            registry: Path) -> ExperimentSet | None:
+    """`experiments` with each arm's bundle taken from `state` where it has one, and the arms'
+    canaries from `canaries`; None when that changes nothing."""
     data = experiments.config.model_dump()
     changed = False
     for e in data["experiments"]:
@@ -141,4 +165,8 @@ def overlay(experiments: ExperimentSet, state: DeployState, registry: Path
             bundle = state.get(e["name"], {}).get(a["name"])
             if bundle and bundle != a["bundle"]:
                 a["bundle"], changed = bundle, True
-    return parse_experiments(data, registry) if changed else None
+    new = parse_experiments(data, registry) if changed else experiments
+    wanted = arm_canaries(new.config, canaries)
+    if not changed and wanted == experiments.canaries:
+        return None
+    return ExperimentSet(new.config, canaries=wanted)

@@ -140,6 +140,14 @@ class ErrorResponse(BaseModel):
     detail: list[ErrorItem]
 
 
+class CanaryInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    bundle: str
+    share: float = Field(description="share of the arm's users the canary serves")
+    model_version: str
+
+
 class ArmInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -149,6 +157,8 @@ class ArmInfo(BaseModel):
     bundle: str
     model_version: str
     buckets: list[int] = Field(description="[start, end) of the arm's buckets")
+    canary: CanaryInfo | None = Field(None, description="the arm's canary (ctrserve deploy "
+                                                        "--canary), null without one")
 
 
 class ExperimentInfo(BaseModel):
@@ -175,4 +185,5 @@ class AssignmentResponse(BaseModel):
     arm: str
     holdout: bool
     forced: bool
+    canary: bool = Field(False, description="served by the arm's canary bundle")
     model_version: str

@@ -1,6 +1,7 @@
 """One score request from raw body to reply bytes.
 
-parse (pydantic, from bytes) -> user record (Redis) -> arm (service/experiments) -> shared row
+parse (pydantic, from bytes) -> user record (Redis) -> arm and model (service/experiments: the
+arm's bundle, or its canary's for the canary's share of its users) -> shared row
 (cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> attribution record
 (attribution.py, shared with concurrent requests) -> reply (pydantic_core.to_json).
 Between picking the model and queuing its rows only the item-cache

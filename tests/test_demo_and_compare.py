@@ -8,9 +8,9 @@ from ctrserve.cli import main
 from tests.conftest import SMALL_MODEL_FLAGS
 
 
-def test_demo_trains_exports_and_reports(tmp_path, capsys):
+def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--days", "3", "--impressions-per-day", "3000",
-            "--epochs", "1", "--models", "lr,deepfm", "--ab-days", "1",
+            "--epochs", "1", "--models", "lr,deepfm", "--ab-days", "3",
             "--ab-requests-per-day", "150"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -21,12 +21,19 @@ def test_demo_trains_exports_and_reports(tmp_path, capsys):
         assert (tmp_path / "registry").joinpath(row["bundle"].split("/")[-1]).is_dir()
         assert row["parity"] <= 1e-5 and 0 < row["test_auc"] < 1
     ab = summary["ab_test"]
-    assert "CTR uplift" in out and "Sample ratio" in out
+    assert "CTR uplift" in out and "Sample ratio" in out and "true CTR over the days" in out
+    days = ab["days"]
+    assert len(days) == 3 and all(d["failed_requests"] == 0 for d in days)
+    # the retrain runs once two days are logged (base data mixed in), not after the last day
+    assert ["retrains" in d for d in days] == [False, True, False]
+    for arm, decision in days[1]["retrains"].items():
+        assert decision["decision"] in ("deployed", "rejected"), (arm, decision)
+        assert decision["challenger_auc"] is not None
     arms = ab["report"]["total"]["arms"]
     assert set(arms) == {"lr", "deepfm"}
-    for arm, seen in ab["simulation"].items():  # the scorer counted what the client reported
-        assert arms[arm]["impressions"] == seen["impressions"]
-        assert arms[arm]["downloads"] == seen["downloads"]
+    for arm in arms:  # the scorer counted what the client reported, across the swaps
+        assert arms[arm]["impressions"] == sum(d["arms"][arm]["impressions"] for d in days)
+        assert arms[arm]["downloads"] == sum(d["arms"][arm]["downloads"] for d in days)
 
 
 def test_compare_writes_mean_and_spread_over_seeds(synth_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Deployment state in Redis: `ctrserve deploy`/`rollback` against a running scorer."""
+"""Deployment state in Redis: `ctrserve deploy`/`rollback`/`promote` and canaries against a
+running scorer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 import yaml
 
 from ctrserve.cli import main
-from service.deployments import HISTORY_KEY, VERSION_KEY, state_key
+from service.attribution import request_key
+from service.deployments import HISTORY_KEY, VERSION_KEY, canary_state_key, state_key
+from service.experiments.assignment import canary_bucket
+from service.experiments.config import Canary, ExperimentSet, parse_experiments
 from service.feature_store import load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
@@ -174,3 +178,250 @@ def test_a_state_in_redis_wins_over_the_file_at_start(world, bundles):
         reply = httpx.post(second.url + "/v1/score", json=BODY).json()
         assert reply["model_version"] == version(registry, deepfm)
     assert client.hget(state_key("ranker"), "main").decode() == deepfm
+
+
+# ---- canaries ------------------------------------------------------------------------------
+USERS = [f"canary-user-{i:03d}" for i in range(400)]
+SALT = "c1"
+
+
+@pytest.fixture(scope="module")
+def canary_world(bundles, synth_dir, tmp_path_factory):
+    """Two arms (control: LR, deepfm: DeepFM) whose deepfm arm gets FM canaries."""
+    tmp = tmp_path_factory.mktemp("canary")
+    registry = copy_registry(bundles, tmp / "registry", ("lr", "deepfm", "fm"), broken=True)
+    db = tmp / "store.rdb"
+    redis_server = start_embedded(db)
+    load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
+    config = {"experiments": [{"name": "ranker", "salt": SALT, "arms": [
+        {"name": "control", "weight": 0.5, "bundle": bundles["lr"].name, "control": True},
+        {"name": "deepfm", "weight": 0.5, "bundle": bundles["deepfm"].name}]}]}
+    (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
+    settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
+                        redis_url=embedded_url(redis_server), deploy_poll_s=0.1,
+                        max_candidates=50, queue_capacity_rows=1024, warmup_rounds=1)
+    names = {m: bundles[m].name for m in ("lr", "deepfm", "fm")}
+    try:
+        with LiveServer(settings) as live:
+            yield {"server": live, "registry": registry, "db": db, "redis": redis_server,
+                   "settings": settings, "names": names,
+                   "versions": {m: version(registry, n) for m, n in names.items()}}
+    finally:
+        stop_embedded(redis_server)
+
+
+def applied(world: dict, url: str | None = None) -> dict:
+    """Wait until the scorer has seen the deployment state's version; its status."""
+    target = int(world["redis"].get(VERSION_KEY) or 0)
+    deadline = time.monotonic() + 10
+    while (status := httpx.get((url or world["server"].url) + "/v1/models").json()
+           ["deployment"])["version"] < target:
+        assert time.monotonic() < deadline, f"deployment version {target} never applied"
+        time.sleep(0.05)
+    return status
+
+
+def scored(url: str, users: list[str]) -> dict[str, dict]:
+    """user -> the score reply for that user (two candidates)."""
+    body = {"context": {"hour": 9, "weekday": 2},
+            "candidates": [{"item_id": "a0001"}, {"item_id": "a0002"}]}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        replies = {u: client.post("/v1/score", json={**body, "user_id": u}) for u in users}
+    assert {r.status_code for r in replies.values()} == {200}
+    return {u: r.json() for u, r in replies.items()}
+
+
+def canary_users(world: dict, replies: dict[str, dict]) -> set[str]:
+    """The deepfm arm's users served by the FM canary; the others get their arm's bundle."""
+    v = world["versions"]
+    arm_version = {"control": v["lr"], "deepfm": v["deepfm"]}
+    for user, r in replies.items():
+        assert r["model_version"] in (arm_version[r["arm"]], v["fm"] if r["arm"] == "deepfm"
+                                      else None), (user, r)
+    return {u for u, r in replies.items() if r["model_version"] == v["fm"]}
+
+
+def canary_cli(world: dict, *args: str) -> int:
+    return cli(world, *args[:1], "--experiment", "ranker", "--arm", "deepfm", *args[1:])
+
+
+def test_a_canary_serves_its_share_of_the_arm_stably_and_is_attributed(canary_world, capsys):
+    world, url = canary_world, canary_world["server"].url
+    fm, deepfm, v = world["names"]["fm"], world["names"]["deepfm"], world["versions"]
+    assert canary_cli(world, "deploy", "--bundle", fm, "--canary", "0.3") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["kind"], record["from"], record["to"], record["share"]) == (
+        "canary", deepfm, fm, 0.3)
+    assert applied(world)["error"] is None
+    arms = httpx.get(url + "/v1/experiments").json()["experiments"][0]["arms"]
+    assert arms[0]["canary"] is None
+    assert arms[1]["canary"] == {"bundle": fm, "share": 0.3, "model_version": v["fm"]}
+    assert arms[1]["model_version"] == v["deepfm"]
+
+    replies = scored(url, USERS)
+    arm_users = [u for u, r in replies.items() if r["arm"] == "deepfm"]
+    canary = canary_users(world, replies)
+    assert len(arm_users) > 150 and 0.2 <= len(canary) / len(arm_users) <= 0.4
+    # the documented hash decides, independently of the arm assignment
+    assert canary == {u for u in arm_users if canary_bucket(SALT, "deepfm", u) < 3000}
+    again = scored(url, USERS[:100])
+    assert all(again[u]["model_version"] == replies[u]["model_version"] for u in again)
+
+    user = sorted(canary)[0]
+    stored = json.loads(world["redis"].get(request_key(replies[user]["request_id"])))
+    assert (stored["arm"], stored["model_version"]) == ("deepfm", v["fm"])
+    qa = httpx.get(url + "/v1/assignment", params={"user_id": user}).json()
+    assert qa["canary"] is True and qa["model_version"] == v["fm"]
+    assert f'version="{v["fm"]}"' in httpx.get(url + "/metrics").text
+
+
+def test_raising_the_share_keeps_the_earlier_canary_users(canary_world, capsys):
+    world, url, fm = canary_world, canary_world["server"].url, canary_world["names"]["fm"]
+    before = canary_users(world, scored(url, USERS))
+    assert canary_cli(world, "deploy", "--bundle", fm, "--canary", "0.6") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["share"] == 0.6 and record["replaced"] == {"bundle": fm, "share": 0.3}
+    applied(world)
+    replies = scored(url, USERS)
+    after = canary_users(world, replies)
+    arm_users = [u for u, r in replies.items() if r["arm"] == "deepfm"]
+    assert before < after and 0.5 <= len(after) / len(arm_users) <= 0.7
+
+
+def test_promote_serves_the_canary_to_the_whole_arm_and_rollback_returns(canary_world, capsys):
+    world, url, v = canary_world, canary_world["server"].url, canary_world["versions"]
+    fm, deepfm = world["names"]["fm"], world["names"]["deepfm"]
+    assert canary_cli(world, "promote", "--why", "canary looks fine") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["kind"], record["from"], record["to"], record["share"]) == (
+        "promote", deepfm, fm, 0.6)
+    applied(world)
+    replies = scored(url, USERS)
+    assert {r["model_version"] for r in replies.values() if r["arm"] == "deepfm"} == {v["fm"]}
+    assert httpx.get(url + "/v1/experiments").json()["experiments"][0]["arms"][1][
+        "canary"] is None
+    assert canary_cli(world, "rollback") == 0
+    assert json.loads(capsys.readouterr().out)["to"] == deepfm
+    applied(world)
+    replies = scored(url, USERS)
+    assert {r["model_version"] for r in replies.values() if r["arm"] == "deepfm"} == {
+        v["deepfm"]}
+    assert cli(world, "deployments") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[2] for line in lines] == ["canary", "canary", "promote", "rollback"]
+    assert "(canary at 30%)" in lines[0] and "was " + fm + " at 30%" in lines[1]
+    assert "(canary at 60% promoted)" in lines[2]
+
+
+def test_rollback_during_a_canary_removes_only_the_canary(canary_world, capsys):
+    world, url, v = canary_world, canary_world["server"].url, canary_world["versions"]
+    fm, deepfm, lr = (world["names"][m] for m in ("fm", "deepfm", "lr"))
+    client = world["redis"]
+    assert canary_cli(world, "deploy", "--bundle", fm, "--canary", "0.3") == 0
+    applied(world)
+    assert canary_users(world, scored(url, USERS[:100]))
+    assert cli(world, "deployments", "--experiment", "ranker") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        f"canary   ranker/deepfm: {fm} serves 30% of the arm's users ({deepfm} the rest)")
+    assert canary_cli(world, "rollback", "--why", "errors") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["kind"], record["from"], record["to"], record["share"]) == (
+        "rollback", fm, deepfm, 0.3)
+    assert client.hget(state_key("ranker"), "deepfm").decode() == deepfm
+    assert not client.hgetall(canary_state_key("ranker"))
+    applied(world)
+    assert not canary_users(world, scored(url, USERS))
+    assert v["fm"] not in {m["version"] for m in httpx.get(url + "/v1/models").json()["models"]}
+    # a plain deploy ends a canary; rollback then returns to the arm's bundle before it
+    assert canary_cli(world, "deploy", "--bundle", fm, "--canary", "0.3") == 0
+    capsys.readouterr()
+    assert canary_cli(world, "deploy", "--bundle", lr) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["ended_canary"] == {"bundle": fm, "share": 0.3}
+    assert not client.hgetall(canary_state_key("ranker"))
+    assert canary_cli(world, "rollback") == 0
+    assert client.hget(state_key("ranker"), "deepfm").decode() == deepfm
+    applied(world)
+
+
+def test_bad_canaries_and_a_promote_without_canary_are_refused(canary_world, capsys):
+    world, client = canary_world, canary_world["redis"]
+    fm, deepfm = world["names"]["fm"], world["names"]["deepfm"]
+
+    def snapshot() -> tuple:
+        return (client.get(VERSION_KEY), client.hgetall(state_key("ranker")),
+                client.hgetall(canary_state_key("ranker")), client.llen(HISTORY_KEY))
+
+    before = snapshot()
+    for share in ("0", "1", "1.5", "-0.1", "nan"):
+        assert canary_cli(world, "deploy", "--bundle", fm, "--canary", share) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--canary {float(share)!r} is out of range" in err
+    refusals = [(("promote",), "ranker/deepfm: no canary to promote"),
+                (("deploy", "--bundle", deepfm, "--canary", "0.5"), "a canary needs another"),
+                (("deploy", "--bundle", "deepfm-broken", "--canary", "0.5"), "refused")]
+    for args, words in refusals:
+        assert canary_cli(world, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err
+    assert cli(world, "promote", "--experiment", "ranker", "--arm", "nope") == 2
+    assert "ranker/nope: no such deployed arm" in capsys.readouterr().err
+    assert snapshot() == before
+
+
+def test_a_canary_that_fails_to_load_is_refused_and_nothing_changes(canary_world):
+    """State written around `ctrserve deploy`: the scorer refuses it, the arm keeps serving."""
+    world, url, client = canary_world, canary_world["server"].url, canary_world["redis"]
+    client.hset(canary_state_key("ranker"), "deepfm",
+                json.dumps({"bundle": "deepfm-broken", "share": 0.5}))
+    client.incr(VERSION_KEY)
+    try:
+        error = applied(world)["error"]
+        assert "deepfm-broken" in error and "keep serving" in error
+        assert not canary_users(world, scored(url, USERS[:100]))
+        assert httpx.get(url + "/v1/experiments").json()["experiments"][0]["arms"][1][
+            "canary"] is None
+    finally:
+        client.hdel(canary_state_key("ranker"), "deepfm")
+        client.incr(VERSION_KEY)
+    assert applied(world)["error"] is None
+
+
+def test_a_canary_without_an_experiments_file(canary_world, capsys):
+    """One arm (`default`/`control`) served by the model loaded as the arm; its canary too."""
+    world, v = canary_world, canary_world["versions"]
+    settings = world["settings"].model_copy(update={"experiments_file": None,
+                                                    "bundle": world["names"]["lr"]})
+    with LiveServer(settings) as single:
+        assert cli(world, "deploy", "--experiment", "default", "--arm", "control", "--bundle",
+                   world["names"]["fm"], "--canary", "0.5") == 0
+        applied(world, single.url)
+        served = {r["model_version"] for r in scored(single.url, USERS[:100]).values()}
+        assert served == {v["lr"], v["fm"]}
+        assert cli(world, "promote", "--experiment", "default", "--arm", "control") == 0
+        applied(world, single.url)
+        served = {r["model_version"] for r in scored(single.url, USERS[:100]).values()}
+        assert served == {v["fm"]}
+        keys = {m["arm"] for m in httpx.get(single.url + "/v1/models").json()["models"]}
+        assert keys == {"control"}
+    capsys.readouterr()
+
+
+def test_canary_users_grow_with_the_share_and_exclude_the_holdout():
+    data = {"experiments": [{"name": "e", "salt": "s", "holdout": 0.1, "arms": [
+        {"name": "a", "weight": 0.5, "bundle": "b1", "control": True},
+        {"name": "b", "weight": 0.5, "bundle": "b2"}]}]}
+    plain = parse_experiments(data, None)
+    users = [f"u{i}" for i in range(4000)]
+
+    def canary_of(share: float) -> set[str]:
+        exps = ExperimentSet(plain.config, canaries={("e", "a"): Canary("b3", share)})
+        assigned = {u: exps.assign(None, u) for u in users}
+        assert all(not a.canary for a, _ in assigned.values() if a.holdout or a.arm == "b")
+        assert all((key == "b3") == a.canary for a, key in assigned.values())
+        return {u for u, (a, _) in assigned.items() if a.canary}
+
+    small, large = canary_of(0.1), canary_of(0.4)
+    arm_a = sum(1 for u in users if plain.assign(None, u)[0].arm == "a"
+                and not plain.assign(None, u)[0].holdout)
+    assert small < large and 0.07 < len(small) / arm_a < 0.13 and 0.35 < len(large) / arm_a < 0.45

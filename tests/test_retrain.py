@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import httpx
@@ -12,13 +17,14 @@ import yaml
 
 from ctrserve.cli import main
 from loadtest.simulator import SimConfig, simulate
-from service.deployments import HISTORY_KEY, state_key
+from service.deployments import HISTORY_KEY, canary, state_key
 from service.feature_store import load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
 from tests.serving import LiveServer, World, copy_registry
 from training.data.events import EventLogSource, event_day
 from training.data.source import DataError
+from training.retrain import arm_lock
 
 DAYS, PER_DAY = 3, 150
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",
@@ -143,3 +149,137 @@ def test_a_failing_step_is_named(world, capsys):
     code = cli(world, "retrain", "--experiment", "ranker", "--arm", "nope", "--events",
                str(world["events"]))
     assert code == 2 and "step 'champion' failed" in capsys.readouterr().err
+
+
+def spec_of(bundle) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())["encoder"]["dataset"]
+
+
+def positives(source: EventLogSource) -> int:
+    return sum(int(pa.compute.sum(c.table.column("label")).as_py() or 0)
+               for s in ("train", "valid", "test") for c in source.chunks(s))
+
+
+def test_downloads_label_impressions_only_within_the_attribution_window(world, bundles):
+    # the simulator reports a download 9 s + 5 s per slot after its impression
+    def labelled(window):
+        return positives(EventLogSource(world["events"], 7, spec_of(bundles["lr"]),
+                                        experiment="ranker", attribution_window_s=window))
+
+    everything = labelled(None)
+    assert everything == sum(a["downloads"] for a in world["summary"]["arms"].values())
+    assert labelled(5) == 0
+    assert 0 < labelled(12) < everything  # only the downloads in the first slot
+
+
+def simulate_day(world, synth_dir, index: int, requests: int = 150, **kw) -> dict:
+    start = dt.date.fromisoformat(min(world["summary"]["days"])) + dt.timedelta(days=index)
+    cfg = SimConfig(url=world["server"].url, days=1, requests_per_day=requests,
+                    candidates=(20, 30), top_k=10, concurrency=4, seed=100 + index,
+                    start_day=start, event_batch=40, max_seconds=60, **kw)
+    return simulate(synth_dir, cfg)
+
+
+class Traffic(threading.Thread):
+    """Simulated days back to back until stopped: what a scorer sees during a retrain."""
+
+    def __init__(self, world, synth_dir, first_day: int):
+        super().__init__(daemon=True)
+        self.world, self.synth_dir, self.day = world, synth_dir, first_day
+        self.summaries: list[dict] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.summaries.append(simulate_day(self.world, self.synth_dir, self.day, 60))
+            self.day += 1
+
+    def total(self, key: str) -> int:
+        return sum(a[key] for s in self.summaries for a in s["arms"].values())
+
+    def versions(self, arm: str) -> set[str]:
+        return {v for s in self.summaries for v in s["arms"].get(arm, {}).get(
+            "model_versions", [])}
+
+
+def report_impressions(url: str) -> int:
+    arms = httpx.get(url + "/v1/experiments/ranker/report").json()["total"]["arms"]
+    return sum(a["impressions"] for a in arms.values())
+
+
+def test_every_arm_retrains_and_swaps_under_live_traffic_with_no_failed_request(
+        world, bundles, synth_dir, capsys):
+    simulate_day(world, synth_dir, DAYS)  # a fourth day, then drain it
+    assert cli(world, "drain-events", "--out", str(world["events"])) == 0
+    client, url = world["redis"], world["server"].url
+    before = {arm: client.hget(state_key("ranker"), arm).decode() for arm in ("lr", "deepfm")}
+    versions_before = {m["version"] for m in httpx.get(url + "/v1/models").json()["models"]}
+    impressions_before = report_impressions(url)
+    capsys.readouterr()
+    traffic = Traffic(world, synth_dir, DAYS + 1)
+    traffic.start()
+    try:
+        code = retrain_cli(world, "all", "--warm-start", "--base-data", f"synth:{synth_dir}",
+                           "--base-rows", "20000", *LOOSE)
+        out = json.loads(capsys.readouterr().out)
+        new = {r["arm"]: r["challenger"]["version"] for r in out["runs"]}
+        for version in new.values():
+            assert served_version(url, version)
+        time.sleep(1.5)  # traffic on the new versions too
+    finally:
+        traffic.stop.set()
+        traffic.join(timeout=120)
+    assert code == 0
+    assert [r["decision"] for r in out["runs"]] == ["deployed", "deployed"], out
+    for r in out["runs"]:
+        assert r["train"]["warm_start"]["loaded"] > 0
+        assert r["data"]["base"]["rows"] == 20000
+        assert r["data"]["splits"]["valid"]["days"] == 1
+        assert client.hget(state_key("ranker"), r["arm"]).decode() != before[r["arm"]]
+    assert traffic.total("requests") > 0
+    assert sum(s["requests"]["failed"] for s in traffic.summaries) == 0
+    for arm, version in new.items():  # the swap happened while traffic flowed
+        assert version in traffic.versions(arm)
+        assert traffic.versions(arm) & versions_before
+    assert report_impressions(url) - impressions_before == traffic.total("impressions")
+
+
+def test_an_interrupted_retrain_leaves_nothing_half_deployed(world, synth_dir, capsys):
+    assert cli(world, "drain-events", "--out", str(world["events"])) == 0  # a newer last day
+    client, registry = world["redis"], world["registry"]
+    serving = client.hget(state_key("ranker"), "deepfm")
+    history = client.llen(HISTORY_KEY)
+    bundles_before = sorted(p.name for p in registry.iterdir())
+    cmd = [sys.executable, "-m", "ctrserve", "retrain", "--experiment", "ranker", "--arm",
+           "deepfm", "--events", str(world["events"]), "--epochs", "20", "--registry",
+           str(registry), "--redis-db", str(world["db"]), *LOOSE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "train:" in line:
+            time.sleep(1.0)
+            proc.kill()
+            break
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert client.hget(state_key("ranker"), "deepfm") == serving
+    assert client.llen(HISTORY_KEY) == history
+    assert sorted(p.name for p in registry.iterdir()) == bundles_before
+    records = sorted((registry / ".retrain").glob("ranker--deepfm--*.json"))
+    running = json.loads(records[-1].read_text())
+    assert (running["decision"], running["step"]) == ("running", "train")
+
+    with arm_lock(registry, "ranker", "deepfm"):  # a second retrain of the arm waits its turn
+        assert retrain_cli(world, "deepfm", *LOOSE) == 2
+    assert "another retrain is running" in capsys.readouterr().err
+
+    assert retrain_cli(world, "deepfm", "--drain", "--canary", "0.5", *LOOSE) == 0
+    captured = capsys.readouterr()
+    assert "drained" in captured.err
+    assert "was interrupted in step 'train'; starting over" in captured.err
+    record = json.loads(captured.out)
+    assert record["decision"] == "deployed", record
+    # a canary: half the arm's users get the challenger, the champion keeps the rest
+    assert client.hget(state_key("ranker"), "deepfm") == serving
+    assert canary(client, "ranker", "deepfm") == {"bundle": record["challenger"]["bundle"],
+                                                  "share": 0.5}
+    assert "as a canary to 50%" in captured.err

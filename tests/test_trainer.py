@@ -169,3 +169,32 @@ def test_export_refuses_an_incomplete_run(trained_runs, tmp_path, capsys):
     assert "model.pt" in capsys.readouterr().err
 
 
+
+
+
+@pytest.mark.parametrize("model", ["lr", "fm", "deepfm", "apg-deepfm"])
+def test_a_warm_started_model_scores_like_its_bundle_before_training(trained_runs, bundles,
+                                                                     model):
+    """The champion's ONNX weights come back into a fresh (APG: unfolded) PyTorch model."""
+    import torch
+
+    from models import ModelConfig, build_model
+    from training.run_dir import load_run
+    from training.warm_start import bundle_weights, load_weights
+
+    bundle = load_bundle(bundles[model])
+    config = ModelConfig.from_dict(bundle.manifest.hyperparameters["model"])
+    fresh = build_model(config, bundle.encoder.layout())
+    report = load_weights(fresh, bundle_weights(bundle.path))
+    assert report["loaded"] > 0
+    if model == "apg-deepfm":  # U_r and V_l stay random; U_l and V_r are solved for
+        assert report["fresh"]
+        assert all(k.endswith((".u_r.weight", ".v_l.weight")) for k in report["fresh"])
+    else:
+        assert report["fresh"] == []
+    rows = load_run(trained_runs[model]).parity_inputs()
+    feeds = dict(zip(bundle.encoder.input_names(), rows.inputs, strict=True))
+    expected = bundle.session.run(None, feeds)[0].reshape(-1)
+    with torch.no_grad():
+        logits = fresh.eval()(*(torch.from_numpy(x) for x in rows.inputs))
+    assert np.max(np.abs(torch.sigmoid(logits).numpy().reshape(-1) - expected)) < 1e-5

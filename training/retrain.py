@@ -3,21 +3,29 @@ deploy it to the arm when it passes.
 
 Steps (a failure names its step; the champion keeps serving whatever fails):
   champion  the bundle the arm serves now (Redis deployment state) and its manifest
-  data      EventLogSource over the drained event log, with the champion's encoder spec
-  train     the champion's model type and hyper-parameters on all days but the last two
-  export    ONNX export with the parity check, into REGISTRY/.retrain/staging (not served)
+  data      EventLogSource over the drained event log, with the champion's encoder spec and
+            the attribution window; optionally behind a base dataset (MixedSource)
+  train     the champion's model type and hyper-parameters on all days but the last two;
+            warm-started from the champion's weights and encoder when asked
+  export    ONNX export with the parity check, into REGISTRY/.retrain/work/<key> (not served)
   evaluate  challenger and champion through their bundles (encoder + ONNX session) on the
             held-out last day: AUC, logloss, calibration (mean predicted / observed rate)
   gate      AUC >= champion - tolerance, logloss <= champion + tolerance, calibration within
             bounds, export parity passed
-  deploy    install the bundle in the registry and `deployments.deploy` it to the arm
+  deploy    install the bundle in the registry (one atomic rename) and `deployments.deploy`
+            it to the arm (one Lua script), or as a canary to a share of the arm
 
-Each run is recorded as JSON in REGISTRY/.retrain/<experiment>--<arm>--<last day>.json. A run
-key that already has a recorded decision (deployed or rejected) is not trained again.
+Each run is recorded as JSON in REGISTRY/.retrain/<experiment>--<arm>--<last day>.json:
+"running" when it starts, then deployed, rejected or failed. A key whose record is deployed
+or rejected is not trained again. One retrain per arm runs at a time (a file lock the OS
+releases when the process dies); a run that finds a "running" record whose lock is free says
+the earlier run was interrupted and starts over. Nothing an interrupted run wrote is served:
+the challenger only reaches the registry by a rename and the arm only by the Lua script.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +44,9 @@ import redis
 from ctrserve.errors import UserError
 
 RETRAIN_DIR = ".retrain"
+STAGING = ".staging-"  # + pid: a bundle being copied into the registry
 FINAL = ("deployed", "rejected")
+Say = Callable[[str], None]
 
 
 class RetrainError(UserError):
@@ -73,6 +83,12 @@ class RetrainOptions:
     window_days: int = 7
     gate: Gate = field(default_factory=Gate)
     epochs: int | None = None  # default: the champion's
+    attribution_window_s: float | None = 86_400.0  # None: every logged download counts
+    own_traffic: bool = False  # only the arm's own impressions (default: every arm's)
+    base_data: str | None = None  # a data SOURCE mixed in ahead of the logged days
+    base_rows: int | None = None  # the most recent rows of it (default: all)
+    warm_start: bool = False  # start from the champion's weights, keep its encoder
+    canary: float | None = None  # deploy as a canary to this share of the arm's users
     shuffle_labels: bool = False  # test/diagnostic: a deliberately bad challenger
     who: str = "ctrserve retrain"
     seed: int | None = None  # default: the champion's
@@ -86,119 +102,240 @@ def record_path(registry: Path, key: str) -> Path:
     return registry / RETRAIN_DIR / f"{key}.json"
 
 
+def arms_of(client: redis.Redis, experiment: str) -> list[str]:
+    """The arms with deployment state in Redis, in name order."""
+    from service.deployments import state_key
+
+    return sorted(k.decode() for k in client.hkeys(state_key(experiment)))
+
+
 def retrain(experiment: str, arm: str, registry: str | Path, events_dir: str | Path,
             client: redis.Redis, options: RetrainOptions | None = None,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
+            say: Say = print) -> dict[str, Any]:
     """One retrain of `experiment`/`arm`; returns the run record (also written to disk)."""
-    from bundles import load_bundle
-    from service.deployments import current
-
-    opts = options or RetrainOptions()
     registry = Path(registry)
-    record: dict[str, Any] = {
-        "experiment": experiment, "arm": arm, "events": str(events_dir),
-        "started_at": _now(), "options": _options(opts), "decision": None}
-    steps = _Steps(record, say, registry)
+    with arm_lock(registry, experiment, arm):
+        run = _Run(experiment, arm, registry, Path(events_dir), client,
+                   options or RetrainOptions(), say)
+        return run.execute()
 
-    with steps("champion"):
-        champion_name = current(client, experiment, arm)
-        if champion_name is None:
-            raise RetrainError(f"{experiment}/{arm}: no deployment state in Redis (a scorer "
-                               "records its experiments' arms when it starts)")
-        champion = load_bundle(registry / champion_name)
-        record["champion"] = {"bundle": champion_name, "version": champion.version,
-                              "model_type": champion.manifest.model_type}
-        say(f"champion: {champion_name}")
 
-    with steps("data"):
-        source = _source(champion, experiment, events_dir, client, opts)
-        key = run_key(experiment, arm, source.last_day.isoformat())
-        record.update(key=key, data=source.describe())
-        steps.key = key
-        splits = record["data"]["splits"]
-        say("data: " + ", ".join(f"{s} {v['first_day']}..{v['last_day']} ({v['rows']} rows, "
-                                 f"{v['positives']} positive)" for s, v in splits.items()))
-        previous = _read(record_path(registry, key))
-        if previous and previous.get("decision") in FINAL:
-            say(f"already ran for {key}: {previous['decision']}; nothing to do")
-            return {**previous, "skipped": True}
+@contextmanager
+def arm_lock(registry: Path, experiment: str, arm: str) -> Iterator[None]:
+    """Hold the arm's retrain lock (flock: released by the OS if the process dies)."""
+    path = registry / RETRAIN_DIR / f"{run_key(experiment, arm, 'lock')}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetrainError(f"{experiment}/{arm}: another retrain is running (pid "
+                               f"{_holder(handle)}); nothing done") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
-    work = registry / RETRAIN_DIR / "work" / key
-    shutil.rmtree(work, ignore_errors=True)
-    with steps("train"):
+
+def _holder(handle: IO[str]) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "unknown"
+
+
+class _Run:
+    """The steps of one retrain, sharing the record they fill in."""
+
+    def __init__(self, experiment: str, arm: str, registry: Path, events: Path,
+                 client: redis.Redis, opts: RetrainOptions, say: Say):
+        self.experiment, self.arm, self.registry, self.events = experiment, arm, registry, events
+        self.client, self.opts, self.say = client, opts, say
+        self.record: dict[str, Any] = {
+            "experiment": experiment, "arm": arm, "events": str(events), "pid": os.getpid(),
+            "started_at": _now(), "options": asdict(opts), "decision": None}
+        self.steps = _Steps(self.record, say, registry)
+
+    def execute(self) -> dict[str, Any]:
+        with self.steps("champion"):
+            self.champion = self._champion()
+        with self.steps("data"):
+            self.source = self._data()
+            previous = _read(record_path(self.registry, self.key))
+            if previous and previous.get("decision") in FINAL:
+                self.say(f"already ran for {self.key}: {previous['decision']}; nothing to do")
+                return {**previous, "skipped": True}
+            if previous and previous.get("decision") == "running":
+                self.say(f"an earlier run for {self.key} (pid {previous.get('pid')}) was "
+                         f"interrupted in step {previous.get('step')!r}; starting over")
+                self.record["interrupted_run"] = previous.get("started_at")
+            for name in sweep_staging(self.registry):
+                self.say(f"removed {name}, left by an interrupted install")
+            self.record["decision"] = "running"
+            self.steps.write()
+        self.work = self.registry / RETRAIN_DIR / "work" / self.key
+        shutil.rmtree(self.work, ignore_errors=True)
+        with self.steps("train"):
+            self._train()
+        with self.steps("export"):
+            self.staged = self._export()
+        with self.steps("evaluate"):
+            metrics = self._evaluate()
+        with self.steps("gate"):
+            reasons = self._gate(metrics)
+        if reasons:
+            self.record["decision"] = "rejected"
+        else:
+            with self.steps("deploy"):
+                self._deploy(metrics)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.record["finished_at"] = _now()
+        self.steps.write()
+        return self.record
+
+    @property
+    def key(self) -> str:
+        return self.steps.key
+
+    def _champion(self) -> Any:
+        from bundles import load_bundle
+        from service.deployments import current
+
+        name = current(self.client, self.experiment, self.arm)
+        if name is None:
+            raise RetrainError(f"{self.experiment}/{self.arm}: no deployment state in Redis (a "
+                               "scorer records its experiments' arms when it starts)")
+        champion = load_bundle(self.registry / name)
+        self.record["champion"] = {"bundle": name, "version": champion.version,
+                                   "model_type": champion.manifest.model_type}
+        self.say(f"champion: {name}")
+        return champion
+
+    def _data(self) -> Any:
+        source = _source(self.champion, self.experiment, self.arm, self.events, self.client,
+                         self.opts)
+        self.steps.key = run_key(self.experiment, self.arm, source.last_day.isoformat())
+        self.record.update(key=self.key, data=source.describe())
+        splits = self.record["data"]["splits"]
+        self.say("data: " + ", ".join(
+            f"{s} {v.get('first_day', '-')}..{v.get('last_day', '-')} ({v['rows']} rows, "
+            f"{v['positives']} positive)" for s, v in splits.items()))
+        if "base" in self.record["data"]:
+            self.say(f"data: base {self.opts.base_data}: "
+                     f"{self.record['data']['base']['rows']} rows ahead of the logged days")
+        return source
+
+    def _train(self) -> None:
         from models import ModelConfig
-        from training.train import TrainConfig, train
+        from training.train import TrainConfig, WarmStart, train
+        from training.warm_start import bundle_weights
 
-        hyper = champion.manifest.hyperparameters
+        hyper = self.champion.manifest.hyperparameters
         model_config = ModelConfig.from_dict(hyper["model"])
-        train_args = {**hyper.get("train", {}), "device": "cpu"}
-        if opts.epochs is not None:
-            train_args["epochs"] = opts.epochs
-        if opts.seed is not None:
-            train_args["seed"] = opts.seed
-        train_cfg = TrainConfig(**train_args)
-        say(f"train: {model_config.name}, {train_cfg.epochs} epoch(s)")
-        info = train(source, model_config, train_cfg, work / "run", progress=False)
-        record["train"] = {"model": info["model"], "train": info["train"],
-                           "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
-                           "metrics_torch": info["metrics"]}
+        args = {**hyper.get("train", {}), "device": "cpu"}
+        for name in ("epochs", "seed"):
+            if getattr(self.opts, name) is not None:
+                args[name] = getattr(self.opts, name)
+        cfg = TrainConfig(**args)
+        warm = None
+        if self.opts.warm_start:
+            warm = WarmStart(self.champion.encoder, bundle_weights(self.champion.path))
+        self.say(f"train: {model_config.name}, {cfg.epochs} epoch(s)"
+                 + (", warm start from the champion" if warm else ""))
+        info = train(self.source, model_config, cfg, self.work / "run", progress=False,
+                     warm_start=warm)
+        self.record["train"] = {
+            "model": info["model"], "train": info["train"], "best_epoch": info["best_epoch"],
+            "epochs_run": info["epochs_run"], "metrics_torch": info["metrics"],
+            "warm_start": info["warm_start"],
+            "samples_per_second": round(info["train_samples_per_second"])}
 
-    parity = None
-    with steps("export"):
+    def _export(self) -> Path | None:
+        from bundles import load_bundle
         from training.export import ExportError, export_run
 
         try:
-            staged = export_run(work / "run", work / "staging")
+            staged = export_run(self.work / "run", self.work / "staging")
         except ExportError as exc:
-            staged = None
-            record["export_error"] = str(exc)
-            say(f"export: {exc}")
-        else:
-            challenger = load_bundle(staged)
-            parity = challenger.manifest.parity.model_dump()
-            record["challenger"] = {"bundle": staged.name, "version": challenger.version}
-            say(f"export: {staged.name} (parity {parity['max_abs_diff']:.1e})")
+            self.record["export_error"] = str(exc)
+            self.say(f"export: {exc}")
+            return None
+        self.challenger = load_bundle(staged)
+        self.parity = self.challenger.manifest.parity.model_dump()
+        self.record["challenger"] = {"bundle": staged.name, "version": self.challenger.version}
+        self.say(f"export: {staged.name} (parity {self.parity['max_abs_diff']:.1e})")
+        return staged
 
-    with steps("evaluate"):
-        test = pa.concat_tables([c.table for c in source.chunks("test")])
-        metrics = {"champion": bundle_metrics(champion, test, source.spec.label)}
-        if staged is not None:
-            metrics["challenger"] = bundle_metrics(challenger, test, source.spec.label)
-        record["metrics"] = metrics
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        test = pa.concat_tables([c.table for c in self.source.chunks("test")],
+                                promote_options="permissive")
+        label = self.source.spec.label
+        metrics = {"champion": bundle_metrics(self.champion, test, label)}
+        if self.staged is not None:
+            metrics["challenger"] = bundle_metrics(self.challenger, test, label)
+        self.record["metrics"] = metrics
         for who, m in metrics.items():
-            say(f"evaluate: {who:<10} AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
-                f"calibration {m['calibration']:.3f}  ({m['rows']} rows)")
+            self.say(f"evaluate: {who:<10} AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+                     f"calibration {m['calibration']:.3f}  ({m['rows']} rows)")
+        return metrics
 
-    with steps("gate"):
-        if staged is None:
-            reasons = ["export parity failed: " + record.get("export_error", "")]
+    def _gate(self, metrics: dict[str, dict[str, float]]) -> list[str]:
+        if self.staged is None:
+            reasons = ["export parity failed: " + self.record.get("export_error", "")]
         else:
-            reasons = opts.gate.check(metrics["challenger"], metrics["champion"], parity)
-        record["gate"] = {"passed": not reasons, "reasons": reasons}
-        say("gate: passed" if not reasons else "gate: rejected: " + "; ".join(reasons))
+            reasons = self.opts.gate.check(metrics["challenger"], metrics["champion"],
+                                           self.parity)
+        self.record["gate"] = {"passed": not reasons, "reasons": reasons}
+        self.say("gate: passed" if not reasons else "gate: rejected: " + "; ".join(reasons))
+        return reasons
 
-    if reasons:
-        record["decision"] = "rejected"
-    else:
-        with steps("deploy"):
-            from service.deployments import deploy
+    def _deploy(self, metrics: dict[str, dict[str, float]]) -> None:
+        from service.deployments import deploy
 
-            target = registry / staged.name
-            if not target.exists():
-                tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry))
-                shutil.copytree(staged, tmp, dirs_exist_ok=True)
-                os.replace(tmp, target)
-            c, p = metrics["challenger"], metrics["champion"]
-            why = (f"retrain {key}: AUC {c['auc']:.4f} vs {p['auc']:.4f}, logloss "
-                   f"{c['logloss']:.4f} vs {p['logloss']:.4f}")
-            record["deployment"] = deploy(client, experiment, arm, staged.name, opts.who, why,
-                                          registry=registry)
-            record["decision"] = "deployed"
-            say(f"deploy: {experiment}/{arm} -> {staged.name}")
-    shutil.rmtree(work / "staging", ignore_errors=True)
-    record["finished_at"] = _now()
-    steps.write()
-    return record
+        name = install_bundle(self.staged, self.registry)
+        c, p = metrics["challenger"], metrics["champion"]
+        why = (f"retrain {self.key}: AUC {c['auc']:.4f} vs {p['auc']:.4f}, logloss "
+               f"{c['logloss']:.4f} vs {p['logloss']:.4f}")
+        kwargs = {"canary": self.opts.canary} if self.opts.canary else {}
+        self.record["deployment"] = deploy(self.client, self.experiment, self.arm, name,
+                                           self.opts.who, why, registry=self.registry,
+                                           **kwargs)
+        self.record["decision"] = "deployed"
+        share = f" as a canary to {self.opts.canary:.0%} of it" if self.opts.canary else ""
+        self.say(f"deploy: {self.experiment}/{self.arm} -> {name}{share}")
+
+
+def install_bundle(staged: Path, registry: Path) -> str:
+    """Copy a staged bundle into the registry with one atomic rename; returns its name."""
+    target = registry / staged.name
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=registry))
+        try:
+            shutil.copytree(staged, tmp, dirs_exist_ok=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return staged.name
+
+
+def sweep_staging(registry: Path) -> list[str]:
+    """Remove the staging copies that retrains which died mid-install left in the registry."""
+    removed = []
+    for path in registry.glob(f"{STAGING}*"):
+        pid = path.name[len(STAGING):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def bundle_metrics(bundle: Any, table: pa.Table, label: str,
@@ -216,9 +353,11 @@ def bundle_metrics(bundle: Any, table: pa.Table, label: str,
     return metrics(labels, np.concatenate(probs))
 
 
-def _source(champion: Any, experiment: str, events_dir: str | Path, client: redis.Redis,
+def _source(champion: Any, experiment: str, arm: str, events_dir: Path, client: redis.Redis,
             opts: RetrainOptions) -> Any:
+    from training.data import open_source
     from training.data.events import EventLogSource
+    from training.data.mixed import MixedSource
 
     def items(ids: list[str]) -> dict[str, dict[str, Any]]:
         from service.feature_store import item_key
@@ -226,21 +365,29 @@ def _source(champion: Any, experiment: str, events_dir: str | Path, client: redi
         raws = client.mget([item_key(i) for i in ids]) if ids else []
         return {i: json.loads(r) for i, r in zip(ids, raws, strict=True) if r}
 
-    return EventLogSource(events_dir, opts.window_days, champion.encoder.spec,
-                          item_records=items, experiment=experiment,
-                          shuffle_labels=opts.shuffle_labels)
+    events = EventLogSource(events_dir, opts.window_days, champion.encoder.spec,
+                            item_records=items, experiment=experiment,
+                            arms=[arm] if opts.own_traffic else None,
+                            shuffle_labels=opts.shuffle_labels,
+                            attribution_window_s=opts.attribution_window_s,
+                            min_days=2 if opts.base_data else 3)
+    if opts.base_data is None:
+        return events
+    return MixedSource(events, open_source(opts.base_data), opts.base_rows)
 
 
 class _Steps:
     """Runs the steps: prints which failed and records the failure before re-raising."""
 
-    def __init__(self, record: dict[str, Any], say: Callable[[str], None], registry: Path):
+    def __init__(self, record: dict[str, Any], say: Say, registry: Path):
         self.record, self.say, self.registry = record, say, registry
-        self.key: str | None = None
+        self.key = run_key(record["experiment"], record["arm"], "unknown")
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         self.record["step"] = name
+        if self.record.get("decision") == "running":
+            self.write()
         try:
             yield
         except Exception as exc:
@@ -253,9 +400,9 @@ class _Steps:
             raise RetrainError(f"step {name!r} failed: {type(exc).__name__}: {exc}") from exc
 
     def write(self) -> None:
-        self.record.pop("step", None)
-        key = self.key or run_key(self.record["experiment"], self.record["arm"], "unknown")
-        path = record_path(self.registry, key)
+        if self.record.get("decision") in FINAL:
+            self.record.pop("step", None)
+        path = record_path(self.registry, self.key)
         if self.record.get("decision") == "failed" and path.exists():
             previous = _read(path)
             if previous and previous.get("decision") in FINAL:
@@ -271,10 +418,6 @@ def _read(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _options(opts: RetrainOptions) -> dict[str, Any]:
-    return asdict(opts)
 
 
 def _now() -> str:

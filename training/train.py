@@ -23,6 +23,7 @@ from training.data.source import DataSource, checked_chunks
 from training.distributed import World, init_world, leave, scaled_lr, wrap
 from training.evaluate import evaluate
 from training.run_dir import write_run
+from training.warm_start import load_weights
 
 OPTIMIZERS = ("adam", "adagrad")
 
@@ -57,21 +58,32 @@ def seed_everything(seed: int) -> None:
 
 
 def train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
-          progress: bool = True) -> dict[str, Any]:
-    """Train on `source`, evaluate the best epoch on its test split, write the run to `out`."""
+          progress: bool = True, warm_start: WarmStart | None = None) -> dict[str, Any]:
+    """Train on `source`, evaluate the best epoch on its test split, write the run to `out`.
+
+    With `warm_start`, its encoder is used as it is (not refitted) and the model starts from
+    its weights (training/warm_start.py)."""
     world = init_world(cfg.device)
     try:
-        return _train(source, model_config, cfg, out, world, progress and world.is_main)
+        return _train(source, model_config, cfg, out, world, progress and world.is_main,
+                      warm_start)
     finally:
         leave(world)
 
 
+@dataclass
+class WarmStart:
+    encoder: FeatureEncoder
+    weights: dict[str, np.ndarray]
+
+
 def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
-           world: World, progress: bool) -> dict[str, Any]:
+           world: World, progress: bool, warm: WarmStart | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    encoder, positive_rate = _fit_encoder(source)
+    encoder, positive_rate = _fit_encoder(source, warm.encoder if warm else None)
     model = build_model(model_config, encoder.layout())
     model.set_prior(positive_rate)
+    warm_info = load_weights(model, warm.weights) if warm else None
     model = model.to(cfg.device)
     valid, test = encode_split(source, "valid", encoder), encode_split(source, "test", encoder)
     stream = BatchStream(source, encoder, cfg.batch_size, cfg.seed, cfg.buffer_rows,
@@ -95,13 +107,16 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
                 break
     model.load_state_dict(best_state)
     info = _run_info(source, model_config, cfg, world, curve, model, valid, test)
+    info["warm_start"] = warm_info
     if world.is_main:
         write_run(out, info, curve, encoder, model.cpu(), test)
     return info
 
 
-def _fit_encoder(source: DataSource) -> tuple[FeatureEncoder, float]:
-    """One pass over the training split: encoder state and the positive rate."""
+def _fit_encoder(source: DataSource, fitted: FeatureEncoder | None = None
+                 ) -> tuple[FeatureEncoder, float]:
+    """One pass over the training split: encoder state (`fitted` when given) and the
+    positive rate."""
     counts = np.zeros(2)
 
     def columns():
@@ -110,6 +125,10 @@ def _fit_encoder(source: DataSource) -> tuple[FeatureEncoder, float]:
             counts[:] += (labels.sum(), len(labels))
             yield {name: chunk.table.column(name) for name in source.spec.names}
 
+    if fitted is not None:
+        for _ in columns():
+            pass
+        return fitted, float(counts[0] / counts[1])
     encoder = FeatureEncoder.fit(source.spec, columns())
     return encoder, float(counts[0] / counts[1])
 

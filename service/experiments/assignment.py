@@ -19,6 +19,13 @@ decimal weights as written), and the last arm ends at N. Raising one arm's weigh
 moves only the buckets between the old and the new boundaries; a new salt reshuffles everyone.
 Forced assignments (QA allowlists) win over the hash. Python's hash() is never used: it differs
 between processes.
+
+Canaries (`ctrserve deploy --canary SHARE`): a user of arm A (holdout users excepted) gets A's
+canary bundle when, with the same hash over another text,
+
+    fmix64(FNV-1a-64(f"{salt}:canary:{A}:{user_id}")) mod 10000 < round(SHARE * 10000)
+
+a choice per user independent of the arm assignment; raising SHARE only adds users.
 """
 
 from __future__ import annotations
@@ -61,6 +68,23 @@ def bucket(salt: str, user_id: str) -> int:
     return fmix64(fnv1a64_str(f"{salt}:{user_id}")) % BUCKETS
 
 
+def canary_bucket(salt: str, arm: str, user_id: str) -> int:
+    """The bucket deciding whether a user of `arm` gets the arm's canary."""
+    return fmix64(fnv1a64_str(f"{salt}:canary:{arm}:{user_id}")) % BUCKETS
+
+
+def canary_cutoff(share: float) -> int:
+    """Users whose canary bucket is below this get the canary."""
+    return round(share * BUCKETS)
+
+
+def canary_share_ok(share: object) -> bool:
+    """A canary share strictly between 0 and 1 that gives the canary at least one bucket and
+    leaves the arm's bundle at least one."""
+    return (isinstance(share, int | float) and not isinstance(share, bool)
+            and 0 < share < 1 and 0 < canary_cutoff(share) < BUCKETS)
+
+
 def buckets(salt: str, user_ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """The buckets of many users at once (vectorised FNV-1a), as int64."""
     keys = np.array([f"{salt}:{u}" for u in user_ids], dtype=object)
@@ -98,6 +122,7 @@ class Assignment:
     bucket: int
     holdout: bool = False
     forced: bool = False
+    canary: bool = False  # served by the arm's canary bundle
 
 
 @dataclass

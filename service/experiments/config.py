@@ -17,6 +17,7 @@ of requests that name none. Errors name the field, e.g. `experiments.0.arms`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +32,14 @@ from pydantic import (
     field_validator,
 )
 
-from service.experiments.assignment import Assignment, Splitter, bucket_ends
+from service.experiments.assignment import (
+    Assignment,
+    Splitter,
+    bucket_ends,
+    canary_bucket,
+    canary_cutoff,
+    canary_share_ok,
+)
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 WEIGHT_TOLERANCE = 1e-6
@@ -134,11 +142,28 @@ class ExperimentsFile(BaseModel):
         return experiments
 
 
+@dataclass(frozen=True)
+class Canary:
+    """A second bundle serving `share` of one arm's users (from the deployment state)."""
+
+    bundle: str
+    share: float
+
+    @property
+    def cutoff(self) -> int:
+        return canary_cutoff(self.share)
+
+
+Canaries = dict[tuple[str, str], Canary]  # (experiment, arm) -> its canary
+
+
 class ExperimentSet:
     """Validated experiments, ready to route: dict lookups and a bisect per request."""
 
-    def __init__(self, config: ExperimentsFile, keys: dict[str, str] | None = None):
+    def __init__(self, config: ExperimentsFile, keys: dict[str, str] | None = None,
+                 canaries: Canaries | None = None):
         self.config = config
+        self.canaries = dict(canaries or {})
         self.by_name = {e.name: e for e in config.experiments}
         self.splitters = {e.name: e.splitter() for e in config.experiments}
         self.default = config.experiments[0].name
@@ -148,8 +173,9 @@ class ExperimentSet:
                           for e in config.experiments for a in e.arms}
 
     def bundles(self) -> list[str]:
-        """Distinct bundle names of all arms, in config order."""
-        return list(dict.fromkeys(a.bundle for e in self.config.experiments for a in e.arms))
+        """Distinct bundle names of all arms, in config order, then those of the canaries."""
+        arms = [a.bundle for e in self.config.experiments for a in e.arms]
+        return list(dict.fromkeys([*arms, *(c.bundle for c in self.canaries.values())]))
 
     def splitter(self, experiment: str | None) -> Splitter:
         try:
@@ -160,7 +186,12 @@ class ExperimentSet:
 
     def assign(self, experiment: str | None, user_id: str) -> tuple[Assignment, str]:
         """The user's assignment and the key of the model that serves it."""
-        a = self.splitter(experiment).assign(user_id)
+        split = self.splitter(experiment)
+        a = split.assign(user_id)
+        canary = self.canaries.get((a.experiment, a.arm)) if self.canaries else None
+        if (canary is not None and not a.holdout
+                and canary_bucket(split.salt, a.arm, user_id) < canary.cutoff):
+            return replace(a, canary=True), self.keys[canary.bundle]
         return a, self._arm_keys[a.experiment, a.arm]
 
 
@@ -191,12 +222,42 @@ def load_experiments(path: Path, registry: Path | None) -> ExperimentSet:
     return parse_experiments(parse_text(Path(path).read_text(), fmt), registry)
 
 
-def single_arm(experiment: str, arm: str, bundle: str) -> ExperimentSet:
-    """The set without an experiments file: one arm, served by the model loaded as `arm`."""
+def single_arm(experiment: str, arm: str, bundle: str, canary: Canary | None = None
+               ) -> ExperimentSet:
+    """The set without an experiments file: one arm, served by the model loaded as `arm`
+    (and its canary, if any, by the model loaded as `canary_key(arm)`)."""
     config = ExperimentsFile(experiments=[ExperimentConfig(
         name=experiment, salt=experiment,
         arms=[ArmConfig(name=arm, weight=1.0, bundle=bundle, control=True)])])
-    return ExperimentSet(config, keys={bundle: arm})
+    if canary is None or canary.bundle == bundle:
+        return ExperimentSet(config, keys={bundle: arm})
+    return ExperimentSet(config, keys={bundle: arm, canary.bundle: canary_key(arm)},
+                         canaries={(experiment, arm): canary})
+
+
+def canary_key(arm: str) -> str:
+    """The model key of an arm's canary without an experiments file."""
+    return f"{arm}:canary"
+
+
+def arm_canaries(config: ExperimentsFile, state: dict[str, dict[str, dict[str, Any]]]
+                 ) -> Canaries:
+    """The canaries of a deployment state ({experiment: {arm: {"bundle", "share"}}}) for the
+    arms of `config`; one naming its arm's own bundle is ignored, a malformed one refused."""
+    canaries: Canaries = {}
+    for i, e in enumerate(config.experiments):
+        for j, a in enumerate(e.arms):
+            value = state.get(e.name, {}).get(a.name)
+            if value is None:
+                continue
+            bundle, share = value.get("bundle"), value.get("share")
+            if not isinstance(bundle, str) or not bundle or not canary_share_ok(share):
+                raise ExperimentConfigError([{
+                    "loc": ["experiments", i, "arms", j, "canary"], "type": "canary",
+                    "msg": f"malformed canary {value!r} in the deployment state"}])
+            if bundle != a.bundle:
+                canaries[e.name, a.name] = Canary(bundle, float(share))
+    return canaries
 
 
 def _duplicates(names: list[str]) -> list[str]:

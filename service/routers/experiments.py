@@ -21,6 +21,7 @@ from service.routers.score import read_body
 from service.schemas import (
     ArmInfo,
     AssignmentResponse,
+    CanaryInfo,
     ErrorResponse,
     ExperimentInfo,
     ExperimentsResponse,
@@ -34,7 +35,8 @@ CONFIG_EXAMPLE = {"experiments": [{"name": "ranker", "salt": "ranker-1", "arms":
 
 @router.get("/v1/experiments", response_model=ExperimentsResponse)
 async def list_experiments(request: Request) -> Response:
-    """Every experiment with its arms' weights, bundles, model versions and bucket ranges."""
+    """Every experiment with its arms' weights, bundles, model versions, bucket ranges and
+    canaries."""
     return _json(describe(request.app.state.routing.experiments, request.app.state.models))
 
 
@@ -42,14 +44,14 @@ async def list_experiments(request: Request) -> Response:
             responses={404: {"model": ErrorResponse}})
 async def assignment(request: Request, user_id: str = Query(min_length=1, max_length=256),
                      experiment: str | None = Query(None)) -> Response:
-    """The bucket and arm of one user (forced assignments and the holdout included)."""
+    """The bucket and arm of one user (forced assignments, the holdout and canaries included)."""
     state = request.app.state
     try:
         a, key = state.routing.experiments.assign(experiment, user_id)
     except UnknownExperiment as exc:
         raise NotFound(["query", "experiment"], str(exc)) from None
     body = AssignmentResponse(experiment=a.experiment, user_id=user_id, bucket=a.bucket,
-                              arm=a.arm, holdout=a.holdout, forced=a.forced,
+                              arm=a.arm, holdout=a.holdout, forced=a.forced, canary=a.canary,
                               model_version=state.models.get(key).version)
     return _json(body)
 
@@ -83,11 +85,21 @@ def describe(experiments: ExperimentSet, models: ModelRegistry) -> ExperimentsRe
         ranges = split.ranges()
         arms = [ArmInfo(name=a.name, weight=a.weight, control=a.control, bundle=a.bundle,
                         model_version=_version(models, experiments.keys[a.bundle]),
-                        buckets=list(ranges[a.name])) for a in e.arms]
+                        buckets=list(ranges[a.name]),
+                        canary=_canary(experiments, models, e.name, a.name)) for a in e.arms]
         holdout = [split.holdout_from, BUCKETS] if split.holdout_from < BUCKETS else None
         infos.append(ExperimentInfo(name=e.name, salt=e.salt, holdout=e.holdout,
                                     holdout_buckets=holdout, arms=arms, forced=e.forced))
     return ExperimentsResponse(buckets=BUCKETS, default=experiments.default, experiments=infos)
+
+
+def _canary(experiments: ExperimentSet, models: ModelRegistry, experiment: str, arm: str
+            ) -> CanaryInfo | None:
+    canary = experiments.canaries.get((experiment, arm))
+    if canary is None:
+        return None
+    return CanaryInfo(bundle=canary.bundle, share=canary.share,
+                      model_version=_version(models, experiments.keys[canary.bundle]))
 
 
 def _version(models: ModelRegistry, key: str) -> str:

@@ -5,13 +5,17 @@ request (user record, user features, context, clock, user id), the candidate's o
 the request gave any, the item's feature-store record (`item_records`, read when the source is
 built: as of now, not as served; see issue 5), the item id and the 1-based position shown (the
 position field, `slot` by default). The label is 1 when an accepted download of that item for
-that request exists, else 0. Only accepted events are in the log; readers deduplicate by
+that request came within `attribution_window_s` of the impression (the scorer accepts
+downloads for its own attribution window, 24 h by default; a retrain may count a shorter one),
+else 0. Only accepted events are in the log; readers deduplicate by
 `event_id` (a drain can write a chunk twice).
 
 The fields come from the champion bundle's encoder spec, so the rows hold exactly the fields
 the champion was served with. Days come from the impression event's `ts` (UTC), not from the
 clock of the machine that retrains: the last `window_days` days present in the log are used, the
 most recent is the test split (held out), the one before it valid, the earlier ones train.
+`min_days` is 3 on its own; a retrain that mixes in a base dataset (`MixedSource`) needs only
+the valid and test days from the log.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")  # as servic
 ItemRecords = Mapping[str, dict[str, Any]] | Callable[[list[str]], Mapping[str, dict[str, Any]]]
 
 
-def event_day(ts: Any) -> date:
-    """The UTC day of an event timestamp (ISO 8601 text, or epoch seconds)."""
+def event_time(ts: Any) -> datetime:
+    """An event timestamp (ISO 8601 text, or epoch seconds) as an aware UTC datetime."""
     text = str(ts).strip()
     try:
-        return datetime.fromtimestamp(float(text), UTC).date()
+        return datetime.fromtimestamp(float(text), UTC)
     except ValueError:
         pass
     try:
@@ -47,7 +51,12 @@ def event_day(ts: Any) -> date:
         raise DataError(f"event timestamp {text!r}: not ISO 8601 or epoch seconds") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).date()
+    return moment.astimezone(UTC)
+
+
+def event_day(ts: Any) -> date:
+    """The UTC day of an event timestamp."""
+    return event_time(ts).date()
 
 
 class EventLogSource(DataSource):
@@ -60,9 +69,10 @@ class EventLogSource(DataSource):
                  item_records: ItemRecords | None = None, experiment: str | None = None,
                  arms: Sequence[str] | None = None, position_field: str | None = "slot",
                  item_id_field: str | None = None, shuffle_labels: bool = False,
+                 attribution_window_s: float | None = None, min_days: int = 3,
                  seed: int = 0):
-        if window_days < 3:
-            raise DataError(f"window_days must be >= 3 (train, valid and test days), "
+        if window_days < min_days:
+            raise DataError(f"window_days must be >= {min_days} (train, valid and test days), "
                             f"got {window_days}")
         self.root = Path(path)
         if not self.root.is_dir():
@@ -75,12 +85,13 @@ class EventLogSource(DataSource):
         self.window_days, self.experiment = window_days, experiment
         self.arms = list(arms) if arms else None
         self.shuffle_labels = shuffle_labels
+        self.attribution_window_s = attribution_window_s
         rows_by_day = self._rows(item_records)
         days = sorted(rows_by_day)
-        if len(days) < 3:
+        if len(days) < min_days:
             raise DataError(f"{self.root}: impressions on {len(days)} day(s) "
-                            f"{[d.isoformat() for d in days]}, need at least 3 (train, valid, "
-                            "test); drain more days of events")
+                            f"{[d.isoformat() for d in days]}, need at least {min_days}; "
+                            "drain more days of events")
         days = days[-window_days:]
         self.days = {"train": days[:-2], "valid": [days[-2]], "test": [days[-1]]}
         rng = np.random.default_rng(seed)
@@ -106,6 +117,8 @@ class EventLogSource(DataSource):
 
     def describe(self) -> dict[str, Any]:
         def stats(days: list[date]) -> dict[str, Any]:
+            if not days:
+                return {"days": 0, "rows": 0, "positives": 0}
             labels = np.concatenate([self.tables[d].column(self.spec.label).to_numpy()
                                      for d in days])
             return {"first_day": days[0].isoformat(), "last_day": days[-1].isoformat(),
@@ -115,6 +128,7 @@ class EventLogSource(DataSource):
         return {"source": self.name, "path": str(self.root), "experiment": self.experiment,
                 "arms": self.arms, "window_days": self.window_days,
                 "shuffle_labels": self.shuffle_labels,
+                "attribution_window_s": self.attribution_window_s,
                 "splits": {s: stats(d) for s, d in self.days.items()}}
 
     # ---- building the rows ----------------------------------------------------------------
@@ -136,21 +150,25 @@ class EventLogSource(DataSource):
 
     def _rows(self, item_records: ItemRecords | None) -> dict[date, list[dict[str, Any]]]:
         events = self._events()
-        downloads = {(e["request_id"], e["item_id"]) for e in events if e["type"] == "download"}
-        shown: dict[tuple[str, str], tuple[date, dict[str, Any], int]] = {}
+        downloads: dict[tuple[str, str], datetime] = {}
+        for e in events:
+            if e["type"] == "download":
+                key, moment = (e["request_id"], e["item_id"]), event_time(e["ts"])
+                downloads[key] = min(moment, downloads.get(key, moment))
+        shown: dict[tuple[str, str], tuple[datetime, dict[str, Any], int]] = {}
         for e in events:
             if e["type"] != "impression":
                 continue
-            day = event_day(e["ts"])
+            moment = event_time(e["ts"])
             for item, position in zip(e["items"] or [], e["positions"] or [], strict=True):
-                shown.setdefault((e["request_id"], item), (day, e, position))
+                shown.setdefault((e["request_id"], item), (moment, e, position))
         if not shown:
             what = f" of experiment {self.experiment!r}" if self.experiment else ""
             raise DataError(f"{self.root}: no impressions{what} in the event log")
         records = _records(item_records, sorted({item for _, item in shown}))
         by_day: dict[date, list[dict[str, Any]]] = defaultdict(list)
         parsed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        for (request_id, item), (day, e, position) in shown.items():
+        for (request_id, item), (moment, e, position) in shown.items():
             if request_id not in parsed:
                 parsed[request_id] = (json.loads(e["features"] or "{}"),
                                       json.loads(e["item_features"] or "{}"))
@@ -162,9 +180,15 @@ class EventLogSource(DataSource):
             row.update(own.get(item) or {})
             if self.position:  # the position shown, even if it was scored at another slot
                 row[self.position] = position
-            row[self.spec.label] = int((request_id, item) in downloads)
-            by_day[day].append(row)
+            row[self.spec.label] = self._label(moment, downloads.get((request_id, item)))
+            by_day[moment.date()].append(row)
         return by_day
+
+    def _label(self, shown: datetime, downloaded: datetime | None) -> int:
+        if downloaded is None:
+            return 0
+        window = self.attribution_window_s
+        return int(window is None or (downloaded - shown).total_seconds() <= window)
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
         columns = {}
