@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ctrserve demo --out $(DEMO_DIR)
+	$(BIN)/ctrserve demo --out $(DEMO_DIR) $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

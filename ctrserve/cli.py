@@ -92,6 +92,10 @@ def _compare_parser(sub) -> None:
     p.add_argument("--ab-requests-per-day", type=int, default=1500)
     p.add_argument("--no-retrain", action="store_true",
                    help="no daily retrain between the simulated days")
+    p.add_argument("--port", type=int, default=8000,
+                   help="the scorer's loopback port (a free one when it is taken)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the report (default: keep serving until Ctrl-C)")
     p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
     p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
     _model_and_training_flags(p)
@@ -125,6 +129,10 @@ def _demo_parser(sub) -> None:
     p.add_argument("--ab-requests-per-day", type=int, default=1500)
     p.add_argument("--no-retrain", action="store_true",
                    help="no daily retrain between the simulated days")
+    p.add_argument("--port", type=int, default=8000,
+                   help="the scorer's loopback port (a free one when it is taken)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the report (default: keep serving until Ctrl-C)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.demo)
 

@@ -97,7 +97,8 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
                      impressions_per_day=args.impressions_per_day, models=args.models,
                      epochs=args.epochs, ab_days=args.ab_days,
                      ab_requests_per_day=args.ab_requests_per_day,
-                     retrain=not args.no_retrain, progress=not args.no_progress)
+                     retrain=not args.no_retrain, port=args.port, once=args.once,
+                     progress=not args.no_progress)
     return run_demo(cfg)
 
 

@@ -30,6 +30,8 @@ class DemoConfig:
     ab_days: int = 7  # simulated A/B days (LR control against the others); 0 skips it
     ab_requests_per_day: int = 1500
     retrain: bool = True  # the daily retrain of every arm between the days
+    port: int = 8000  # the scorer's loopback port (a free one when it is taken)
+    once: bool = False  # exit after the report instead of serving until interrupted
     progress: bool = True
 
 
@@ -79,7 +81,8 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
               f"{cfg.ab_requests_per_day} requests" + (", daily retrains" if cfg.retrain else ""))
     retrain = RetrainOptions(warm_start=True, base_data=f"synth:{cfg.out / 'data'}",
                              base_rows=50_000, epochs=2) if cfg.retrain else None
-    with _scorer(cfg, experiments) as url:
+    with _scorer(cfg, experiments) as scorer:
+        url = scorer.url
         client, embedded = open_sync(Settings(registry=cfg.out / "registry"))
         try:
             days = run_days(ABDays(url=url, world_dir=cfg.out / "data",
@@ -88,11 +91,15 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
                                    seed=cfg.seed, retrain=retrain), client,
                             lambda line: _say(cfg, line))
         finally:
-            stop_embedded(embedded)
+            stop_embedded(embedded)  # leaves the scorer's server running
         report = httpx.get(f"{url}/v1/experiments/ranker/report", timeout=30).json()
-    _say(cfg, format_days(days, control="lr"))
-    _say(cfg, format_full_report(report))
-    (cfg.out / "ab_days.json").write_text(json.dumps(days, indent=1))
+        _say(cfg, format_days(days, control="lr"))
+        _say(cfg, format_full_report(report))
+        (cfg.out / "ab_days.json").write_text(json.dumps(days, indent=1))
+        _say(cfg, f"dashboard: {url}/dashboard/ranker   report: {url}/v1/experiments/ranker/"
+                  f"report   scorer log: {scorer.log}")
+        if not cfg.once:
+            scorer.serve_until_interrupted()
     return {"experiments": str(experiments), "days": days, "report": report}
 
 
@@ -106,20 +113,33 @@ def experiments_yaml(bundles: dict[str, str]) -> str:
     return f"experiments:\n  - name: ranker\n    salt: ranker-demo\n    arms:\n{arms}\n"
 
 
+@dataclass
+class _Scorer:
+    url: str
+    log: Path
+    proc: subprocess.Popen
+
+    def serve_until_interrupted(self) -> None:
+        print(f"serving at {self.url} until Ctrl-C (--once exits here)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            self.proc.wait()
+
+
 @contextlib.contextmanager
-def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[str]:
-    """`ctrserve serve` in a subprocess on a free loopback port, stopped with SIGTERM."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[_Scorer]:
+    """`ctrserve serve` in a subprocess on loopback (cfg.port, or a free port when that one is
+    taken), its log in OUT/scorer.log, stopped with SIGTERM."""
+    port = _free_port(cfg.port)
     cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(cfg.out / "registry"),
            "--experiments", str(experiments), "--features", str(cfg.out / "data"),
            "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = cfg.out / "scorer.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url)
-        yield url
+        _wait_ready(proc, url, log)
+        yield _Scorer(url, log, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -128,11 +148,20 @@ def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[str]:
             proc.kill()
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
+def _free_port(wanted: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the scorer exited: {proc.stderr.read().decode()[-1000:]}")
+            raise RuntimeError(f"the scorer exited: {log.read_text()[-1000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return

@@ -11,7 +11,7 @@ from tests.conftest import SMALL_MODEL_FLAGS
 def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--days", "3", "--impressions-per-day", "3000",
             "--epochs", "1", "--models", "lr,deepfm", "--ab-days", "3",
-            "--ab-requests-per-day", "150"]
+            "--ab-requests-per-day", "150", "--once", "--port", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test AUC" in out and "deepfm" in out
@@ -22,6 +22,7 @@ def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
         assert row["parity"] <= 1e-5 and 0 < row["test_auc"] < 1
     ab = summary["ab_test"]
     assert "CTR uplift" in out and "Sample ratio" in out and "true CTR over the days" in out
+    assert "/dashboard/ranker" in out and "until Ctrl-C" not in out
     days = ab["days"]
     assert len(days) == 3 and all(d["failed_requests"] == 0 for d in days)
     # the retrain runs once two days are logged (base data mixed in), not after the last day
