@@ -6,6 +6,7 @@ retrain of every arm between the days, and print the per-day table and the per-a
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -134,8 +135,10 @@ def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[_Scorer]:
            "--experiments", str(experiments), "--features", str(cfg.out / "data"),
            "--host", "127.0.0.1", "--port", str(port)]
     log = cfg.out / "scorer.log"
+    # the simulated days are the report's days: counts go by each request's own timestamp
+    env = {**os.environ, "CTRSERVE_CLOCK": "client"}
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, log)

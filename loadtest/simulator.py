@@ -10,11 +10,17 @@ impression event per request (the shown items with their 1-based positions) and 
 event per download, buffered and posted in batches to `POST /v1/events`, with a share of events
 delivered twice (the same event ids, in a later batch), as a retrying client would.
 
+Every score request carries its time on the simulated clock (`ts`, epoch seconds). A scorer
+started with `CTRSERVE_CLOCK=client` counts each request, and the events that follow it, in
+that simulated day, so its per-day report shows a simulated week day by day; with the default
+server clock `ts` is only recorded and the whole run lands in the server's today.
+
 The summary is the client's own view, per arm and day and in total: requests, impressions
 (items shown), downloads, users, and the downloads expected from the true probabilities of
 what each arm showed (the true CTR of the arm's rankings), beside the expectation of showing
 the candidates unranked and of an oracle that ranks by the truth. Comparing it with the
-server's counts checks the counting; comparing arms' expected downloads checks the models.
+server's counts checks the counting (day by day under the client clock); comparing arms'
+expected downloads checks the models.
 
 Bounded in requests (days x requests_per_day) and wall time (`max_seconds`); loopback URLs
 only. Draws depend only on the seed, not on reply order, so a rerun against the same arms
@@ -372,7 +378,7 @@ class Simulation:
             "request_id": request_id, "user_id": user_id,
             "context": {"hour": hour, "weekday": weekday},
             "candidates": [{"item_id": str(world.app_ids[a]), **extra} for a in apps],
-            "top_k": cfg.top_k,
+            "top_k": cfg.top_k, "ts": float(plan.ts[r]),
         }
         if cfg.experiment:
             body["experiment"] = cfg.experiment

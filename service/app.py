@@ -27,7 +27,7 @@ from service.feature_store import FeatureStore
 from service.metrics import Metrics, MetricsMiddleware
 from service.models import ModelRegistry
 from service.redis_server import open_redis
-from service.routers import events, experiments, health, metrics, models, score
+from service.routers import dashboard, events, experiments, health, metrics, models, score
 from service.routers.events import EventsRequest
 from service.routing import Routing
 from service.schemas import ScoreRequest, SwapRequest
@@ -36,7 +36,8 @@ from service.settings import Settings
 
 log = logging.getLogger("ctrserve.service")
 ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics",
-             "/v1/experiments", "/v1/assignment", "/admin/experiments", "/v1/events"}
+             "/v1/experiments", "/v1/assignment", "/admin/experiments", "/v1/events",
+             "/dashboard"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.ready = False
     install_handlers(app)
-    for module in (score, events, health, models, experiments, metrics):
+    for module in (score, events, health, models, experiments, metrics, dashboard):
         app.include_router(module.router)
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, endpoints=ENDPOINTS)
@@ -73,7 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             recorder = None
             if settings.events:
                 recorder = Recorder(state.redis.client, settings.attribution_window_s,
-                                    state.metrics.users)
+                                    state.metrics.users, client_clock=settings.clock == "client")
             state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing,
                                   recorder)
             state.ingest = EventIngest(state.redis.client, state.metrics,

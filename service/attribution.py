@@ -5,10 +5,16 @@ Per scored request, in one pipeline shared by the requests of the same moment:
     ctrserve:req:<request id>  JSON {experiment, arm, model_version, user, items (served ids in
                                order), day, holdout, ts, features (the request's shared model
                                inputs: user record, user_features, context, clock, user id),
-                               item_features (candidates' own features, if any)}, TTL = the
+                               item_features (candidates' own features, if any), client_ts
+                               (the request's own `ts`, only when it gave one)}, TTL = the
                                attribution window
     HSETNX ab:E:D:A:x user 0   the user counts once per arm and day (not for holdout users)
     SADD ab:E:days D
+
+`ts` and its UTC day `D` are the server's clock at the write (`clock="server"`, production), or
+with `clock="client"` (simulation and backfill) the request's own `ts` where it gave one. The
+event script counts into `D` and the event log is partitioned by it, so under the client clock
+a replayed week lands day by day.
 
 The score awaits its write, so an event sent as soon as the reply arrives finds its request;
 concurrent requests share one round trip (a write in flight collects the next batch).
@@ -48,14 +54,19 @@ class Served:
     holdout: bool
     features: dict[str, Any]
     item_features: dict[str, Any] = field(default_factory=dict)
+    client_ts: float | None = None  # the request's own time (epoch seconds), if it gave one
 
 
 class Recorder:
-    """Coalesces the score-time writes of concurrent requests into one pipeline."""
+    """Coalesces the score-time writes of concurrent requests into one pipeline.
+
+    `client_clock`: date a request by its `client_ts` where it has one (simulation, backfill).
+    """
 
     def __init__(self, client: aioredis.Redis, ttl_s: int, users_total: Counter,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, client_clock: bool = False):
         self.client, self.ttl_s, self.users_total, self.clock = client, ttl_s, users_total, clock
+        self.client_clock = client_clock
         self._pending: list[tuple[Served, asyncio.Future]] = []
         self._writer: asyncio.Future | None = None
 
@@ -85,20 +96,31 @@ class Recorder:
         finally:
             self._writer = None
 
+    def _when(self, s: Served, now: float, today: str) -> tuple[float, str]:
+        """The time and UTC day a request is recorded and counted under."""
+        if self.client_clock and s.client_ts is not None:
+            return s.client_ts, utc_day(s.client_ts)
+        return now, today
+
     async def _flush(self, batch: list[Served]) -> dict[tuple[str, str], int]:
         now = self.clock()
-        day = utc_day(now)
+        today = utc_day(now)
         pipe = self.client.pipeline(transaction=False)
         counted: list[tuple[int, str, str]] = []  # (reply index, experiment, arm)
+        days: set[tuple[str, str]] = set()
         for s in batch:
+            ts, day = self._when(s, now, today)
             record = {"experiment": s.experiment, "arm": s.arm, "model_version": s.model_version,
                       "user": s.user, "items": s.items, "day": day, "holdout": s.holdout,
-                      "ts": now, "features": s.features, "item_features": s.item_features}
+                      "ts": ts, "features": s.features, "item_features": s.item_features}
+            if s.client_ts is not None:
+                record["client_ts"] = s.client_ts
             pipe.set(request_key(s.request_id), to_json(record), ex=self.ttl_s)
+            days.add((s.experiment, day))
             if not s.holdout:
                 counted.append((len(pipe), s.experiment, s.arm))
                 pipe.hsetnx(arm_key(s.experiment, day, s.arm, "x"), s.user, 0)
-        for experiment in {s.experiment for s in batch}:
+        for experiment, day in days:
             pipe.sadd(days_key(experiment), day)
         replies = await pipe.execute()
         new_users: dict[tuple[str, str], int] = {}

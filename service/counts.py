@@ -1,7 +1,7 @@
 """Per experiment, arm and day counts in Redis, and the report built from them.
 
-Key layout (`P` = "ctrserve:", E experiment, D day "YYYY-MM-DD" (UTC, of the scored request),
-A arm):
+Key layout (`P` = "ctrserve:", E experiment, D day "YYYY-MM-DD" (UTC, of the scored request:
+the server's clock, or its own `ts` under `CTRSERVE_CLOCK=client`, see attribution.py), A arm):
 
     P ab:E:D:A:x     hash user id -> impressions x_u   (a field per user scored that day)
     P ab:E:D:A:y     hash user id -> downloads y_u     (users with a download)

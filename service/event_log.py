@@ -7,7 +7,8 @@ holdout, served items in order, the request's shared model inputs and candidates
 features), which is what the retrain needs to rebuild the exact inputs that were served.
 
 `drain` moves entries, oldest first, into `OUT/day=YYYY-MM-DD/events-<first stream id>.parquet`
-(the day of the scored request), fsyncs each file, and only then deletes exactly the entries it
+(the request record's `day`: the scored request's UTC day, by the clock `CTRSERVE_CLOCK`
+names, see attribution.py), fsyncs each file, and only then deletes exactly the entries it
 wrote (XDEL). A crash between the two leaves the entries in the stream; the next drain writes
 them again under the same file name when the chunk starts at the same entry, and readers
 deduplicate by `event_id` in any case.

@@ -2,21 +2,26 @@
 
 Requests are parsed with `model_validate_json` straight from the raw body, and candidates are
 TypedDicts rather than models: for 500 candidates that is 0.15 ms instead of 0.6 ms.
-Feature values are scalars or lists of tokens; NaN and infinities are refused.
+Feature values are scalars or lists of tokens; NaN and infinities are refused. A request's
+optional `ts` is epoch seconds or ISO 8601 text with a timezone, stored as epoch seconds; only
+a request that gives one pays for its parsing.
 """
 
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Annotated, Any, NotRequired
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 from typing_extensions import TypedDict
@@ -38,6 +43,32 @@ def _check_value(value: Any) -> Any:
 
 
 Features = dict[str, Annotated[Any, AfterValidator(_check_value)]]
+
+
+MAX_EPOCH = 253_402_300_800  # 10000-01-01T00:00:00Z
+
+
+def epoch_seconds(value: Any) -> float:
+    """A request time as epoch seconds: a number, or ISO 8601 text with a timezone."""
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("expected epoch seconds or ISO 8601 text, e.g. "
+                             "2026-01-05T10:00:00Z") from None
+        if when.tzinfo is None:
+            raise ValueError("ISO 8601 text needs a timezone (Z or +hh:mm)")
+        value = when.timestamp()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected epoch seconds (a number) or ISO 8601 text")
+    if not 0 <= value < MAX_EPOCH:  # NaN fails every comparison
+        raise ValueError("epoch seconds must be finite, not negative and before year 10000")
+    return float(value)
+
+
+Timestamp = Annotated[float, BeforeValidator(epoch_seconds), WithJsonSchema({"anyOf": [
+    {"type": "number", "minimum": 0, "exclusiveMaximum": MAX_EPOCH},
+    {"type": "string", "format": "date-time"}]})]
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
@@ -59,6 +90,9 @@ class ScoreRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="return only the best k, sorted")
     request_id: Id | None = Field(None, description="default: a new random id")
     experiment: Id | None = Field(None, description="default: the first experiment")
+    ts: Timestamp | None = Field(None, description="the client's time of the request: epoch "
+                                 "seconds or ISO 8601 with a timezone; with clock=client it "
+                                 "decides the A/B day, else it is only recorded")
 
     @field_validator("candidates")
     @classmethod

@@ -153,7 +153,8 @@ class Scorer:
         if self.recorder is not None:
             custom = {c["item_id"]: c["features"] for c in req.candidates if c.get("features")}
             await self.recorder.record(Served(request_id, arm.experiment, arm.arm, model.version,
-                                              req.user_id, ids, arm.holdout, values, custom))
+                                              req.user_id, ids, arm.holdout, values, custom,
+                                              req.ts))
         return to_json({
             "request_id": request_id,
             "experiment": arm.experiment,

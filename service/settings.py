@@ -6,7 +6,7 @@ Defaults and the measurement behind each are listed in README.md ("The scorer").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     attribution_window_s: int = Field(86_400, ge=60, description="how long a request accepts "
                                                                   "events; also the dedup window")
     max_events: int = Field(1000, ge=1, description="events per /v1/events batch")
+    clock: Literal["server", "client"] = Field(
+        "server", description="which clock dates a scored request for its A/B day bucket and "
+                              "event-log partition: server (production) or client, a "
+                              "simulation/backfill switch under which the request's own `ts` "
+                              "decides (requests without one use the server clock)")
 
     # ---- admin and shutdown -------------------------------------------------------------
     admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")

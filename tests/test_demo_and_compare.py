@@ -32,6 +32,11 @@ def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
         assert decision["challenger_auc"] is not None
     arms = ab["report"]["total"]["arms"]
     assert set(arms) == {"lr", "deepfm"}
+    assert sorted(ab["report"]["days"]) == [d["day"] for d in days]  # the simulated days
+    for d in days:
+        served = ab["report"]["days"][d["day"]]["arms"]
+        assert {a: served[a]["impressions"] for a in arms} == {
+            a: d["arms"][a]["impressions"] for a in arms}
     for arm in arms:  # the scorer counted what the client reported, across the swaps
         assert arms[arm]["impressions"] == sum(d["arms"][arm]["impressions"] for d in days)
         assert arms[arm]["downloads"] == sum(d["arms"][arm]["downloads"] for d in days)
