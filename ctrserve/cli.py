@@ -311,6 +311,8 @@ def _retrain_parser(sub) -> None:
     p.add_argument("--calibration-bounds", type=_floats, default=(0.8, 1.25), metavar="LOW,HIGH",
                    help="mean predicted over observed download rate must lie within")
     p.add_argument("--epochs", type=int, help="default: the champion's")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars for the training epochs (step lines still print)")
     p.add_argument("--shuffle-labels", action="store_true",
                    help="test/diagnostic only: shuffle the training labels to produce a "
                         "deliberately bad challenger (the gate must reject it)")

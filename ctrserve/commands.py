@@ -392,4 +392,4 @@ def _retrain_options(args: argparse.Namespace) -> Any:
         gate=Gate(args.auc_tolerance, args.logloss_tolerance, tuple(low_high)),
         attribution_window_s=args.attribution_window or None, own_traffic=args.own_traffic,
         base_data=args.base_data, base_rows=args.base_rows, warm_start=args.warm_start,
-        canary=args.canary, who=f"retrain:{_who()}")
+        canary=args.canary, progress=not args.no_progress, who=f"retrain:{_who()}")

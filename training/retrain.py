@@ -89,6 +89,7 @@ class RetrainOptions:
     base_rows: int | None = None  # the most recent rows of it (default: all)
     warm_start: bool = False  # start from the champion's weights, keep its encoder
     canary: float | None = None  # deploy as a canary to this share of the arm's users
+    progress: bool = False  # the training epochs' progress bars (stderr)
     shuffle_labels: bool = False  # test/diagnostic: a deliberately bad challenger
     who: str = "ctrserve retrain"
     seed: int | None = None  # default: the champion's
@@ -241,8 +242,8 @@ class _Run:
             warm = WarmStart(self.champion.encoder, bundle_weights(self.champion.path))
         self.say(f"train: {model_config.name}, {cfg.epochs} epoch(s)"
                  + (", warm start from the champion" if warm else ""))
-        info = train(self.source, model_config, cfg, self.work / "run", progress=False,
-                     warm_start=warm)
+        info = train(self.source, model_config, cfg, self.work / "run",
+                     progress=self.opts.progress, warm_start=warm)
         self.record["train"] = {
             "model": info["model"], "train": info["train"], "best_epoch": info["best_epoch"],
             "epochs_run": info["epochs_run"], "metrics_torch": info["metrics"],

@@ -1,0 +1,328 @@
+"""Prometheus config, alert rules and the Grafana dashboard (deploy/): valid for promtool, every
+alert unit-tested both ways, and every metric a PromQL expression reads is one the scorer's
+GET /metrics really exports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import ENDPOINTS, create_app
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+PROM = REPO / "deploy" / "prometheus"
+GRAFANA = REPO / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "ctrserve.json"
+RULE_FILES = ("recording_rules.yml", "alert_rules.yml", "experiment_weights.yml")
+
+# Series Prometheus makes itself for every target; the scorer does not export them.
+PROMETHEUS_SERIES = {"up"}
+# Labels Prometheus attaches to every scraped sample (job and instance from the target).
+TARGET_LABELS = {"job", "instance"}
+SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
+
+
+# ---- promtool ------------------------------------------------------------------------------
+
+def _promtool(*args: str, cwd: Path = REPO) -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus; "
+                    ".ci/run installs it when it can)")
+    done = subprocess.run([path, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "SUCCESS" in out
+    return out
+
+
+def test_promtool_check_config() -> None:
+    """The config, and through it every rule file it loads, as Prometheus would read them."""
+    out = _promtool("check", "config", "deploy/prometheus/prometheus.yml")
+    assert f"{len(RULE_FILES)} rule files found" in out
+
+
+def test_promtool_check_alert_rules() -> None:
+    _promtool("check", "rules", "alert_rules.yml", "experiment_weights.yml", cwd=PROM)
+
+
+def test_promtool_alert_unit_tests() -> None:
+    _promtool("test", "rules", "alert_rules_test.yml", cwd=PROM)
+
+
+def test_the_weights_example_is_valid(tmp_path: Path) -> None:
+    """experiment_weights.yml ships its example commented out; uncommented it must load."""
+    example = tmp_path / "weights.yml"
+    example.write_text(yaml.safe_dump(_weights_example()))
+    _promtool("check", "rules", str(example))
+
+
+# ---- the files themselves ------------------------------------------------------------------
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _weights_example() -> dict:
+    """The commented example of experiment_weights.yml, from its `# groups:` line on."""
+    lines = (PROM / "experiment_weights.yml").read_text().splitlines()
+    start = lines.index("# groups:")
+    block = [line[2:] for line in lines[start:] if line.startswith("# ")]
+    return yaml.safe_load("\n".join(block))
+
+
+def _rules(*docs: dict) -> list[dict]:
+    return [rule for doc in docs for group in doc["groups"] or [] for rule in group["rules"]]
+
+
+def _all_rules() -> list[dict]:
+    return _rules(*(_yaml(PROM / name) for name in RULE_FILES), _weights_example())
+
+
+def _alerts() -> dict[str, dict]:
+    return {r["alert"]: r for r in _rules(_yaml(PROM / "alert_rules.yml")) if "alert" in r}
+
+
+def test_prometheus_scrapes_every_scorer_and_loads_the_rules() -> None:
+    config = _yaml(PROM / "prometheus.yml")
+    assert config["rule_files"] == list(RULE_FILES)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    scorer = jobs["ctrserve"]
+    assert scorer["metrics_path"] == "/metrics"
+    (sd,) = scorer["dns_sd_configs"]  # DNS discovery: a scaled compose service needs no edit
+    assert (sd["names"], sd["type"], sd["port"]) == (["scorer"], "A", 8000)
+    # the alerts on `up` select the job by this name
+    assert 'job="ctrserve"' in _alerts()["CtrserveScorerDown"]["expr"]
+
+
+def test_the_required_alerts_exist() -> None:
+    alerts = _alerts()
+    assert set(alerts) >= {"CtrserveHighErrorRate", "CtrserveHighLatencyP99",
+                           "CtrserveQueueSaturated", "CtrserveSampleRatioMismatch",
+                           "CtrserveNoEvents"}
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+    # the SRM threshold is the chi-square quantile at p = 0.001
+    critical = _recorded()["experiment:ctrserve_users:srm_chi2_critical_p001"]
+    assert "== 1) * 0 + 10.8276" in critical and "== 2) * 0 + 13.8156" in critical
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    cases: dict[str, set[bool]] = {}
+    for test in _yaml(PROM / "alert_rules_test.yml")["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case["exp_alerts"]))
+    for name in _alerts():
+        assert cases.get(name) == {True, False}, f"{name}: needs a firing and a quiet case"
+
+
+def test_recorded_names_are_unique_and_follow_the_convention() -> None:
+    """level:metric:operations; a series recorded twice would be two different definitions
+    (the weights are the exception: one rule per arm by design)."""
+    seen: set[str] = set()
+    for rule in _rules(*(_yaml(PROM / n) for n in ("recording_rules.yml", "alert_rules.yml"))):
+        if "record" in rule:
+            level, metric, operations = rule["record"].split(":")
+            assert level and metric.startswith("ctrserve_") and operations, rule["record"]
+            assert rule["record"] not in seen, f"{rule['record']} is recorded twice"
+            seen.add(rule["record"])
+
+
+# ---- PromQL metric names -------------------------------------------------------------------
+
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+            "unless", "bool", "offset", "inf", "nan", "atan2"}
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+# Grafana's template variable query: label_values(metric, label) names a metric and a label
+LABEL_VALUES = re.compile(r"\blabel_values\(\s*([^,)]+?)\s*(?:,[^)]*)?\)")
+IDENT = re.compile(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
+SELECTOR = re.compile(r"(?<![\w.:])([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
+MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*\"((?:[^\"\\]|\\.)*)\"")
+
+
+def series_names(expr: str) -> set[str]:
+    """The series an expression reads: identifiers that are neither a function or aggregation
+    call, a keyword, nor a label (in matchers, by/on/... lists, label_values' second argument)."""
+    expr = LABEL_VALUES.sub(r"\1", expr)
+    expr = re.sub(r"\{[^}]*\}", " ", STRING.sub('""', expr))  # label matchers
+    expr = re.sub(r"\$\{?\w+\}?", " ", expr)  # Grafana variables ($__rate_interval)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # range and subquery windows
+    expr = LABEL_LIST.sub(" ", expr)
+    expr = re.sub(r"\boffset\s+\S+", " ", expr)
+    return {m.group(1) for m in IDENT.finditer(expr)
+            if not m.group(2) and m.group(1) not in KEYWORDS}
+
+
+def test_series_name_parser() -> None:
+    expr = ('sum by (le, endpoint) (rate(ctrserve_request_duration_seconds_bucket'
+            '{endpoint=~"/v1/score|x"}[$__rate_interval])) / on (experiment) group_left () '
+            '(experiment_arm:ctrserve_ctr:ratio_1d > bool 1e3) or vector(0) unless '
+            'absent(up{job="ctrserve"} offset 5m) and histogram_quantile(0.99, x_bucket)')
+    assert series_names(expr) == {"ctrserve_request_duration_seconds_bucket", "up", "x_bucket",
+                                  "experiment_arm:ctrserve_ctr:ratio_1d"}
+    assert series_names("label_values(ctrserve_impressions_total, experiment)") == {
+        "ctrserve_impressions_total"}
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and template variable of the dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [(f"panel {p['title']!r}", t["expr"]) for p in _panels(dashboard)
+             for t in p.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        query = var["query"]
+        exprs.append((f"variable {var['name']}", query["query"] if isinstance(query, dict)
+                      else query))
+    return exprs
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    return [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+
+
+def _rule_exprs() -> list[tuple[str, str]]:
+    return [(rule.get("record") or rule["alert"], rule["expr"]) for rule in _all_rules()]
+
+
+def _exported(metrics_text: str) -> set[str]:
+    names = set(PROMETHEUS_SERIES)
+    for family in text_string_to_metric_families(metrics_text):
+        for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+@pytest.fixture(scope="module")
+def scorer() -> tuple[str, dict[str, set[str]]]:
+    """GET /metrics of a real scorer app (the ASGI app with its middleware, not started:
+    every metric is registered when the app is created, before models load), and the label
+    names of each exported sample name from the app's own Metrics object."""
+    app = create_app(Settings())
+
+    async def get() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://scorer") as client:
+            return await client.get("/metrics")
+
+    reply = asyncio.run(get())
+    assert reply.status_code == 200
+    labels: dict[str, set[str]] = {"up": set()}
+    for wrapper in vars(app.state.metrics).values():
+        if isinstance(wrapper, MetricWrapperBase):
+            family = wrapper.describe()[0]
+            for suffix in SAMPLE_SUFFIXES[family.type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                labels[family.name + suffix] = set(wrapper._labelnames) | extra  # no accessor
+    return reply.text, labels
+
+
+def _raw_names(exprs: list[tuple[str, str]], recorded: dict[str, str]) -> dict[str, set[str]]:
+    """Raw metric name -> where it is read; recorded series are followed to their rules."""
+    used: dict[str, set[str]] = {}
+    todo = list(exprs)
+    seen: set[str] = set()
+    while todo:
+        where, expr = todo.pop()
+        for name in series_names(expr):
+            if ":" in name:
+                assert name in recorded, f"{where} reads {name}, which no rule records"
+                if name not in seen:
+                    seen.add(name)
+                    todo.append((f"{where} via {name}", recorded[name]))
+            else:
+                used.setdefault(name, set()).add(where)
+    return used
+
+
+def _recorded() -> dict[str, str]:
+    recorded: dict[str, str] = {}
+    for rule in _all_rules():
+        if "record" in rule:
+            recorded.setdefault(rule["record"], rule["expr"])
+    return recorded
+
+
+def test_dashboard_and_rules_read_only_what_the_scorer_exports(scorer) -> None:
+    text, _ = scorer
+    exported = _exported(text)
+    used = _raw_names(_dashboard_exprs() + _rule_exprs(), _recorded())
+    unknown = {name: sorted(where)[:3] for name, where in used.items() if name not in exported}
+    assert not unknown, f"PromQL reads metrics the scorer does not export: {unknown}"
+    # the parser found the metrics behind each panel family (a broken parser finds nothing)
+    assert {"ctrserve_impressions_total", "ctrserve_downloads_total", "ctrserve_users_total",
+            "ctrserve_request_duration_seconds_bucket", "ctrserve_batch_rows_bucket",
+            "ctrserve_queue_depth_rows", "ctrserve_model_info", "ctrserve_requests_total",
+            "ctrserve_events_total", "ctrserve_shed_total"} <= used.keys()
+
+
+def test_label_matchers_and_groupings_name_labels_the_metrics_carry(scorer) -> None:
+    """A matcher or `by` on a label the metric lacks silently selects or splits nothing."""
+    _, labels = scorer
+    for where, expr in _dashboard_exprs() + _rule_exprs():
+        plain = STRING.sub('""', expr)
+        grouping = {label.strip() for clause in re.findall(r"\bby\s*\(([^)]*)\)", plain)
+                    for label in clause.split(",") if label.strip()}
+        raw = {n for n in series_names(expr) if ":" not in n}
+        for name in raw:
+            known = labels.get(name)
+            if known is None:
+                continue  # unknown names fail the test above
+            missing = grouping - known - TARGET_LABELS - {"le"}
+            assert not missing, f"{where}: {name} has no label {sorted(missing)}"
+        for name, matchers in SELECTOR.findall(expr):
+            if ":" in name or name not in labels:
+                continue
+            for label, op, value in MATCHER.findall(matchers):
+                assert label in labels[name] | TARGET_LABELS, f"{where}: {name}{{{label}}}"
+                if label == "endpoint" and op in ("=", "=~"):
+                    for endpoint in value.split("|"):
+                        assert endpoint in ENDPOINTS, f"{where}: endpoint {endpoint!r}"
+
+
+# ---- Grafana -------------------------------------------------------------------------------
+
+def test_grafana_provisioning() -> None:
+    (source,) = _yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    assert (source["type"], source["uid"], source["url"]) == (
+        "prometheus", "prometheus", "http://prometheus:9090")
+    (provider,) = _yaml(GRAFANA / "provisioning" / "dashboards" / "ctrserve.yml")["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = _panels(dashboard)
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+            assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
+    for var in dashboard["templating"]["list"]:
+        assert var["datasource"]["uid"] == source["uid"]
+    titles = " | ".join(p["title"] for p in panels).lower()
+    for needed in ("ctr per arm", "cvr per arm", "uplift over control", "traffic per arm",
+                   "latency quantiles", "batch size", "queue depth", "model versions"):
+        assert needed in titles, needed
+    exprs = " ".join(expr for _, expr in _dashboard_exprs())
+    assert "ctrserve_model_info" in exprs and "ctrserve_ctr:uplift_1d" in exprs
