@@ -53,6 +53,7 @@ class Batcher:
         self._max_rows = settings.batch_max_rows
         self._max_delay = settings.batch_max_delay_ms / 1000
         self._capacity = settings.queue_capacity_rows
+        metrics.queue_capacity.labels(label).set(self._capacity)
         self._retry_after = str(settings.retry_after_s)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()

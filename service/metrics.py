@@ -11,6 +11,15 @@ LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1., 2., 5
 ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+# Label values the code emits, created at 0 up front so that rate() and increase() see the
+# first increment: shed reasons (batcher.py), event types and statuses (events.py: the Lua
+# script's replies; a malformed event of no known type counts as "other", "rejected").
+SHED_REASONS = ("overload", "deadline")
+EVENT_TYPES = ("impression", "download")
+EVENT_STATUSES = ("accepted", "duplicate", "rejected")
+SWAP_RESULTS = ("loaded", "refused")
+ArmLabels = tuple[str, str, str]  # (experiment, arm, control: "true" or "false")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -31,6 +40,9 @@ class Metrics:
                                    ["arm"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ctrserve_queue_depth_rows", "rows waiting for inference",
                                  ["arm"], registry=r)
+        self.queue_capacity = Gauge("ctrserve_queue_capacity_rows", "rows the queue takes "
+                                    "before it sheds (queue_capacity_rows)", ["arm"],
+                                    registry=r)
         self.shed = Counter("ctrserve_shed_total", "requests refused by the batcher",
                             ["reason"], registry=r)
         self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
@@ -46,6 +58,19 @@ class Metrics:
                              registry=r)
         self.events = Counter("ctrserve_events", "events received by type and status",
                               ["type", "status"], registry=r)
+        self.arm_weight = Gauge("ctrserve_arm_weight", "configured share of the experiment's "
+                                "non-holdout users of each served arm; control: its control "
+                                "arm", ["experiment", "arm", "control"], registry=r)
+        self._arms: set[ArmLabels] = set()
+        self._precreate()
+
+    def _precreate(self) -> None:
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
+        for kind in EVENT_TYPES:
+            for status in EVENT_STATUSES:
+                self.events.labels(kind, status)
+        self.events.labels("other", "rejected")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -55,8 +80,30 @@ class Metrics:
             self.model_info.remove(arm, *old.values())
         self.model_info.labels(arm, *new.values()).set(1)
 
+    def swapped(self, arm: str) -> None:
+        """A model loaded for `arm`: count it, and create its other result at 0."""
+        for result in SWAP_RESULTS:
+            self.swaps.labels(arm, result)
+        self.swaps.labels(arm, "loaded").inc()
+
     def drop_model(self, arm: str, labels: dict[str, str]) -> None:
+        """`arm`'s model is unloaded: its info and its queue's gauges go (a later model of the
+        same key makes new ones; the draining batcher's updates no longer show)."""
         self.model_info.remove(arm, *labels.values())
+        self.queue_depth.remove(arm)
+        self.queue_capacity.remove(arm)
+
+    def set_arms(self, weights: dict[ArmLabels, float]) -> None:
+        """Export exactly these arms' weights: the new series are set first and the series of
+        arms no longer served removed after, so no scrape sees an empty set. Their A/B
+        counters are created at 0 (an arm's first impression then shows in increase())."""
+        for labels, weight in weights.items():
+            self.arm_weight.labels(*labels).set(weight)
+            for counter in (self.impressions, self.downloads, self.users):
+                counter.labels(*labels[:2])
+        for labels in self._arms - weights.keys():
+            self.arm_weight.remove(*labels)
+        self._arms = set(weights)
 
 
 class MetricsMiddleware:

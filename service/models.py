@@ -156,7 +156,7 @@ class ModelRegistry:
             new.batcher.start()
             self.models[arm] = new  # the swap: later requests pick the new model
             self.metrics.set_model(arm, old.labels() if old else None, new.labels())
-            self.metrics.swaps.labels(arm, "loaded").inc()
+            self.metrics.swapped(arm)
         if old is not None:
             await old.batcher.close(self.settings.drain_timeout_s)
         log.info("arm %s serves %s (was %s)", arm, new.version, old.version if old else None)

@@ -51,13 +51,19 @@ class Routing:
         s = self.settings
         if s.experiments_file is None:
             await self.models.load(s.arm, resolve_bundle(s.registry, s.bundle, False))
-            self.experiments = single_arm(s.experiment, s.arm, s.bundle)
+            self._install(single_arm(s.experiment, s.arm, s.bundle))
         else:
             experiments = load_experiments(s.experiments_file, s.registry)
             await self._load_missing(experiments)
-            self.experiments = experiments
+            self._install(experiments)
         await self._save(self.experiments)
         return self.experiments
+
+    def _install(self, experiments: ExperimentSet) -> None:
+        """Route by `experiments` from now on and export its arms' weights, in one step on the
+        event loop (a scrape sees the old set or the new one)."""
+        self.experiments = experiments
+        self.models.metrics.set_arms(arm_weights(experiments))
 
     async def _save(self, experiments: ExperimentSet) -> None:
         if self.client is not None:
@@ -96,7 +102,8 @@ class Routing:
             await self._load_single(canary_key(s.arm), canary.bundle)  # first: refused = no change
         if bundle != serving:
             await self._load_single(s.arm, bundle)
-        self.experiments = new = single_arm(s.experiment, s.arm, bundle, canary)
+        new = single_arm(s.experiment, s.arm, bundle, canary)
+        self._install(new)
         if canary is None and old_canary is not None:
             await self.models.unload(canary_key(s.arm))
         await self._save(new)
@@ -108,7 +115,8 @@ class Routing:
 
     async def _replace(self, new: ExperimentSet) -> list[str]:
         added = await self._load_missing(new)
-        old, self.experiments = self.experiments, new
+        old = self.experiments
+        self._install(new)
         keep = set(new.keys.values())
         for key in (old.keys.values() if old else ()):
             if key not in keep:
@@ -152,6 +160,12 @@ def _bundle_loc(experiments: ExperimentSet, bundle: str) -> list[str | int]:
 
 def arm_bundles(experiments: ExperimentSet) -> DeployState:
     return {e.name: {a.name: a.bundle for a in e.arms} for e in experiments.config.experiments}
+
+
+def arm_weights(experiments: ExperimentSet) -> dict[tuple[str, str, str], float]:
+    """{(experiment, arm, control "true"/"false"): weight} of every configured arm."""
+    return {(e.name, a.name, str(a.control).lower()): a.weight
+            for e in experiments.config.experiments for a in e.arms}
 
 
 def overlay(experiments: ExperimentSet, state: DeployState, canaries: CanaryState,

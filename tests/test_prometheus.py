@@ -18,13 +18,14 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import ENDPOINTS, create_app
+from service.metrics import Metrics
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "ctrserve.json"
-RULE_FILES = ("recording_rules.yml", "alert_rules.yml", "experiment_weights.yml")
+RULE_FILES = ("recording_rules.yml", "alert_rules.yml")
 
 # Series Prometheus makes itself for every target; the scorer does not export them.
 PROMETHEUS_SERIES = {"up"}
@@ -61,18 +62,11 @@ def test_promtool_check_config() -> None:
 
 
 def test_promtool_check_alert_rules() -> None:
-    _promtool("check", "rules", "alert_rules.yml", "experiment_weights.yml", cwd=PROM)
+    _promtool("check", "rules", "alert_rules.yml", cwd=PROM)
 
 
 def test_promtool_alert_unit_tests() -> None:
     _promtool("test", "rules", "alert_rules_test.yml", cwd=PROM)
-
-
-def test_the_weights_example_is_valid(tmp_path: Path) -> None:
-    """experiment_weights.yml ships its example commented out; uncommented it must load."""
-    example = tmp_path / "weights.yml"
-    example.write_text(yaml.safe_dump(_weights_example()))
-    _promtool("check", "rules", str(example))
 
 
 # ---- the files themselves ------------------------------------------------------------------
@@ -81,20 +75,12 @@ def _yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _weights_example() -> dict:
-    """The commented example of experiment_weights.yml, from its `# groups:` line on."""
-    lines = (PROM / "experiment_weights.yml").read_text().splitlines()
-    start = lines.index("# groups:")
-    block = [line[2:] for line in lines[start:] if line.startswith("# ")]
-    return yaml.safe_load("\n".join(block))
-
-
 def _rules(*docs: dict) -> list[dict]:
     return [rule for doc in docs for group in doc["groups"] or [] for rule in group["rules"]]
 
 
 def _all_rules() -> list[dict]:
-    return _rules(*(_yaml(PROM / name) for name in RULE_FILES), _weights_example())
+    return _rules(*(_yaml(PROM / name) for name in RULE_FILES))
 
 
 def _alerts() -> dict[str, dict]:
@@ -136,8 +122,7 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
 
 
 def test_recorded_names_are_unique_and_follow_the_convention() -> None:
-    """level:metric:operations; a series recorded twice would be two different definitions
-    (the weights are the exception: one rule per arm by design)."""
+    """level:metric:operations; a series recorded twice would be two different definitions."""
     seen: set[str] = set()
     for rule in _rules(*(_yaml(PROM / n) for n in ("recording_rules.yml", "alert_rules.yml"))):
         if "record" in rule:
@@ -272,7 +257,8 @@ def test_dashboard_and_rules_read_only_what_the_scorer_exports(scorer) -> None:
     assert {"ctrserve_impressions_total", "ctrserve_downloads_total", "ctrserve_users_total",
             "ctrserve_request_duration_seconds_bucket", "ctrserve_batch_rows_bucket",
             "ctrserve_queue_depth_rows", "ctrserve_model_info", "ctrserve_requests_total",
-            "ctrserve_events_total", "ctrserve_shed_total"} <= used.keys()
+            "ctrserve_events_total", "ctrserve_shed_total", "ctrserve_arm_weight",
+            "ctrserve_queue_capacity_rows"} <= used.keys()
 
 
 def test_label_matchers_and_groupings_name_labels_the_metrics_carry(scorer) -> None:
@@ -297,6 +283,49 @@ def test_label_matchers_and_groupings_name_labels_the_metrics_carry(scorer) -> N
                 if label == "endpoint" and op in ("=", "=~"):
                     for endpoint in value.split("|"):
                         assert endpoint in ENDPOINTS, f"{where}: endpoint {endpoint!r}"
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """{sorted label pairs: value} of one sample name in a /metrics text."""
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+def test_labelled_counters_start_at_zero(scorer) -> None:
+    """Every label value the code emits exists at 0 before the first increment, so rate() and
+    increase() count that increment."""
+    text, _ = scorer
+    shed = _samples(text, "ctrserve_shed_total")
+    assert shed == {(("reason", r),): 0.0 for r in ("overload", "deadline")}
+    events = {dict(k)["type"] + " " + dict(k)["status"]: v
+              for k, v in _samples(text, "ctrserve_events_total").items()}
+    assert events == {f"{t} {s}": 0.0 for t in ("impression", "download")
+                      for s in ("accepted", "duplicate", "rejected")} | {"other rejected": 0.0}
+
+
+def test_arm_weights_are_replaced_without_an_empty_scrape() -> None:
+    metrics = Metrics()
+    metrics.set_arms({("ranker", "lr", "true"): 0.9, ("ranker", "deepfm", "false"): 0.1,
+                      ("banner", "lr", "true"): 1.0})
+    seen_at_removal: list[dict] = []
+    remove = metrics.arm_weight.remove
+
+    def spy(*labels: str) -> None:
+        seen_at_removal.append(_samples(metrics.render().decode(), "ctrserve_arm_weight"))
+        remove(*labels)
+
+    metrics.arm_weight.remove = spy  # type: ignore[method-assign]
+    metrics.set_arms({("ranker", "lr", "false"): 0.5, ("ranker", "deepfm", "true"): 0.5})
+    after = _samples(metrics.render().decode(), "ctrserve_arm_weight")
+    key = (("arm", "deepfm"), ("control", "true"), ("experiment", "ranker"))
+    assert len(seen_at_removal) == 3 and all(s[key] == 0.5 for s in seen_at_removal)
+    assert after == {(("arm", "lr"), ("control", "false"), ("experiment", "ranker")): 0.5,
+                     key: 0.5}
+    # the A/B counters of every arm ever served exist (at 0 until counted)
+    users = _samples(metrics.render().decode(), "ctrserve_users_total")
+    assert {(dict(k)["experiment"], dict(k)["arm"]) for k in users} == {
+        ("ranker", "lr"), ("ranker", "deepfm"), ("banner", "lr")}
 
 
 # ---- Grafana -------------------------------------------------------------------------------

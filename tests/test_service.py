@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from ctrserve.cli import main
 from service.feature_store import item_key, load_tables
@@ -239,6 +241,55 @@ def test_health_readiness_models_metrics_and_docs(scorer):
     body = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].endswith("/ScoreRequest")
     assert "Candidate" in spec["components"]["schemas"]
+
+
+def series(url: str, name: str) -> dict[tuple[str, ...], float]:
+    """{label values in label-name order: value} of one sample name on GET /metrics."""
+    text = httpx.get(url + "/metrics").text
+    return {tuple(v for _, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+def test_metrics_export_arm_weights_and_queue_capacity(registry, synth_dir, tmp_path):
+    """ctrserve_arm_weight follows the served config (start, PUT /admin/experiments), with
+    the demo's control arm `lr` and a 90/10 split; ctrserve_queue_capacity_rows is the setting,
+    per loaded model, gone with the model."""
+    lr, deepfm = bundle_name(registry, "lr"), bundle_name(registry, "deepfm")
+    config = {"experiments": [
+        {"name": "ranker", "salt": "r1", "arms": [
+            {"name": "lr", "weight": 0.9, "bundle": lr, "control": True},
+            {"name": "deepfm", "weight": 0.1, "bundle": deepfm}]},
+        {"name": "banner", "salt": "b1", "arms": [
+            {"name": "only", "weight": 1.0, "bundle": lr, "control": True}]}]}
+    (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(config))
+    store = start_embedded(tmp_path / "store.rdb")  # its own: the config seeds deploy state
+    try:
+        settings = settings_for(registry, embedded_url(store), queue_capacity_rows=3000,
+                                experiments_file=tmp_path / "experiments.yaml")
+        with LiveServer(settings) as server:
+            # label order: arm, control, experiment
+            assert series(server.url, "ctrserve_arm_weight") == {
+                ("lr", "true", "ranker"): 0.9, ("deepfm", "false", "ranker"): 0.1,
+                ("only", "true", "banner"): 1.0}
+            assert series(server.url, "ctrserve_queue_capacity_rows") == {
+                (lr,): 3000, (deepfm,): 3000}
+            assert series(server.url, "ctrserve_queue_depth_rows") == {(lr,): 0, (deepfm,): 0}
+            swaps = series(server.url, "ctrserve_swaps_total")
+            assert swaps == {(lr, "loaded"): 1, (lr, "refused"): 0,
+                             (deepfm, "loaded"): 1, (deepfm, "refused"): 0}
+            assert series(server.url, "ctrserve_users_total") == {
+                ("lr", "ranker"): 0, ("deepfm", "ranker"): 0, ("only", "banner"): 0}
+            solo = {"experiments": [{"name": "solo", "salt": "s", "arms": [
+                {"name": "lr", "weight": 1, "bundle": lr, "control": True}]}]}
+            reply = httpx.put(server.url + "/admin/experiments", json=solo, timeout=60,
+                              headers={"X-API-Key": API_KEY})
+            assert reply.status_code == 200, reply.text
+            assert series(server.url, "ctrserve_arm_weight") == {("lr", "true", "solo"): 1.0}
+            assert series(server.url, "ctrserve_queue_capacity_rows") == {(lr,): 3000}
+            assert series(server.url, "ctrserve_queue_depth_rows") == {(lr,): 0}
+    finally:
+        stop_embedded(store)
 
 
 # ---- overload and deadlines ------------------------------------------------------------------

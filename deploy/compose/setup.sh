@@ -2,8 +2,9 @@
 # One-shot set-up of the compose stack (docker-compose.yml, service `setup`), so that
 # `docker compose up` has something to serve: a synthetic world, models trained on it and
 # exported into the registry, the world's user and app features in Redis, and an experiments
-# file serving the models as equal arms, the first (LR) as the arm named `control` (the
-# uplift recording rules compare every arm with the arm of that name).
+# file serving the models as equal arms, the first (LR) as the control arm, named `control`
+# (the uplift recording rules find it by its `control: true`, exported as
+# ctrserve_arm_weight{control="true"}, whatever its name).
 #
 # Idempotent: the world, each trained run and the experiments file are made once; the features
 # are loaded on every start (cheap, and the Redis volume may be new). Delete
