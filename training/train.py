@@ -6,6 +6,7 @@ import copy
 import json
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -98,7 +99,8 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
                       "samples_per_second": samples / seconds})
         if progress:
             tqdm.write(f"epoch {epoch}: loss {loss:.4f}  valid AUC {scores['auc']:.4f}  "
-                       f"logloss {scores['logloss']:.4f}  {samples / seconds:,.0f} samples/s")
+                       f"logloss {scores['logloss']:.4f}  {samples / seconds:,.0f} samples/s",
+                       file=sys.stderr)  # progress on stderr: stdout is the command's result
         if scores["auc"] > best:
             best, best_state, stale = scores["auc"], copy.deepcopy(model.state_dict()), 0
         else:
