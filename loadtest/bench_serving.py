@@ -5,9 +5,11 @@
 
 Starts two scorers as subprocesses on loopback (batching on and off, each with its own embedded
 Redis loaded from the synth dir), drives them from a second process (`wrk` when installed,
-else an async httpx client) with candidate lists of 10, 100 and 500 at several concurrencies,
+else an async httpx client) with candidate lists of 10, 100 and 500 and the traffic
+simulator's mix (`mixed`: 50-100 candidates, top 10 returned) at several concurrencies,
 cells of the two servers interleaved (which goes first alternates), each bounded in time (and,
-for the Python client, in count). Reports candidates/s, p50/p95/p99 latency, server and client
+for the Python client, in count). Reports requests/s and candidates/s, p50/p95/p99/max latency,
+requests shed (503/504, from the scorer's own counter) and other errors, server and client
 CPU, and the ratio to the in-process onnxruntime limit (rows/s at its best batch size, one
 intra-op thread as served, measured before and after the HTTP cells in the same run). Prints a
 table, writes JSON.
@@ -33,9 +35,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-QUICK = {"candidates": (10, 100, 500), "concurrency": (1, 16), "duration": 2.0,
+MIXED = 0  # candidates: the traffic simulator's profile (50-100 candidates, top 10 returned)
+QUICK = {"candidates": (10, 100, 500, MIXED), "concurrency": (1, 16), "duration": 2.0,
          "ort_seconds": 0.3, "max_requests": 20_000}
-FULL = {"candidates": (10, 100, 500), "concurrency": (1, 4, 16, 64), "duration": 10.0,
+FULL = {"candidates": (10, 100, 500, MIXED), "concurrency": (1, 4, 16, 64), "duration": 10.0,
         "ort_seconds": 2.0, "max_requests": 200_000}
 ORT_BATCHES = (1, 10, 100, 256, 512, 1024, 2048)
 BODIES_PER_SIZE = 256
@@ -52,9 +55,10 @@ end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('{"requests":%d,"seconds":%.6f,"errors":%d,"status_errors":%d,'
-    .. '"p50_ms":%.3f,"p95_ms":%.3f,"p99_ms":%.3f}\n', summary.requests,
+    .. '"p50_ms":%.3f,"p95_ms":%.3f,"p99_ms":%.3f,"max_ms":%.3f}\n', summary.requests,
     summary.duration / 1e6, e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50) / 1e3, latency:percentile(95) / 1e3, latency:percentile(99) / 1e3))
+    latency:percentile(50) / 1e3, latency:percentile(95) / 1e3, latency:percentile(99) / 1e3,
+    latency.max / 1e3))
 end
 """
 
@@ -68,15 +72,22 @@ def records(synth_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def make_bodies(users: list[dict], apps: list[dict], candidates: int, count: int,
                 seed: int = 0) -> list[str]:
-    """`count` score requests of distinct users, each with `candidates` distinct apps."""
+    """`count` score requests of distinct users, each with `candidates` distinct apps; with
+    MIXED, the simulator's requests: 50-100 candidates (uniform), the top 10 returned."""
+    from loadtest.simulator import SimConfig
+
+    sim = SimConfig()
     rng = np.random.default_rng([seed, candidates])
     out = []
     for _ in range(count):
         user = users[int(rng.integers(len(users)))]["user_id"]
-        picks = rng.choice(len(apps), min(candidates, len(apps)), replace=False)
-        cands = [{"item_id": apps[int(j)]["app_id"]} for j in picks]
-        out.append(json.dumps({"user_id": user, "context": CONTEXT, "candidates": cands},
-                              separators=(",", ":")))
+        n = candidates or int(rng.integers(sim.candidates[0], sim.candidates[1] + 1))
+        picks = rng.choice(len(apps), min(n, len(apps)), replace=False)
+        body = {"user_id": user, "context": CONTEXT,
+                "candidates": [{"item_id": apps[int(j)]["app_id"]} for j in picks]}
+        if candidates == MIXED:
+            body["top_k"] = sim.top_k
+        out.append(json.dumps(body, separators=(",", ":")))
     return out
 
 
@@ -157,6 +168,15 @@ class Server:
                 time.sleep(0.05)  # the batch already taken finishes
                 return
             time.sleep(0.05)
+
+    def shed(self) -> int:
+        """Requests this scorer answered 503 (overload) or 504 (deadline) so far."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
+            lines = reply.read().decode().splitlines()
+        return round(sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                         if line.startswith("ctrserve_shed_total{")))
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server process, all its threads."""
@@ -241,7 +261,8 @@ def python_client(url: str, bodies: list[str], concurrency: int, duration: float
     lat = np.array(latencies) * 1000
     return {"requests": len(lat), "seconds": seconds, "errors": errors["transport"],
             "status_errors": errors["status"], "p50_ms": float(np.percentile(lat, 50)),
-            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99))}
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max())}
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -270,13 +291,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.wait_ready()
         for n in candidates:
             bodies_file = workdir / f"bodies-{n}.jsonl"
-            bodies_file.write_text("\n".join(make_bodies(users, apps, n, BODIES_PER_SIZE)))
+            bodies = make_bodies(users, apps, n, BODIES_PER_SIZE)
+            bodies_file.write_text("\n".join(bodies))
+            per_request = n or float(np.mean([len(json.loads(b)["candidates"]) for b in bodies]))
             for c in concurrency:
                 order = list(servers.items())
                 if len(cells) // 2 % 2:  # ABBA: whichever runs first in a pair is not favoured
                     order.reverse()
                 for mode, server in order:
-                    cell = measure(client, server, bodies_file, n, c, duration,
+                    cell = measure(client, server, bodies_file, n, per_request, c, duration,
                                    plan["max_requests"], workdir)
                     server.wait_idle()
                     cells.append({"mode": mode, **cell})
@@ -289,21 +312,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(args, bundle, client, cells, limit_before, limit_after, limit_2t)
 
 
-def measure(client: str, server: Any, bodies_file: Path, n: int, c: int, duration: float,
-            max_requests: int, workdir: Path) -> dict[str, Any]:
+def measure(client: str, server: Any, bodies_file: Path, n: int, per_request: float, c: int,
+            duration: float, max_requests: int, workdir: Path) -> dict[str, Any]:
     drive(client, server.url, bodies_file, c, min(1.0, duration), max_requests, workdir)  # warm
     server.wait_idle()
-    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    shed0, cpu0, t0 = server.shed(), server.cpu_seconds(), time.perf_counter()
     result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir)
     server_cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    shed = server.shed() - shed0  # includes the abandoned requests the queue drops later
     # only answered requests count as throughput: shed (503) and failed ones do not
     answered = result["requests"] - result["errors"] - result["status_errors"]
     rps = answered / result["seconds"]
-    return {"candidates": n, "concurrency": c, "requests": answered,
-            "requests_per_s": round(rps, 1), "candidates_per_s": round(rps * n),
+    return {"candidates": n or "mixed", "candidates_per_request": per_request,
+            "concurrency": c, "requests": answered,
+            "requests_per_s": round(rps, 1), "candidates_per_s": round(rps * per_request),
             "p50_ms": round(result["p50_ms"], 2), "p95_ms": round(result["p95_ms"], 2),
-            "p99_ms": round(result["p99_ms"], 2),
-            "errors": result["errors"] + result["status_errors"],
+            "p99_ms": round(result["p99_ms"], 2), "max_ms": round(result["max_ms"], 2),
+            "shed": shed, "errors": max(result["errors"] + result["status_errors"] - shed, 0),
             "server_cpu_cores": round(server_cpu, 2),
             "client_cpu_cores": result["client_cpu_cores"]}
 
@@ -338,14 +363,17 @@ def summarize(args: argparse.Namespace, bundle: str, client: str, cells: list[di
 
 # ---- output -----------------------------------------------------------------------------------
 HEADER = (f"{'cands':>5} {'conc':>4} {'mode':<9} {'req/s':>8} {'cands/s':>9} {'p50 ms':>7} "
-          f"{'p95 ms':>7} {'p99 ms':>7} {'err':>5} {'srv cpu':>7} {'cli cpu':>7} {'ratio':>6}")
+          f"{'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} {'shed':>6} {'err':>5} {'srv cpu':>7} "
+          f"{'cli cpu':>7} "
+          f"{'ratio':>6}")
 
 
 def row(c: dict) -> str:
     ratio = f"{c['ratio_to_ort_limit']:>6.2f}" if "ratio_to_ort_limit" in c else f"{'':>6}"
     return (f"{c['candidates']:>5} {c['concurrency']:>4} {c['mode']:<9} "
             f"{c['requests_per_s']:>8,.0f} {c['candidates_per_s']:>9,} {c['p50_ms']:>7.2f} "
-            f"{c['p95_ms']:>7.2f} {c['p99_ms']:>7.2f} {c['errors']:>5} "
+            f"{c['p95_ms']:>7.2f} {c['p99_ms']:>7.2f} {c['max_ms']:>7.1f} {c['shed']:>6} "
+            f"{c['errors']:>5} "
             f"{c['server_cpu_cores']:>7.2f} {c['client_cpu_cores']:>7.2f} {ratio}")
 
 
@@ -400,6 +428,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """Candidates per request, `mixed` for the simulator's profile."""
+    return tuple(MIXED if x == "mixed" else int(x) for x in text.split(",") if x)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
@@ -409,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="bundle name (default: the newest deepfm-*)")
     p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
     p.add_argument("--quick", action="store_true", help="2 concurrencies, 2 s cells")
-    p.add_argument("--candidates", type=_ints)
+    p.add_argument("--candidates", type=_sizes, help="e.g. 10,100,500,mixed")
     p.add_argument("--concurrency", type=_ints)
     p.add_argument("--duration", type=float, help="seconds per cell")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
