@@ -85,17 +85,7 @@ def _train_parser(sub) -> None:
 
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train several models over several seeds, one table")
-    p.add_argument("--models", type=_names, default=("lr", "deepfm", "apg-deepfm"),
-                   help="each becomes an A/B arm (lr, the control, must be one)")
-    p.add_argument("--ab-days", type=int, default=7,
-                   help="simulated A/B days (0 skips the A/B test)")
-    p.add_argument("--ab-requests-per-day", type=int, default=1500)
-    p.add_argument("--no-retrain", action="store_true",
-                   help="no daily retrain between the simulated days")
-    p.add_argument("--port", type=int, default=8000,
-                   help="the scorer's loopback port (a free one when it is taken)")
-    p.add_argument("--once", action="store_true",
-                   help="exit after the report (default: keep serving until Ctrl-C)")
+    p.add_argument("--models", type=_names, default=("lr", "fm", "deepfm", "apg-deepfm"))
     p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
     p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
     _model_and_training_flags(p)

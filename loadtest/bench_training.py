@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest import bench_serving
 from training.data.source import Chunk, DataError, DataSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "training against the peers", "quick": args.quick,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m loadtest.bench_training", *sys.argv[1:]]),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+        "machine": {"cpu": bench_serving.cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "load_before": load_before,
                     "load_after": os.getloadavg(),
                     "note": "a shared 2-core machine unless stated: samples/s is indicative"},
@@ -399,16 +400,6 @@ def finish(result: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _names(allowed: dict[str, Any]):
