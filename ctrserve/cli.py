@@ -77,7 +77,9 @@ def _model_and_training_flags(p: argparse.ArgumentParser) -> None:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory")
-    p.add_argument("--model", required=True, help="lr, fm, deepfm or apg-deepfm")
+    p.add_argument("--model", required=True,
+                   help="lr, fm, deepfm, apg-deepfm, ipnn, opnn, pnn-star, deepfm-ipnn, "
+                        "deepfm-opnn or deepfm-pnn-star")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     _model_and_training_flags(p)
     p.set_defaults(func=commands.train)

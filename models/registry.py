@@ -9,8 +9,20 @@ from models.base import CTRModel, ModelConfig
 from models.deepfm import DeepFM
 from models.fm import FM
 from models.lr import LR
+from models.pnn import IPNN, OPNN, DeepFMIPNN, DeepFMOPNN, DeepFMPNNStar, PNNStar
 
-MODELS: dict[str, type[CTRModel]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "apg-deepfm": APGDeepFM}
+MODELS: dict[str, type[CTRModel]] = {
+    "lr": LR,
+    "fm": FM,
+    "deepfm": DeepFM,
+    "apg-deepfm": APGDeepFM,
+    "ipnn": IPNN,
+    "opnn": OPNN,
+    "pnn-star": PNNStar,
+    "deepfm-ipnn": DeepFMIPNN,
+    "deepfm-opnn": DeepFMOPNN,
+    "deepfm-pnn-star": DeepFMPNNStar,
+}
 
 
 def build_model(config: ModelConfig, layout: dict[str, Any]) -> CTRModel:
