@@ -46,6 +46,10 @@ class Manifest(BaseModel):
     created_at: str
     producer: dict[str, Any] = {}
     run: dict[str, Any] = {}
+    # information abundance of the run's embeddings (training/abundance.py manifest_summary):
+    # embedding_sets, mean per set, overall_mean, fields {name: [IA per set]}; absent in
+    # bundles exported before issue 8 and for models without an embedding table
+    abundance: dict[str, Any] | None = None
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST_FILE).write_text(self.model_dump_json(indent=1))

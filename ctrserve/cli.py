@@ -58,6 +58,9 @@ def _model_and_training_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--apg-condition", choices=("self", "group", "mix"), default="self")
     m.add_argument("--apg-condition-fields", type=_names, default=(),
                    help="comma-separated fields for group/mix conditions")
+    m.add_argument("--embedding-sets", type=int, default=1, metavar="M",
+                   help="multi-embedding: M independent embedding sets, each with its own "
+                        "interaction, averaged (deepfm, ipnn; 1 = the plain model)")
     t = p.add_argument_group("training")
     t.add_argument("--optimizer", choices=("adam", "adagrad"), default="adam")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -99,6 +102,13 @@ def _export_parser(sub) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--registry", required=True, type=Path)
     p.set_defaults(func=commands.export)
+
+
+def _abundance_parser(sub) -> None:
+    p = sub.add_parser("abundance", help="information abundance of a run's embeddings, per "
+                                         "field and embedding set")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=commands.abundance)
 
 
 def _verify_parser(sub) -> None:
@@ -314,7 +324,8 @@ def _retrain_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _verify_parser,
+    for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _abundance_parser,
+                _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
                 _simulate_parser, _report_parser, _drain_parser, _deploy_parsers,
                 _retrain_parser):

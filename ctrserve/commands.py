@@ -28,6 +28,7 @@ def _configs(args: argparse.Namespace, model: str):
     import torch
 
     from models import MODELS, ModelConfig
+    from models.base import check_embedding_sets
     from training.train import TrainConfig
 
     if model not in MODELS:
@@ -39,7 +40,9 @@ def _configs(args: argparse.Namespace, model: str):
             name=model, embedding_dim=args.embedding_dim, mlp=args.mlp,
             dropout=args.dropout, batch_norm=args.batch_norm, apg_rank=args.apg_rank,
             apg_overparam=args.apg_overparam, apg_condition=args.apg_condition,
-            apg_condition_fields=args.apg_condition_fields)
+            apg_condition_fields=args.apg_condition_fields,
+            embedding_sets=args.embedding_sets)
+        check_embedding_sets(MODELS[model], model_cfg)
         train_cfg = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
             optimizer=args.optimizer, l2_embedding=args.l2_embedding, patience=args.patience,
@@ -79,6 +82,13 @@ def export(args: argparse.Namespace) -> str:
     from training.export import export_run
 
     return str(export_run(args.run_dir, args.registry))
+
+
+def abundance(args: argparse.Namespace) -> str:
+    """Prints the per-field table of information abundance (IA per embedding set), the mean."""
+    from training.abundance import format_table, read_abundance
+
+    return format_table(read_abundance(args.run_dir))
 
 
 def verify(args: argparse.Namespace) -> dict[str, Any]:

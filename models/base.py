@@ -26,6 +26,15 @@ class ModelConfig:
     apg_condition: str = "self"
     apg_condition_fields: tuple[str, ...] = field(default_factory=tuple)
     apg_generator_hidden: int = 64
+    # multi-embedding (issue 8): M independent embedding sets, each with its own interaction
+    # module, averaged; 1 is the plain model. Only models that declare
+    # `multi_embedding = True` accept M > 1 (see check_embedding_sets).
+    embedding_sets: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.embedding_sets, bool) or not isinstance(self.embedding_sets, int) \
+                or self.embedding_sets < 1:
+            raise ValueError(f"embedding_sets must be an integer >= 1, got {self.embedding_sets!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +51,18 @@ class ModelConfig:
         return out
 
 
+def check_embedding_sets(model_class: type, config: ModelConfig) -> None:
+    """Refuse embedding_sets > 1 for a model class that does not implement multi-embedding.
+
+    The flag is read from the class's own namespace, not inherited: a subclass that changes
+    the interaction (APG-DeepFM, DeepFM-P) must opt in itself.
+    """
+    if config.embedding_sets != 1 and not vars(model_class).get("multi_embedding", False):
+        raise ValueError(f"model {config.name!r} does not support embedding_sets="
+                         f"{config.embedding_sets} (multi-embedding is implemented for "
+                         "deepfm and ipnn); use embedding_sets=1")
+
+
 class CTRModel(nn.Module):
     """Base class: forward(*inputs) in the encoder's input order returns logits of shape [B].
 
@@ -50,8 +71,11 @@ class CTRModel(nn.Module):
     tensors.
     """
 
+    multi_embedding = False  # True: accepts config.embedding_sets > 1 (not inherited)
+
     def __init__(self, config: ModelConfig, layout: dict[str, Any]):
         super().__init__()
+        check_embedding_sets(type(self), config)
         self.config = config
         self.layout = layout
         groups = (("cat_ids", "categorical"), ("multi_ids", "multi"), ("numeric", "numeric"))
@@ -69,6 +93,14 @@ class CTRModel(nn.Module):
     def regularized_embeddings(self) -> list[torch.Tensor]:
         """Embeddings looked up in the last forward pass, for the L2 penalty."""
         return []
+
+    def embedding_tables(self) -> list[nn.Module]:
+        """The model's FeatureEmbedding modules, one per embedding set (for information
+        abundance); empty for models without one (LR)."""
+        from models.layers import FeatureEmbedding
+
+        emb = getattr(self, "embedding", None)
+        return [emb] if isinstance(emb, FeatureEmbedding) else []
 
 
 class ProbabilityHead(nn.Module):

@@ -8,6 +8,12 @@ the MLP's output bias, which `set_prior` starts at the training log-odds.
 DeepFM-P (deepfm-ipnn, deepfm-opnn, deepfm-pnn-star): DeepFM with its DNN replaced by the
 PNN deep part, sharing one embedding table: y = sigmoid(linear + FM + y_PNN).
 
+Multi-embedding (config.embedding_sets = M > 1, IPNN only): M independent FeatureEmbedding
+tables, each with its own product layer and MLP (its own ProductDeep); the M logits are
+averaged, y = sigmoid(1/M sum_m PNN_m(E_m)), and every MLP's output bias starts at the
+training log-odds, so the average does too. Set 0 keeps the plain names (`embedding`, `dnn`);
+sets 1..M-1 live in `extra_embeddings` / `extra_dnns` (empty for M = 1).
+
 See models/product.py for the product layers and the choices made there (raw products
 concatenated with z; OPNN's sum-pooled f_S f_S^T form).
 """
@@ -38,23 +44,42 @@ class PNN(CTRModel):
         super().__init__(config, layout)
         self.embedding = FeatureEmbedding(layout, config.embedding_dim, config.embedding_init_std)
         self.dnn = _product_deep(self, self.embedding.num_fields)
+        extra = range(config.embedding_sets - 1)
+        self.extra_embeddings = nn.ModuleList(
+            FeatureEmbedding(layout, config.embedding_dim, config.embedding_init_std)
+            for _ in extra)
+        self.extra_dnns = nn.ModuleList(
+            _product_deep(self, self.embedding.num_fields) for _ in extra)
         self._emb: torch.Tensor | None = None
+        self._extra_emb: list[torch.Tensor] = []
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        self._emb = self.embedding(self.named_inputs(inputs))
-        return self.dnn(self._emb)
+        named = self.named_inputs(inputs)
+        self._emb = self.embedding(named)
+        if not self.extra_embeddings:
+            return self.dnn(self._emb)
+        self._extra_emb = [emb(named) for emb in self.extra_embeddings]
+        total = self.dnn(self._emb)
+        for emb, dnn in zip(self._extra_emb, self.extra_dnns, strict=True):
+            total = total + dnn(emb)
+        return total / len(self.embedding_tables())
 
     @torch.no_grad()
     def set_prior(self, positive_rate: float) -> None:
-        """No linear term: the MLP's output bias starts at the training log-odds."""
+        """No linear term: each MLP's output bias starts at the training log-odds."""
         rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        self.dnn.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
+        for dnn in (self.dnn, *self.extra_dnns):
+            dnn.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
 
     def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []
+        return [self._emb, *self._extra_emb] if self._emb is not None else []
+
+    def embedding_tables(self) -> list[nn.Module]:
+        return [self.embedding, *self.extra_embeddings]
 
 
 class IPNN(PNN):
+    multi_embedding = True
     products = ("inner",)
 
 

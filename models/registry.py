@@ -6,9 +6,14 @@ from typing import Any
 
 from models.apg_deepfm import APGDeepFM
 from models.base import CTRModel, ModelConfig
+from models.ccpm import CCPM
 from models.deepfm import DeepFM
+from models.ffm import FFM
 from models.fm import FM
+from models.fnn import FNN
+from models.kpnn import KFM, KPNN
 from models.lr import LR
+from models.pin import NIFM, PIN
 from models.pnn import IPNN, OPNN, DeepFMIPNN, DeepFMOPNN, DeepFMPNNStar, PNNStar
 
 MODELS: dict[str, type[CTRModel]] = {
@@ -22,6 +27,13 @@ MODELS: dict[str, type[CTRModel]] = {
     "deepfm-ipnn": DeepFMIPNN,
     "deepfm-opnn": DeepFMOPNN,
     "deepfm-pnn-star": DeepFMPNNStar,
+    "fnn": FNN,
+    "ffm": FFM,
+    "ccpm": CCPM,
+    "kpnn": KPNN,
+    "pin": PIN,
+    "kfm": KFM,
+    "nifm": NIFM,
 }
 
 

@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +29,12 @@ from bundles.manifest import (
 from bundles.registry import install
 from ctrserve.errors import UserError
 from models.base import CTRModel, ProbabilityHead
+from training.abundance import (
+    ABUNDANCE_FILE,
+    compute_abundance,
+    manifest_summary,
+    read_abundance,
+)
 from training.batches import Encoded
 from training.evaluate import predict
 from training.run_dir import Run, load_run
@@ -49,7 +56,7 @@ def export_run(run_dir: str | Path, registry: str | Path) -> Path:
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(Path(registry))))
     _to_onnx(model, rows, staged / MODEL_FILE)
     parity = _parity(model, rows, staged / MODEL_FILE, fold_diff)
-    manifest = _manifest(run, staged / MODEL_FILE, parity)
+    manifest = _manifest(run, model, staged / MODEL_FILE, parity)
     manifest.write(staged)
     bundle = install(staged, Path(registry), manifest)
     load_bundle(bundle)  # the same verification every scorer runs before serving
@@ -99,7 +106,7 @@ def _parity(model: CTRModel, rows: Encoded, path: Path, fold_diff: float | None)
     return Parity(rows=len(rows), max_abs_diff=diff, fold_max_abs_diff=fold_diff)
 
 
-def _manifest(run: Run, model_file: Path, parity: Parity) -> Manifest:
+def _manifest(run: Run, model: CTRModel, model_file: Path, parity: Parity) -> Manifest:
     sha = sha256_file(model_file)
     encoder = run.encoder.to_dict()
     graph = onnx.load(str(model_file), load_external_data=False).graph
@@ -119,7 +126,18 @@ def _manifest(run: Run, model_file: Path, parity: Parity) -> Manifest:
         producer={"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
                   "onnxruntime": ort.__version__},
         run={"path": str(run.path.resolve()), "created_at": run.info.get("created_at")},
+        abundance=_abundance(run, model),
     )
+
+
+def _abundance(run: Run, model: CTRModel) -> dict[str, Any] | None:
+    """The compact information-abundance summary: the run's abundance.json, or computed from
+    the model for runs written before it existed; None for models without embeddings."""
+    if (run.path / ABUNDANCE_FILE).is_file():
+        result = read_abundance(run.path)
+    else:
+        result = compute_abundance(model, run.encoder.layout())
+    return manifest_summary(result) if result is not None else None
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:

@@ -5,6 +5,8 @@ encoder.json        the fitted feature encoder
 learning_curve.json one entry per epoch (train loss, validation AUC/logloss, samples/s)
 model.pt            the best weights (state dict)
 parity_inputs.npz   held-out encoded test rows used for the export parity check
+abundance.json      information abundance per field and embedding set (training/abundance.py;
+                    absent for models without an embedding table)
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from features import FeatureEncoder
 from models import CTRModel, ModelConfig, build_model
+from training.abundance import write_abundance
 from training.batches import BatchStream, Encoded, encode_split
 from training.data.source import DataSource, checked_chunks
 from training.distributed import World, init_world, leave, scaled_lr, wrap
@@ -112,6 +113,7 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
     info["warm_start"] = warm_info
     if world.is_main:
         write_run(out, info, curve, encoder, model.cpu(), test)
+        write_abundance(out, model, encoder.layout())
     return info
 
 

@@ -1,0 +1,40 @@
+"""FNN (Zhang et al. 2016): factorization-machine supported neural network.
+
+y = sigmoid(MLP(z)), z = the field embeddings from FeatureEmbedding concatenated ([B, F*D]),
+the same F and D as DeepFM and PNN (categorical, mean-pooled multi-valued, numeric fields).
+
+Our choices: the paper initialises the embeddings (and the first-order weights) from a
+pre-trained FM; we skip FM pre-training and train end to end from the usual small random
+init, which is how FNN is run as a baseline in the PNN papers. Like PNN there is no separate
+first-order term; the MLP's output bias is the model's bias, started at the training
+log-odds by `set_prior`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.base import CTRModel
+from models.layers import MLP, FeatureEmbedding
+
+
+class FNN(CTRModel):
+    def __init__(self, config, layout):
+        super().__init__(config, layout)
+        self.embedding = FeatureEmbedding(layout, config.embedding_dim, config.embedding_init_std)
+        in_dim = self.embedding.num_fields * config.embedding_dim
+        self.mlp = MLP(in_dim, config.mlp, 1, config.dropout, config.batch_norm)
+        self._emb: torch.Tensor | None = None
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self._emb = self.embedding(self.named_inputs(inputs))
+        return self.mlp(self._emb.flatten(start_dim=1)).squeeze(-1)
+
+    @torch.no_grad()
+    def set_prior(self, positive_rate: float) -> None:
+        """No linear term: the MLP's output bias starts at the training log-odds."""
+        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
+        self.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
+
+    def regularized_embeddings(self) -> list[torch.Tensor]:
+        return [self._emb] if self._emb is not None else []
