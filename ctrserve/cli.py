@@ -97,6 +97,18 @@ def _compare_parser(sub) -> None:
     p.set_defaults(func=commands.compare)
 
 
+def _scaling_parser(sub) -> None:
+    p = sub.add_parser("scaling", help="the embedding-collapse scaling experiment: k-times "
+                                       "wider single embedding against k embedding sets")
+    p.add_argument("--model", default="deepfm", help="a multi-embedding model: deepfm or ipnn")
+    p.add_argument("--factors", type=_ints, default=(1, 2, 4),
+                   help="embedding size factors k (1 = the plain model)")
+    p.add_argument("--seeds", type=_ints, default=(1, 2, 3))
+    p.add_argument("--out", required=True, type=Path, help="directory for runs and results")
+    _model_and_training_flags(p)
+    p.set_defaults(func=commands.scaling)
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a run to an ONNX bundle in a registry")
     p.add_argument("run_dir", type=Path)
@@ -324,8 +336,8 @@ def _retrain_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_synth_parser, _train_parser, _compare_parser, _export_parser, _abundance_parser,
-                _verify_parser,
+    for add in (_synth_parser, _train_parser, _compare_parser, _scaling_parser, _export_parser,
+                _abundance_parser, _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
                 _simulate_parser, _report_parser, _drain_parser, _deploy_parsers,
                 _retrain_parser):

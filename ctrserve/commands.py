@@ -77,6 +77,30 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return {"results": str(args.out / "results.json"), "table": str(args.out / "results.md")}
 
 
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from models import MODELS
+    from models.base import check_embedding_sets
+    from training.data import open_source
+    from training.scaling import markdown_table, run_scaling
+
+    if args.embedding_sets != 1:
+        raise SpecError("--embedding-sets: scaling sets the number of sets itself (--factors)")
+    if not args.factors or min(args.factors) < 1:
+        raise SpecError(f"--factors: expected integers >= 1, got {list(args.factors)}")
+    base, train_cfg = _configs(args, args.model)
+    try:
+        check_embedding_sets(MODELS[args.model], replace(base, embedding_sets=max(args.factors)))
+    except ValueError as exc:
+        raise SpecError(f"--model: {exc}") from None
+    source = open_source(args.data)
+    result = run_scaling(source, base, train_cfg, list(args.factors), list(args.seeds),
+                         args.out, progress=not args.no_progress)
+    print(markdown_table(result["summary"]))
+    return {"results": str(args.out / "results.json"), "table": str(args.out / "results.md")}
+
+
 def export(args: argparse.Namespace) -> str:
     """Prints the bundle's path alone, so scripts can capture it."""
     from training.export import export_run

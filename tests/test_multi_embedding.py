@@ -12,7 +12,7 @@ import torch
 
 from ctrserve.cli import main
 from models import ModelConfig, build_model
-from tests.conftest import train_cli
+from tests.conftest import SMALL_MODEL_FLAGS, train_cli
 from training.abundance import ABUNDANCE_FILE, information_abundance
 
 LAYOUT = {"categorical": [("a", 5), ("b", 7)], "multi": [("m", 4)], "numeric": ["x"]}
@@ -132,3 +132,50 @@ def test_unsupported_model_refuses_sets(synth_dir, tmp_path, capsys, model):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="embedding_sets"):
         build_model(ModelConfig(name=model, embedding_sets=2), LAYOUT)
+
+
+def test_joint_abundance_is_the_sets_side_by_side(multi_runs):
+    """ia_joint is the IA of the field's blocks of all sets concatenated along the width."""
+    from training.abundance import field_blocks
+    from training.run_dir import load_run
+
+    run = load_run(multi_runs["deepfm"])
+    model = run.load_model()
+    weights = [t.table.weight for t in model.embedding_tables()]
+    abundance = json.loads((multi_runs["deepfm"] / ABUNDANCE_FILE).read_text())
+    for (name, _, start, rows), f in zip(field_blocks(run.encoder.layout()),
+                                         abundance["fields"], strict=True):
+        joint = torch.cat([w[start : start + rows] for w in weights], dim=1)
+        assert f["field"] == name
+        assert f["ia_joint"] == pytest.approx(information_abundance(joint), rel=1e-6)
+        assert 1.0 <= f["ia_joint"] <= min(rows, joint.shape[1])
+    assert abundance["joint_mean"] == pytest.approx(
+        sum(f["ia_joint"] for f in abundance["fields"]) / len(abundance["fields"]))
+
+
+def test_scaling_command_trains_single_and_multi(synth_dir, tmp_path, capsys):
+    out = tmp_path / "scaling"
+    flags = [f for f in SMALL_MODEL_FLAGS if f != "--no-progress"]
+    assert main(["scaling", "--model", "deepfm", "--factors", "1,2", "--seeds", "1,2",
+                 "--data", f"synth:{synth_dir}", "--out", str(out), "--epochs", "1",
+                 *flags, "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = {s["config"]: s for s in result["summary"]}
+    assert list(rows) == ["1x single", "2x single", "2x multi"]
+    assert (rows["2x single"]["embedding_dim"], rows["2x single"]["embedding_sets"]) == (16, 1)
+    assert (rows["2x multi"]["embedding_dim"], rows["2x multi"]["embedding_sets"]) == (8, 2)
+    assert rows["2x multi"]["embedding_params"] == rows["2x single"]["embedding_params"]
+    assert rows["1x single"]["embedding_params"] * 2 == rows["2x single"]["embedding_params"]
+    assert all(s["seeds"] == 2 and 0.5 < s["auc"] < 1 for s in rows.values())
+    assert rows["1x single"]["ia_joint"] == pytest.approx(rows["1x single"]["ia_per_set"])
+    assert len(result["runs"]) == 6
+    table = (out / "results.md").read_text()
+    assert "| 2x multi | 8 x 2 |" in table
+
+
+def test_scaling_command_refuses_a_single_embedding_model(synth_dir, tmp_path, capsys):
+    assert main(["scaling", "--model", "fm", "--data", f"synth:{synth_dir}",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "embedding_sets" in err
+    assert not (tmp_path / "s").exists()

@@ -6,14 +6,21 @@ its singular values over the largest: 1 when E is rank one (collapsed), up to mi
 when the spectrum is flat. Computed for every categorical and multi-valued field, and for
 multi-embedding models (config.embedding_sets = M) for each set separately.
 
+For M > 1 sets, `ia_joint` is the IA of the field's M blocks side by side ([rows, M x dim]),
+the matrix a single embedding of width M x dim would have: the figure to set against a wider
+single embedding in the embedding-collapse paper's scaling experiment (for M = 1 it equals
+the one set's IA).
+
 Our choices: every row of the field's block counts (including the encoder's out-of-vocabulary
 / padding row 0); numeric fields are left out (one learned vector each, IA 1 by definition);
 an all-zero matrix has IA 0.
 
 abundance.json (in the run directory):
     {"embedding_sets": M, "embedding_dim": D,
-     "fields": [{"field": name, "kind": "categorical"|"multi", "rows": n, "ia": [per set]}],
-     "mean": [mean IA over fields, per set], "overall_mean": mean over fields and sets}
+     "fields": [{"field": name, "kind": "categorical"|"multi", "rows": n, "ia": [per set],
+                 "ia_joint": IA of the sets side by side}],
+     "mean": [mean IA over fields, per set], "overall_mean": mean over fields and sets,
+     "joint_mean": mean of ia_joint over fields}
 """
 
 from __future__ import annotations
@@ -61,12 +68,16 @@ def compute_abundance(model: CTRModel, layout: dict[str, Any]) -> dict[str, Any]
     weights = [t.table.weight for t in tables]
     fields = []
     for name, kind, start, rows in field_blocks(layout):
-        ia = [information_abundance(w[start : start + rows]) for w in weights]
-        fields.append({"field": name, "kind": kind, "rows": rows, "ia": ia})
+        blocks = [w[start : start + rows] for w in weights]
+        ia = [information_abundance(b) for b in blocks]
+        joint = ia[0] if len(blocks) == 1 else information_abundance(torch.cat(blocks, dim=1))
+        fields.append({"field": name, "kind": kind, "rows": rows, "ia": ia, "ia_joint": joint})
     mean = [sum(f["ia"][s] for f in fields) / len(fields) if fields else 0.0
             for s in range(len(tables))]
+    joint_mean = sum(f["ia_joint"] for f in fields) / len(fields) if fields else 0.0
     return {"embedding_sets": len(tables), "embedding_dim": int(weights[0].shape[1]),
-            "fields": fields, "mean": mean, "overall_mean": sum(mean) / len(mean)}
+            "fields": fields, "mean": mean, "overall_mean": sum(mean) / len(mean),
+            "joint_mean": joint_mean}
 
 
 def write_abundance(out: Path, model: CTRModel, layout: dict[str, Any]) -> dict[str, Any] | None:
