@@ -42,6 +42,10 @@ FULL = {"candidates": (10, 100, 500, MIXED), "concurrency": (1, 4, 16, 64), "dur
         "ort_seconds": 2.0, "max_requests": 200_000}
 ORT_BATCHES = (1, 10, 100, 256, 512, 1024, 2048)
 BODIES_PER_SIZE = 256
+# issue 7's targets: at 100 candidates >= 60% of the in-process limit, with p99 < 25 ms at 70%
+# of the peak request rate (open loop); batching >= 3x one inference per request at 10 x 64
+SLO_CANDIDATES, SLO_LOAD, SLO_P99_MS, SLO_CONNECTIONS = 100, 0.7, 25.0, 64
+TARGET_CEILING_RATIO, TARGET_BATCHING = 0.6, 3.0
 CONTEXT = {"hour": 20, "weekday": 5}
 WRK_SCRIPT = r"""
 local bodies, i = {}, 0
@@ -200,11 +204,15 @@ def free_port() -> int:
 
 # ---- clients ----------------------------------------------------------------------------------
 def drive(client: str, url: str, bodies_file: Path, concurrency: int, duration: float,
-          max_requests: int, workdir: Path) -> dict[str, Any]:
-    """One cell from a separate client process; adds the client's CPU (cores busy)."""
+          max_requests: int, workdir: Path, rate: float | None = None) -> dict[str, Any]:
+    """One cell from a separate client process; adds the client's CPU (cores busy).
+
+    With `rate` the Python client sends open loop at that many requests/s (wrk has no fixed
+    rate mode) and `concurrency` caps its connections.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    if client == "wrk":
+    if client == "wrk" and rate is None:
         script = workdir / "bench.lua"
         script.write_text(WRK_SCRIPT)
         cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
@@ -214,6 +222,7 @@ def drive(client: str, url: str, bodies_file: Path, concurrency: int, duration: 
         cmd = [sys.executable, "-m", "loadtest.bench_serving", "client", "--url", url,
                "--bodies", str(bodies_file), "--concurrency", str(concurrency),
                "--duration", str(duration), "--max-requests", str(max_requests)]
+        cmd += ["--rate", str(rate)] if rate is not None else []
         env = dict(os.environ)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
                          timeout=duration + 120)
@@ -265,6 +274,75 @@ def python_client(url: str, bodies: list[str], concurrency: int, duration: float
             "max_ms": float(lat.max())}
 
 
+def open_loop_client(url: str, bodies: list[str], rate: float, duration: float,
+                     connections: int) -> dict[str, Any]:
+    """Open loop (wrk2's way): request i is due at i / rate whatever the replies, and its
+    latency counts from that due time, so a server that stalls is not hidden by a client that
+    waits for it (coordinated omission). Due requests queue for `connections` keep-alive
+    HTTP/1.1 connections on plain asyncio streams: httpx's pool cost 0.7 cores for 100
+    requests/s here, which would have measured the client."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
+    payloads = [(f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(b.encode())}\r\n\r\n{b}").encode() for b in bodies]
+    latencies: list[float] = []
+    errors = {"status": 0, "transport": 0}
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       payload: bytes) -> int:
+        writer.write(payload)
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        return status
+
+    async def connection(queue: asyncio.Queue) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        while (item := await queue.get()) is not None:
+            due, payload = item
+            try:
+                if await exchange(reader, writer, payload) != 200:
+                    errors["status"] += 1
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                errors["transport"] += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+            latencies.append(time.perf_counter() - due)
+        writer.close()
+
+    async def main() -> float:
+        queue: asyncio.Queue = asyncio.Queue()
+        workers = [asyncio.create_task(connection(queue)) for _ in range(connections)]
+        started = time.perf_counter()
+        for i in range(int(rate * duration)):
+            due = started + i / rate
+            if (wait := due - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            queue.put_nowait((due, payloads[i % len(payloads)]))
+        for _ in workers:
+            queue.put_nowait(None)
+        await asyncio.gather(*workers)
+        return time.perf_counter() - started
+
+    try:
+        import uvloop
+
+        seconds = uvloop.run(main())
+    except ImportError:
+        seconds = asyncio.run(main())
+    lat = np.array(latencies) * 1000
+    return {"requests": len(lat), "seconds": seconds, "errors": errors["transport"],
+            "status_errors": errors["status"], "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max())}
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
@@ -304,20 +382,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server.wait_idle()
                     cells.append({"mode": mode, **cell})
                     say(row(cells[-1]))
+        slo = at_fraction_of_peak(client, servers["batched"], cells, plan, duration, workdir)
     finally:
         for server in servers.values():
             server.stop()
     limit_after = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"])
     limit_2t = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"], threads=2)
-    return summarize(args, bundle, client, cells, limit_before, limit_after, limit_2t)
+    return summarize(args, bundle, client, cells, slo, limit_before, limit_after, limit_2t)
+
+
+def at_fraction_of_peak(client: str, server: Any, cells: list[dict], plan: dict,
+                        duration: float, workdir: Path) -> dict[str, Any] | None:
+    """The batched scorer driven open loop at SLO_LOAD of its peak request rate at
+    SLO_CANDIDATES candidates (the best closed-loop cell of the sweep)."""
+    peak = [c for c in cells if c["mode"] == "batched" and c["candidates"] == SLO_CANDIDATES]
+    if not peak:
+        return None
+    best = max(peak, key=lambda c: c["requests_per_s"])
+    rate = SLO_LOAD * best["requests_per_s"]
+    bodies_file = workdir / f"bodies-{SLO_CANDIDATES}.jsonl"
+    cell = measure(client, server, bodies_file, SLO_CANDIDATES, SLO_CANDIDATES,
+                   SLO_CONNECTIONS, duration, plan["max_requests"], workdir, rate=rate)
+    result = {"mode": "batched", **cell, "target_rate_per_s": round(rate, 1),
+              "peak_requests_per_s": best["requests_per_s"], "load": SLO_LOAD}
+    say(f"open loop at {SLO_LOAD:.0%} of the peak ({rate:,.0f} req/s): {row(result)}")
+    return result
 
 
 def measure(client: str, server: Any, bodies_file: Path, n: int, per_request: float, c: int,
-            duration: float, max_requests: int, workdir: Path) -> dict[str, Any]:
-    drive(client, server.url, bodies_file, c, min(1.0, duration), max_requests, workdir)  # warm
+            duration: float, max_requests: int, workdir: Path,
+            rate: float | None = None) -> dict[str, Any]:
+    """One cell: a short warm-up, then `duration` seconds measured (closed loop with `c`
+    clients, or open loop at `rate` requests/s over at most `c` connections)."""
+    drive(client, server.url, bodies_file, c, min(1.0, duration), max_requests, workdir,
+          rate)  # warm
     server.wait_idle()
     shed0, cpu0, t0 = server.shed(), server.cpu_seconds(), time.perf_counter()
-    result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir)
+    result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir, rate)
     server_cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
     shed = server.shed() - shed0  # includes the abandoned requests the queue drops later
     # only answered requests count as throughput: shed (503) and failed ones do not
@@ -334,9 +435,9 @@ def measure(client: str, server: Any, bodies_file: Path, n: int, per_request: fl
 
 
 def summarize(args: argparse.Namespace, bundle: str, client: str, cells: list[dict],
-              before: dict, after: dict, two_threads: dict) -> dict[str, Any]:
+              slo: dict | None, before: dict, after: dict, two_threads: dict) -> dict[str, Any]:
     limit = max(before["best_rows_per_s"], after["best_rows_per_s"])
-    for cell in cells:
+    for cell in [*cells, *([slo] if slo else [])]:
         cell["ratio_to_ort_limit"] = round(cell["candidates_per_s"] / limit, 3)
     best = max((c for c in cells if c["mode"] == "batched"), key=lambda c: c["candidates_per_s"])
     speedups = []
@@ -350,15 +451,54 @@ def summarize(args: argparse.Namespace, bundle: str, client: str, cells: list[di
                              "batched_over_unbatched": round(
                                  cell["candidates_per_s"] / max(off["candidates_per_s"], 1), 2)})
     return {"bundle": bundle, "client": client, "quick": args.quick,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "onnxruntime": ort_version()},
             "ort_limit": {"before": before, "after": after, "two_threads": two_threads,
                           "best_rows_per_s": limit},
-            "cells": cells, "batching_speedup": speedups,
+            "cells": cells, "batching_speedup": speedups, "at_fraction_of_peak": slo,
+            "targets": targets(cells, slo, speedups),
             "best_batched": {"candidates": best["candidates"],
                              "concurrency": best["concurrency"],
                              "candidates_per_s": best["candidates_per_s"],
                              "ratio_to_ort_limit": best["ratio_to_ort_limit"]}}
+
+
+def targets(cells: list[dict], slo: dict | None, speedups: list[dict]) -> dict[str, Any]:
+    """Issue 7's serving targets, each with its measured value and whether it is met."""
+    def target(value: float | None, goal: float, higher_is_better: bool, what: str) -> dict:
+        base = {"what": what, "goal": goal, "at_least": higher_is_better, "value": value}
+        if value is None:
+            return {**base, "met": None, "reason": "cell not in this run"}
+        return {**base, "met": value >= goal if higher_is_better else value < goal}
+
+    at_100 = [c["ratio_to_ort_limit"] for c in cells
+              if c["mode"] == "batched" and c["candidates"] == SLO_CANDIDATES]
+    at_10x64 = [s["batched_over_unbatched"] for s in speedups
+                if (s["candidates"], s["concurrency"]) == (10, 64)]
+    return {
+        "ceiling_ratio": target(max(at_100, default=None), TARGET_CEILING_RATIO, True,
+                                f"best batched candidates/s at {SLO_CANDIDATES} candidates "
+                                "over the in-process limit"),
+        "p99_at_load_ms": target(slo["p99_ms"] if slo else None, SLO_P99_MS, False,
+                                 f"p99 ms, open loop at {SLO_LOAD:.0%} of the peak request "
+                                 f"rate, {SLO_CANDIDATES} candidates"),
+        "batching_speedup": target(at_10x64[0] if at_10x64 else None, TARGET_BATCHING, True,
+                                   "batched over unbatched throughput, 10 candidates x 64 "
+                                   "clients"),
+    }
+
+
+def target_lines(result: dict[str, Any]) -> list[str]:
+    out = []
+    for t in result.get("targets", {}).values():
+        if t["value"] is None:
+            out.append(f"- {t['what']}: not measured ({t['reason']})")
+            continue
+        sign = ">=" if t["at_least"] else "<"
+        out.append(f"- {t['what']}: {t['value']:,.2f} (target {sign} {t['goal']:g}: "
+                   f"{'met' if t['met'] else 'NOT met'})")
+    return out
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -392,6 +532,49 @@ def table(result: dict[str, Any]) -> str:
              "batched / unbatched: " + ", ".join(
                  f"{s['candidates']}x{s['concurrency']}: {s['batched_over_unbatched']:.2f}"
                  for s in result["batching_speedup"])]
+    slo = result.get("at_fraction_of_peak")
+    if slo:
+        lines += [f"open loop at {slo['load']:.0%} of the batched peak at {slo['candidates']} "
+                  f"candidates ({slo['target_rate_per_s']:,.0f} of "
+                  f"{slo['peak_requests_per_s']:,.0f} req/s; Python client, latency from each "
+                  "request's due time):",
+                  HEADER, row(slo)]
+    return "\n".join([*lines, *target_lines(result)])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The cells as a Markdown table, the limit, the open-loop cell and the targets."""
+    lim = result["ort_limit"]
+    head = ("| candidates | clients | mode | req/s | candidates/s | p50 ms | p95 ms | p99 ms "
+            "| max ms | shed | errors | server CPU | client CPU | / limit |")
+    cells = list(result["cells"])
+    slo = result.get("at_fraction_of_peak")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for c in [*cells, *([{**slo, "concurrency": f"open {slo['load']:.0%}"}] if slo else [])]:
+        lines.append(f"| {c['candidates']} | {c['concurrency']} | {c['mode']} | "
+                     f"{c['requests_per_s']:,.0f} | {c['candidates_per_s']:,} | "
+                     f"{c['p50_ms']:.2f} | {c['p95_ms']:.2f} | {c['p99_ms']:.2f} | "
+                     f"{c['max_ms']:.1f} | {c['shed']} | {c['errors']} | "
+                     f"{c['server_cpu_cores']:.2f} | {c['client_cpu_cores']:.2f} | "
+                     f"{c['ratio_to_ort_limit']:.2f} |")
+    m = result["machine"]
+    lines += ["", f"- in-process onnxruntime limit, one thread as served: "
+                  f"{lim['best_rows_per_s']:,} rows/s at batch {lim['before']['best_batch']} "
+                  f"(before {lim['before']['best_rows_per_s']:,}, after "
+                  f"{lim['after']['best_rows_per_s']:,}); two threads "
+                  f"{lim['two_threads']['best_rows_per_s']:,} rows/s",
+              "- batched over unbatched: " + ", ".join(
+                  f"{s['candidates']} x {s['concurrency']}: {s['batched_over_unbatched']:.2f}"
+                  for s in result["batching_speedup"])]
+    if slo:
+        lines.append(f"- `open {slo['load']:.0%}`: the batched scorer driven open loop at "
+                     f"{slo['target_rate_per_s']:,.0f} req/s, {slo['load']:.0%} of its peak "
+                     f"{slo['peak_requests_per_s']:,.0f} req/s at {slo['candidates']} "
+                     "candidates (Python client; latency from each request's due time)")
+    lines += [*target_lines(result),
+              f"- bundle {result['bundle']}, client {result['client']}, {m['cores']} cores "
+              f"({m['cpu']}), onnxruntime {m['onnxruntime']}"
+              + ("; --quick: smoke only, figures meaningless" if result["quick"] else "")]
     return "\n".join(lines)
 
 
@@ -433,11 +616,9 @@ def _sizes(text: str) -> tuple[int, ...]:
     return tuple(MIXED if x == "mixed" else int(x) for x in text.split(",") if x)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["client"]:
-        return client_main(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_serving",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--bundle", help="bundle name (default: the newest deepfm-*)")
     p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
@@ -447,7 +628,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="seconds per cell")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--out", type=Path, default=Path("bench-out/serving.json"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["client"]:
+        return client_main(argv[1:])
+    args = parse_args(argv)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -463,9 +651,14 @@ def client_main(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--max-requests", type=int, required=True)
+    p.add_argument("--rate", type=float, help="open loop at this many requests/s")
     a = p.parse_args(argv)
     bodies = a.bodies.read_text().splitlines()
-    print(json.dumps(python_client(a.url, bodies, a.concurrency, a.duration, a.max_requests)))
+    if a.rate:
+        result = open_loop_client(a.url, bodies, a.rate, a.duration, a.concurrency)
+    else:
+        result = python_client(a.url, bodies, a.concurrency, a.duration, a.max_requests)
+    print(json.dumps(result))
     return 0
 
 
