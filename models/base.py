@@ -84,15 +84,22 @@ class CTRModel(nn.Module):
     def named_inputs(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         return dict(zip(self.input_names, inputs, strict=True))
 
+    def output_biases(self) -> list[torch.Tensor]:
+        """The biases added last to the logit (the linear term's, by default)."""
+        return [self.linear.bias]
+
     @torch.no_grad()
     def set_prior(self, positive_rate: float) -> None:
         """Start the output bias at the training log-odds, so step one predicts the base rate."""
         rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        self.linear.bias.fill_(float(torch.logit(torch.tensor(rate))))
+        for bias in self.output_biases():
+            bias.fill_(float(torch.logit(torch.tensor(rate))))
 
     def regularized_embeddings(self) -> list[torch.Tensor]:
-        """Embeddings looked up in the last forward pass, for the L2 penalty."""
-        return []
+        """Embeddings looked up in the last forward pass, for the L2 penalty: the ones a
+        model keeps in `self._emb` (none for LR)."""
+        emb = getattr(self, "_emb", None)
+        return [emb] if emb is not None else []
 
     def embedding_tables(self) -> list[nn.Module]:
         """The model's FeatureEmbedding modules, one per embedding set (for information

@@ -86,11 +86,6 @@ class CCPM(CTRModel):
         maps = self.conv(self._emb.unsqueeze(1))  # [B, C, k, D]
         return self.output(maps.flatten(start_dim=1)).squeeze(-1)
 
-    @torch.no_grad()
-    def set_prior(self, positive_rate: float) -> None:
+    def output_biases(self) -> list[torch.Tensor]:
         """No linear term: the output layer's bias starts at the training log-odds."""
-        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        self.output.bias.fill_(float(torch.logit(torch.tensor(rate))))
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []
+        return [self.output.bias]

@@ -59,6 +59,3 @@ class FFM(CTRModel):
         self._emb = self.embedding(named)
         vectors = self._emb.unflatten(2, (self.ffm.num_fields, self.dim))
         return self.linear(named) + self.ffm(vectors)
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []

@@ -21,6 +21,3 @@ class FM(CTRModel):
         named = self.named_inputs(inputs)
         self._emb = self.embedding(named)
         return self.linear(named) + self.fm(self._emb)
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []

@@ -30,11 +30,6 @@ class FNN(CTRModel):
         self._emb = self.embedding(self.named_inputs(inputs))
         return self.mlp(self._emb.flatten(start_dim=1)).squeeze(-1)
 
-    @torch.no_grad()
-    def set_prior(self, positive_rate: float) -> None:
+    def output_biases(self) -> list[torch.Tensor]:
         """No linear term: the MLP's output bias starts at the training log-odds."""
-        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        self.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []
+        return [self.mlp.net[-1].bias]

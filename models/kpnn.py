@@ -59,14 +59,9 @@ class KPNN(CTRModel):
         z = self._emb.flatten(start_dim=1)
         return self.mlp(torch.cat([z, self.product(self._emb)], dim=1)).squeeze(-1)
 
-    @torch.no_grad()
-    def set_prior(self, positive_rate: float) -> None:
+    def output_biases(self) -> list[torch.Tensor]:
         """No linear term: the MLP's output bias starts at the training log-odds."""
-        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        self.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []
+        return [self.mlp.net[-1].bias]
 
 
 class KFM(CTRModel):
@@ -81,6 +76,3 @@ class KFM(CTRModel):
         named = self.named_inputs(inputs)
         self._emb = self.embedding(named)
         return self.linear(named) + self.product(self._emb).sum(dim=1)
-
-    def regularized_embeddings(self) -> list[torch.Tensor]:
-        return [self._emb] if self._emb is not None else []

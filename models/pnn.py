@@ -64,12 +64,9 @@ class PNN(CTRModel):
             total = total + dnn(emb)
         return total / len(self.embedding_tables())
 
-    @torch.no_grad()
-    def set_prior(self, positive_rate: float) -> None:
+    def output_biases(self) -> list[torch.Tensor]:
         """No linear term: each MLP's output bias starts at the training log-odds."""
-        rate = min(max(positive_rate, 1e-6), 1 - 1e-6)
-        for dnn in (self.dnn, *self.extra_dnns):
-            dnn.mlp.net[-1].bias.fill_(float(torch.logit(torch.tensor(rate))))
+        return [dnn.mlp.net[-1].bias for dnn in (self.dnn, *self.extra_dnns)]
 
     def regularized_embeddings(self) -> list[torch.Tensor]:
         return [self._emb, *self._extra_emb] if self._emb is not None else []
