@@ -58,17 +58,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rows.append(_row(name, info, bundle))
     _say(cfg, format_table(rows))
     result: dict[str, Any] = {"data": str(data_dir), "models": rows}
+    _write_json(cfg.out / "demo.json", result)
     bundles = {r["model"]: Path(r["bundle"]).name for r in rows}
     if cfg.ab_days and "lr" in bundles and len(bundles) > 1:
-        result["ab_test"] = run_ab_test(cfg, bundles)
+        result["ab_test"] = str(cfg.out / "ab_test.json")
+        _write_json(cfg.out / "demo.json", result)
+        run_ab_test(cfg, bundles)
     return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
     """Serve every model as an arm (LR the control, equal weights), simulate users day by day
-    with the daily retrain between days, print the per-day table and the report."""
-    import json
-
+    with the daily retrain between days, print the per-day table and the report; the days and
+    the report go to OUT/ab_test.json before the scorer serves on until interrupted."""
     from loadtest.ab_days import ABDays, format_days, run_days
     from service.counts import format_full_report
     from service.redis_server import open_sync, stop_embedded
@@ -96,12 +104,13 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
         report = httpx.get(f"{url}/v1/experiments/ranker/report", timeout=30).json()
         _say(cfg, format_days(days, control="lr"))
         _say(cfg, format_full_report(report))
-        (cfg.out / "ab_days.json").write_text(json.dumps(days, indent=1))
+        result = {"experiments": str(experiments), "days": days, "report": report}
+        _write_json(cfg.out / "ab_test.json", result)
         _say(cfg, f"dashboard: {url}/dashboard/ranker   report: {url}/v1/experiments/ranker/"
                   f"report   scorer log: {scorer.log}")
         if not cfg.once:
             scorer.serve_until_interrupted()
-    return {"experiments": str(experiments), "days": days, "report": report}
+    return result
 
 
 def experiments_yaml(bundles: dict[str, str]) -> str:

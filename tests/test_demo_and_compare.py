@@ -15,12 +15,15 @@ def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test AUC" in out and "deepfm" in out
-    summary = json.loads(out[out.index("\n{") + 1:])
+    printed = json.loads(out[out.index("\n{") + 1:])  # the last thing printed: short
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert printed == summary and len(out[out.index("\n{"):].splitlines()) < 40
     assert [m["model"] for m in summary["models"]] == ["lr", "deepfm"]
     for row in summary["models"]:
         assert (tmp_path / "registry").joinpath(row["bundle"].split("/")[-1]).is_dir()
         assert row["parity"] <= 1e-5 and 0 < row["test_auc"] < 1
-    ab = summary["ab_test"]
+    ab = json.loads((tmp_path / "ab_test.json").read_text())
+    assert summary["ab_test"] == str(tmp_path / "ab_test.json")
     assert "CTR uplift" in out and "Sample ratio" in out and "true CTR over the days" in out
     assert "/dashboard/ranker" in out and "until Ctrl-C" not in out
     days = ab["days"]
