@@ -82,8 +82,11 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory")
     p.add_argument("--model", required=True,
                    help="lr, fm, deepfm, apg-deepfm, ipnn, opnn, pnn-star, deepfm-ipnn, "
-                        "deepfm-opnn or deepfm-pnn-star")
+                        "deepfm-opnn, deepfm-pnn-star, fnn, ffm, ccpm, kpnn, pin, kfm or nifm")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--init-embeddings", type=Path, metavar="RUN_DIR",
+                   help="start from this run's encoder and embedding table (FNN's FM "
+                        "pre-training: train --model fm first)")
     _model_and_training_flags(p)
     p.set_defaults(func=commands.train)
 

@@ -56,13 +56,31 @@ def _configs(args: argparse.Namespace, model: str):
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from training.data import open_source
     from training.train import train
+    from training.warm_start import EmbeddingMismatch
 
     model_cfg, train_cfg = _configs(args, args.model)
     source = open_source(args.data)
-    info = train(source, model_cfg, train_cfg, args.out, progress=not args.no_progress)
+    warm = _embedding_start(args.init_embeddings) if args.init_embeddings else None
+    try:
+        info = train(source, model_cfg, train_cfg, args.out, progress=not args.no_progress,
+                     warm_start=warm)
+    except EmbeddingMismatch as exc:
+        raise SpecError(f"--init-embeddings: {exc}") from None
     return {"run": str(args.out), "test": info["metrics"]["test"],
             "best_epoch": info["best_epoch"],
             "train_samples_per_second": round(info["train_samples_per_second"])}
+
+
+def _embedding_start(run_dir: Any) -> Any:
+    """`--init-embeddings RUN`: start from that run's encoder and embedding table."""
+    from training.train import WarmStart
+    from training.warm_start import EmbeddingMismatch, run_embeddings
+
+    try:
+        encoder, weights = run_embeddings(run_dir)
+    except (EmbeddingMismatch, UserError) as exc:
+        raise SpecError(f"--init-embeddings: {exc}") from None
+    return WarmStart(encoder, weights, exact=True, source=str(run_dir))
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,10 +4,12 @@ y = sigmoid(MLP(z)), z = the field embeddings from FeatureEmbedding concatenated
 the same F and D as DeepFM and PNN (categorical, mean-pooled multi-valued, numeric fields).
 
 Our choices: the paper initialises the embeddings (and the first-order weights) from a
-pre-trained FM; we skip FM pre-training and train end to end from the usual small random
-init, which is how FNN is run as a baseline in the PNN papers. Like PNN there is no separate
-first-order term; the MLP's output bias is the model's bias, started at the training
-log-odds by `set_prior`.
+pre-trained FM; by default we train end to end from the usual small random init, which is how
+FNN is run as a baseline in the PNN papers. FM pre-training is optional:
+`ctrserve train --model fnn --init-embeddings FM_RUN` starts from an FM run's encoder and
+embedding table (the FM's first-order weights have no place here and are dropped). Like PNN
+there is no separate first-order term; the MLP's output bias is the model's bias, started at
+the training log-odds by `set_prior`.
 """
 
 from __future__ import annotations

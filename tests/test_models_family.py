@@ -59,3 +59,36 @@ def test_family_model_trains_exports_and_verifies(synth_dir, tmp_path, model):
     print(f"{model}: test auc {auc:.4f}, parity {m.parity.max_abs_diff:.2e}")
     assert auc > 0.55
     assert m.metrics["test"]["auc"] == pytest.approx(auc)
+
+
+def test_fnn_starts_from_a_trained_fm(trained_runs, synth_dir, tmp_path):
+    """FNN's FM pre-training: --init-embeddings carries the FM run's encoder and table."""
+    fm = trained_runs["fm"]
+    out = tmp_path / "fnn-from-fm"
+    # a vanishing learning rate: what the FNN ends with is what it started from
+    assert train_cli(synth_dir, out, "fnn", "--epochs", "1", "--lr", "1e-12",
+                     "--init-embeddings", str(fm)) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["warm_start"]["source"] == str(fm)
+    assert info["warm_start"]["loaded"] == 2  # the table and the numeric fields' vectors
+    assert json.loads((out / "encoder.json").read_text()) == json.loads(
+        (fm / "encoder.json").read_text())
+    fnn_state = torch.load(out / "model.pt", weights_only=True)
+    fm_state = torch.load(fm / "model.pt", weights_only=True)
+    for key in ("embedding.table.weight", "embedding.numeric"):
+        torch.testing.assert_close(fnn_state[key], fm_state[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["dim", "lr", "missing"])
+def test_init_embeddings_refuses_what_does_not_fit(trained_runs, synth_dir, tmp_path, capsys,
+                                                   case):
+    source = {"dim": trained_runs["fm"], "lr": trained_runs["lr"],
+              "missing": tmp_path / "nope"}[case]
+    extra = ["--embedding-dim", "4"] if case == "dim" else []
+    out = tmp_path / "run"
+    assert train_cli(synth_dir, out, "fnn", "--init-embeddings", str(source), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ctrserve train: error: --init-embeddings:"), err
+    assert {"dim": "embedding-dim", "lr": "no embedding table",
+            "missing": "not a run directory"}[case] in err
+    assert not (out / "model.pt").exists()

@@ -1,4 +1,5 @@
-"""Warm start: a challenger begins from the champion bundle's weights.
+"""Warm start: a challenger begins from the champion bundle's weights; a model begins from
+another run's embedding table (`ctrserve train --init-embeddings RUN`, FNN's FM pre-training).
 
 The bundle carries ONNX, not a PyTorch checkpoint; the exporter names each initializer
 `model.<state dict key>`, so the weights come back by name and shape. The challenger must
@@ -46,6 +47,37 @@ def load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> dict
     if not loaded:
         raise ValueError("warm start: no weight of the champion fits the challenger")
     return {"loaded": len(loaded), "fresh": fresh}
+
+
+class EmbeddingMismatch(ValueError):
+    """A run's embedding table that the new model cannot start from."""
+
+
+def run_embeddings(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """The encoder and the shared embedding table (`embedding.*` weights) of a trained run.
+
+    The new model must use that encoder as it is: its vocabularies fix the table's rows.
+    First-order weights and the interaction are not carried over (FNN has neither)."""
+    from training.run_dir import load_run
+
+    run = load_run(run_dir)
+    state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+    weights = {k: v.numpy() for k, v in state.items() if k.startswith("embedding.")}
+    if not weights:
+        raise EmbeddingMismatch(f"{run_dir}: model {run.info['model']['name']!r} has no "
+                                "embedding table to start from")
+    return run.encoder, weights
+
+
+def check_embeddings_fit(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Every carried embedding weight must exist in `model` with the same shape."""
+    state = model.state_dict()
+    for key, value in weights.items():
+        if key not in state:
+            raise EmbeddingMismatch(f"the model has no {key!r} to start from the run's")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise EmbeddingMismatch(f"{key}: the run's shape {tuple(value.shape)} does not fit the "
+                             f"model's {tuple(state[key].shape)} (same --embedding-dim?)")
 
 
 def _unfold_apg(model: torch.nn.Module, weights: dict[str, np.ndarray]
