@@ -267,6 +267,12 @@ def python_client(url: str, bodies: list[str], concurrency: int, duration: float
             return time.perf_counter() - started
 
     seconds = asyncio.run(main())
+    return client_result(latencies, seconds, errors)
+
+
+def client_result(latencies: list[float], seconds: float, errors: dict[str, int]
+                  ) -> dict[str, Any]:
+    """What a client process prints: counts and latency quantiles in ms."""
     lat = np.array(latencies) * 1000
     return {"requests": len(lat), "seconds": seconds, "errors": errors["transport"],
             "status_errors": errors["status"], "p50_ms": float(np.percentile(lat, 50)),
@@ -336,11 +342,7 @@ def open_loop_client(url: str, bodies: list[str], rate: float, duration: float,
         seconds = uvloop.run(main())
     except ImportError:
         seconds = asyncio.run(main())
-    lat = np.array(latencies) * 1000
-    return {"requests": len(lat), "seconds": seconds, "errors": errors["transport"],
-            "status_errors": errors["status"], "p50_ms": float(np.percentile(lat, 50)),
-            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "max_ms": float(lat.max())}
+    return client_result(latencies, seconds, errors)
 
 
 # ---- the run ----------------------------------------------------------------------------------

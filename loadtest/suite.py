@@ -132,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m loadtest.suite " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, seconds = time.time(), None
     if args.render_only:
         parts = {k: v for k, v in load_parts(args.out).items() if k in args.parts}
         earlier = args.out / "suite.json"
         if earlier.is_file():  # the block names the command that measured, not this one
-            command = json.loads(earlier.read_text())["command"]
+            measured = json.loads(earlier.read_text())
+            command, seconds = measured["command"], measured.get("seconds")
     else:
         parts = {}
         if "serving" in args.parts:
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if "training" in args.parts:
             parts["training"] = run_training(args)
     block = markdown(parts, command)
-    suite = {"command": command, "quick": args.quick, "seconds": round(time.time() - started),
+    seconds = seconds if seconds is not None else round(time.time() - started)
+    suite = {"command": command, "quick": args.quick, "seconds": seconds,
              "targets": targets(parts), **parts}
     (args.out / "suite.json").write_text(json.dumps(suite, indent=1, default=str) + "\n")
     (args.out / "suite.md").write_text(block)

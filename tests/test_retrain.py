@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
@@ -98,6 +99,27 @@ def test_event_log_source_rows_labels_and_days(world, bundles, synth_dir):
         EventLogSource(world["tmp"] / "nothing", 7, spec)
     assert event_day("2026-01-05T23:59:59+00:00").isoformat() == "2026-01-05"
     assert event_day(1767600000).isoformat() == "2026-01-05"
+
+
+def test_event_log_rows_do_not_depend_on_the_order_events_arrived(world, bundles, synth_dir,
+                                                                   tmp_path):
+    """Concurrent clients log in a different order each run; the training rows must not."""
+    import pyarrow.parquet as pq
+
+    shuffled = tmp_path / "events"
+    rng = np.random.default_rng(0)
+    for path in sorted(world["events"].glob("day=*/*.parquet")):
+        table = pq.read_table(path)
+        target = shuffled / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.take(rng.permutation(table.num_rows)), target)
+    spec = json.loads((bundles["lr"] / "manifest.json").read_text())["encoder"]["dataset"]
+    apps = World(synth_dir).apps
+    sources = [EventLogSource(root, 7, spec, experiment="ranker", item_records=apps)
+               for root in (world["events"], shuffled)]
+    for split in ("train", "valid", "test"):
+        a, b = ([c.table for c in source.chunks(split)] for source in sources)
+        assert len(a) == len(b) and all(x.equals(y) for x, y in zip(a, b, strict=True))
 
 
 def test_retrain_deploys_a_challenger_and_the_scorer_serves_it(world, bundles, capsys):

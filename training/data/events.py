@@ -168,7 +168,11 @@ class EventLogSource(DataSource):
         records = _records(item_records, sorted({item for _, item in shown}))
         by_day: dict[date, list[dict[str, Any]]] = defaultdict(list)
         parsed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        for (request_id, item), (moment, e, position) in shown.items():
+        # in time order, not log order: concurrent clients log in an order that varies from run
+        # to run, and the seeded shuffle of training would then see different data
+        ordered = sorted(shown.items(), key=lambda kv: (kv[1][0], kv[1][1]["user_id"] or "",
+                                                        kv[1][2], kv[0][0]))
+        for (request_id, item), (moment, e, position) in ordered:
             if request_id not in parsed:
                 parsed[request_id] = (json.loads(e["features"] or "{}"),
                                       json.loads(e["item_features"] or "{}"))
