@@ -56,7 +56,7 @@ def _configs(args: argparse.Namespace, model: str):
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from training.data import open_source
     from training.train import train
-    from training.warm_start import EmbeddingMismatch
+    from training.warm_start import WeightMismatch
 
     model_cfg, train_cfg = _configs(args, args.model)
     source = open_source(args.data)
@@ -64,7 +64,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     try:
         info = train(source, model_cfg, train_cfg, args.out, progress=not args.no_progress,
                      warm_start=warm)
-    except EmbeddingMismatch as exc:
+    except WeightMismatch as exc:
         raise SpecError(f"--init-embeddings: {exc}") from None
     return {"run": str(args.out), "test": info["metrics"]["test"],
             "best_epoch": info["best_epoch"],
@@ -74,13 +74,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def _embedding_start(run_dir: Any) -> Any:
     """`--init-embeddings RUN`: start from that run's encoder and embedding table."""
     from training.train import WarmStart
-    from training.warm_start import EmbeddingMismatch, run_embeddings
+    from training.warm_start import WeightMismatch, run_embeddings
 
     try:
         encoder, weights = run_embeddings(run_dir)
-    except (EmbeddingMismatch, UserError) as exc:
+    except (WeightMismatch, UserError) as exc:
         raise SpecError(f"--init-embeddings: {exc}") from None
-    return WarmStart(encoder, weights, exact=True, source=str(run_dir))
+    return WarmStart(encoder, weights, require_all=True, source=str(run_dir))
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:

@@ -58,11 +58,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rows.append(_row(name, info, bundle))
     _say(cfg, format_table(rows))
     result: dict[str, Any] = {"data": str(data_dir), "models": rows}
-    _write_json(cfg.out / "demo.json", result)
     bundles = {r["model"]: Path(r["bundle"]).name for r in rows}
-    if cfg.ab_days and "lr" in bundles and len(bundles) > 1:
+    ab_test = bool(cfg.ab_days and "lr" in bundles and len(bundles) > 1)
+    if ab_test:
         result["ab_test"] = str(cfg.out / "ab_test.json")
-        _write_json(cfg.out / "demo.json", result)
+    _write_json(cfg.out / "demo.json", result)  # before the A/B step, which may serve for hours
+    if ab_test:
         run_ab_test(cfg, bundles)
     return result
 

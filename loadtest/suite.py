@@ -36,7 +36,7 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     argv += ["--quick"] if args.quick else []
     bench_args = bench_serving.parse_args(argv)
     result = bench_serving.run(bench_args)
-    bench_args.out.write_text(json.dumps(result, indent=1) + "\n")
+    bench_serving.write_result(result, bench_args.out)
     return result
 
 

@@ -48,13 +48,15 @@ def compare(source: DataSource, models: list[ModelConfig], train_cfg: TrainConfi
     return result
 
 
-def _summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    def stats(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    auc, auc_sd = stats([r["test"]["auc"] for r in runs])
-    ll, ll_sd = stats([r["test"]["logloss"] for r in runs])
-    speed, _ = stats([r["samples_per_second"] for r in runs])
+
+def _summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    auc, auc_sd = mean_sd([r["test"]["auc"] for r in runs])
+    ll, ll_sd = mean_sd([r["test"]["logloss"] for r in runs])
+    speed, _ = mean_sd([r["samples_per_second"] for r in runs])
     return {"model": name, "auc": auc, "auc_std": auc_sd, "logloss": ll, "logloss_std": ll_sd,
             "samples_per_second": speed, "seeds": len(runs)}
 

@@ -14,12 +14,12 @@ Writes results.json (every run) and results.md (the table) to the output directo
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from models import ModelConfig
+from training.compare import mean_sd
 from training.data.source import DataSource
 from training.train import TrainConfig, train
 
@@ -38,8 +38,8 @@ def scaling_configs(base: ModelConfig, factors: list[int]) -> list[tuple[str, Mo
 def run_scaling(source: DataSource, base: ModelConfig, train_cfg: TrainConfig,
                 factors: list[int], seeds: list[int], out: Path,
                 progress: bool = True) -> dict[str, Any]:
-    runs = []
-    for label, model in scaling_configs(base, factors):
+    configs, runs = scaling_configs(base, factors), []
+    for label, model in configs:
         for seed in seeds:
             if progress:
                 print(f"== {label} (dim {model.embedding_dim} x {model.embedding_sets} sets) "
@@ -56,7 +56,7 @@ def run_scaling(source: DataSource, base: ModelConfig, train_cfg: TrainConfig,
                          "ia_joint": abundance["joint_mean"],
                          "embedding_rows": sum(f["rows"] for f in abundance["fields"])})
     summary = [_summarise([r for r in runs if r["config"] == label])
-               for label, _ in scaling_configs(base, factors)]
+               for label, _ in configs]
     result = {"source": source.describe(), "base_model": base.to_dict(),
               "train": asdict(train_cfg), "factors": factors, "seeds": seeds,
               "summary": summary, "runs": runs}
@@ -67,22 +67,20 @@ def run_scaling(source: DataSource, base: ModelConfig, train_cfg: TrainConfig,
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    def mean_sd(key: str, inner: str | None = None) -> tuple[float, float]:
-        values = [r[key][inner] if inner else r[key] for r in runs]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return statistics.fmean(values), sd
+    def mean(key: str) -> float:
+        return mean_sd([r[key] for r in runs])[0]
 
     first = runs[0]
-    auc, auc_sd = mean_sd("test", "auc")
-    ll, ll_sd = mean_sd("test", "logloss")
+    auc, auc_sd = mean_sd([r["test"]["auc"] for r in runs])
+    ll, ll_sd = mean_sd([r["test"]["logloss"] for r in runs])
     return {"config": first["config"], "embedding_dim": first["embedding_dim"],
             "embedding_sets": first["embedding_sets"],
             "embedding_params": first["embedding_rows"] * first["embedding_dim"]
             * first["embedding_sets"],
             "auc": auc, "auc_std": auc_sd, "logloss": ll, "logloss_std": ll_sd,
-            "ia_per_set": mean_sd("ia_per_set")[0], "ia_joint": mean_sd("ia_joint")[0],
-            "best_epoch": mean_sd("best_epoch")[0],
-            "samples_per_second": mean_sd("samples_per_second")[0], "seeds": len(runs)}
+            "ia_per_set": mean("ia_per_set"), "ia_joint": mean("ia_joint"),
+            "best_epoch": mean("best_epoch"), "samples_per_second": mean("samples_per_second"),
+            "seeds": len(runs)}
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:

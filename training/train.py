@@ -25,7 +25,7 @@ from training.data.source import DataSource, checked_chunks
 from training.distributed import World, init_world, leave, scaled_lr, wrap
 from training.evaluate import evaluate
 from training.run_dir import write_run
-from training.warm_start import check_embeddings_fit, load_weights
+from training.warm_start import load_weights
 
 OPTIMIZERS = ("adam", "adagrad")
 
@@ -77,7 +77,7 @@ def train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: 
 class WarmStart:
     encoder: FeatureEncoder
     weights: dict[str, np.ndarray]
-    exact: bool = False  # every weight given must fit (init from a run's embeddings)
+    require_all: bool = False  # every weight given must fit (a run's embedding table)
     source: str | None = None  # recorded in run.json's warm_start
 
 
@@ -87,9 +87,7 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
     encoder, positive_rate = _fit_encoder(source, warm.encoder if warm else None)
     model = build_model(model_config, encoder.layout())
     model.set_prior(positive_rate)
-    if warm and warm.exact:
-        check_embeddings_fit(model, warm.weights)
-    warm_info = load_weights(model, warm.weights) if warm else None
+    warm_info = load_weights(model, warm.weights, warm.require_all) if warm else None
     if warm_info and warm.source:
         warm_info["source"] = warm.source
     model = model.to(cfg.device)

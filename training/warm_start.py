@@ -32,9 +32,19 @@ def bundle_weights(bundle_dir: str | Path) -> dict[str, np.ndarray]:
             for init in model.graph.initializer if init.name.startswith(PREFIX)}
 
 
+class WeightMismatch(ValueError):
+    """Weights that the model cannot start from."""
+
+
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Copy matching weights into `model`; returns what was loaded and what stayed fresh."""
+def load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray],
+                 require_all: bool = False) -> dict[str, Any]:
+    """Copy matching weights into `model`; returns what was loaded and what stayed fresh.
+
+    With `require_all` every weight given must exist in the model with its shape (a run's
+    embedding table); otherwise what does not fit is skipped (a champion of another shape)."""
+    if require_all:
+        _check_all_fit(model.state_dict(), weights)
     weights = {**weights, **_unfold_apg(model, weights)}
     loaded, fresh = [], []
     for key, tensor in model.state_dict().items():
@@ -49,10 +59,6 @@ def load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> dict
     return {"loaded": len(loaded), "fresh": fresh}
 
 
-class EmbeddingMismatch(ValueError):
-    """A run's embedding table that the new model cannot start from."""
-
-
 def run_embeddings(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
     """The encoder and the shared embedding table (`embedding.*` weights) of a trained run.
 
@@ -64,20 +70,18 @@ def run_embeddings(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
     state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
     weights = {k: v.numpy() for k, v in state.items() if k.startswith("embedding.")}
     if not weights:
-        raise EmbeddingMismatch(f"{run_dir}: model {run.info['model']['name']!r} has no "
-                                "embedding table to start from")
+        raise WeightMismatch(f"{run_dir}: model {run.info['model']['name']!r} has no "
+                             "embedding table to start from")
     return run.encoder, weights
 
 
-def check_embeddings_fit(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Every carried embedding weight must exist in `model` with the same shape."""
-    state = model.state_dict()
+def _check_all_fit(state: dict[str, torch.Tensor], weights: dict[str, np.ndarray]) -> None:
     for key, value in weights.items():
         if key not in state:
-            raise EmbeddingMismatch(f"the model has no {key!r} to start from the run's")
+            raise WeightMismatch(f"the model has no {key!r} to start from the run's")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise EmbeddingMismatch(f"{key}: the run's shape {tuple(value.shape)} does not fit the "
-                             f"model's {tuple(state[key].shape)} (same --embedding-dim?)")
+            raise WeightMismatch(f"{key}: the run's shape {tuple(value.shape)} does not fit "
+                                 f"the model's {tuple(state[key].shape)} (same --embedding-dim?)")
 
 
 def _unfold_apg(model: torch.nn.Module, weights: dict[str, np.ndarray]
