@@ -250,12 +250,19 @@ def _report_parser(sub) -> None:
 
 
 def _drain_parser(sub) -> None:
-    p = sub.add_parser("drain-events", help="move the event log stream into day-partitioned "
-                                            "Parquet files")
-    p.add_argument("--out", type=Path, required=True, help="OUT/day=YYYY-MM-DD/*.parquet")
+    p = sub.add_parser("drain-events", help="move the event and serve logs (Redis streams) "
+                                            "into day-partitioned Parquet files")
+    p.add_argument("--out", type=Path, required=True,
+                   help="OUT/day=YYYY-MM-DD/{events,serve}-*.parquet, OUT/dead-letter/")
     _redis_flags(p)
     p.add_argument("--chunk", type=int, default=10_000, help="entries per read and file")
-    p.add_argument("--limit", type=int, help="move at most this many entries")
+    p.add_argument("--limit", type=int, help="move at most this many entries per stream")
+    p.add_argument("--follow", action="store_true",
+                   help="keep draining until SIGTERM/SIGINT (the long-running drainer)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="with --follow: pause after a pass that found nothing")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="with --follow: serve ctrserve_drain_* metrics on this port")
     p.set_defaults(func=commands.drain_events)
 
 

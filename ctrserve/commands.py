@@ -320,7 +320,36 @@ def drain_events(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.chunk < 1:
         raise UserError("--chunk must be at least 1")
+    if args.follow:
+        return _with_redis(args, lambda client: _follow(client, args))
     return _with_redis(args, lambda client: drain(client, args.out, args.chunk, args.limit))
+
+
+def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The long-running drainer: a line per pass that moved something, totals at the end."""
+    import signal
+
+    from service.drainer_metrics import DrainerMetrics
+    from service.event_log import follow
+
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: stopping.append(signum))
+    metrics = DrainerMetrics(args.metrics_port)
+    totals = {"events": 0, "served": 0, "dead_letters": 0, "passes": 0}
+
+    def report(result: dict[str, Any]) -> None:
+        metrics.observe(result)
+        totals["passes"] += 1
+        for key in ("events", "served", "dead_letters"):
+            totals[key] += result[key]
+        if result["events"] or result["served"] or result["dead_letters"]:
+            print(f"drained {result['events']} event(s), {result['served']} served "
+                  f"request(s), {result['dead_letters']} dead letter(s); left "
+                  f"{result['left']}", file=sys.stderr, flush=True)
+
+    follow(client, args.out, args.interval, args.chunk, lambda: bool(stopping), report)
+    return totals
 
 
 # ---- deployments ---------------------------------------------------------------------------

@@ -413,14 +413,16 @@ class Simulation:
 
     def _report(self, events: EventSender, plan: DayPlan, r: int, data: dict[str, Any],
                 user_id: str, shown: np.ndarray, downloaded: np.ndarray) -> None:
-        request_id, ts = data["request_id"], float(plan.ts[r])
+        # events are timed after the request by the clock the scorer dated it with (its `ts`)
+        request_id, ts = data["request_id"], float(data.get("ts", plan.ts[r]))
+        proof = {"attribution": data["attribution"]}
         items = [str(a) for a in self.world.app_ids[shown]]
-        batch = [{"event_id": f"{request_id}-imp", "type": "impression",
+        batch = [{"event_id": f"{request_id}-imp", "type": "impression", **proof,
                   "request_id": request_id, "user_id": user_id,
                   "items": [{"item_id": i, "position": p} for p, i in enumerate(items, 1)],
                   "ts": ts + 1.0}]
         for j in np.flatnonzero(downloaded).tolist():
-            batch.append({"event_id": f"{request_id}-dl{j + 1}", "type": "download",
+            batch.append({"event_id": f"{request_id}-dl{j + 1}", "type": "download", **proof,
                           "request_id": request_id, "user_id": user_id, "item_id": items[j],
                           "ts": ts + 10.0 + 5.0 * j})
         flags = [plan.duplicate[r, 0], *(plan.duplicate[r, 1 + j] for j in

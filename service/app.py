@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,19 +20,22 @@ from typing import Any
 from fastapi import FastAPI
 
 from ctrserve import __version__
-from service.attribution import Recorder
+from service.attribution import AUTO_KID, Signer, parse_keys
 from service.deploy_follower import DeploymentFollower
 from service.errors import install_handlers
-from service.events import EventIngest
+from service.events import EventIngest, EventRules
 from service.feature_store import FeatureStore
+from service.keys import SIGNING_KEY
+from service.log_lag import LagSampler
 from service.metrics import Metrics, MetricsMiddleware
 from service.models import ModelRegistry
-from service.redis_server import open_redis
+from service.redis_server import RedisHandle, open_redis
 from service.routers import dashboard, events, experiments, health, metrics, models, score
 from service.routers.events import EventsRequest
 from service.routing import Routing
 from service.schemas import ScoreRequest, SwapRequest
 from service.scoring import Scorer
+from service.serve_log import ServeLog
 from service.settings import Settings
 
 log = logging.getLogger("ctrserve.service")
@@ -62,7 +66,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.redis = await open_redis(settings)
     try:
         if settings.load_features:
-            await asyncio.to_thread(_load_features, state.redis.url, settings)
+            await asyncio.to_thread(_load_features, state.redis, settings)
         store = FeatureStore(state.redis.client)
         state.models = ModelRegistry(settings, state.metrics, store)
         try:
@@ -71,34 +75,49 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.follower = DeploymentFollower(state.routing, state.redis.client,
                                                 settings.deploy_poll_s)
             await state.follower.sync()  # a deployment state in Redis wins over the file
-            recorder = None
+            signer = Signer(await signing_keys(settings, state.redis.client))
+            serve_log = None
             if settings.events:
-                recorder = Recorder(state.redis.client, settings.attribution_window_s,
-                                    state.metrics.users, client_clock=settings.clock == "client")
+                serve_log = ServeLog(state.redis.client, settings.max_log_entries,
+                                     state.metrics.serve_log_dropped)
             state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing,
-                                  recorder)
-            state.ingest = EventIngest(state.redis.client, state.metrics,
-                                       settings.attribution_window_s, settings.max_events)
+                                  serve_log, signer)
+            rules = EventRules(signer, settings.attribution_window_s,
+                               settings.event_clock_skew_s, settings.clock == "client")
+            state.ingest = EventIngest(state.redis.client, state.metrics, rules,
+                                       settings.max_events, settings.dedup_window_s,
+                                       settings.counts_retention_days, settings.max_log_entries)
+            state.metrics.log_capacity.set(settings.max_log_entries)
+            state.lag = LagSampler(state.redis.client, state.metrics, settings.log_sample_s)
             state.ready = True
             state.follower.start()
+            state.lag.start()
             log.info("ready: %s", {k: m.version for k, m in state.models.models.items()})
             yield
         finally:
             state.ready = False
             if getattr(state, "follower", None) is not None:
                 await state.follower.stop()
+            if getattr(state, "lag", None) is not None:
+                await state.lag.stop()
             await state.models.close()
     finally:
         await state.redis.close()
 
 
-def _load_features(url: str, settings: Settings) -> None:
-    import redis
+async def signing_keys(settings: Settings, client: Any) -> list[tuple[str, bytes]]:
+    """The configured attribution keys, or the random one every replica on this Redis shares."""
+    if settings.attribution_keys:
+        return parse_keys(settings.attribution_keys)
+    await client.set(SIGNING_KEY, secrets.token_hex(32), nx=True)
+    return [(AUTO_KID, await client.get(SIGNING_KEY))]
 
+
+def _load_features(handle: RedisHandle, settings: Settings) -> None:
     from service.feature_store import load_tables, synth_files
 
     users, items = synth_files(settings.load_features)
-    client = redis.Redis.from_url(url)
+    client = handle.sync_client()
     try:
         meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
     finally:

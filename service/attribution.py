@@ -1,130 +1,158 @@
-"""What served each request, written at score time for the events that follow.
+"""Signed attribution tokens: what served a request, carried by the client instead of Redis.
 
-Per scored request, in one pipeline shared by the requests of the same moment:
+The score response's `attribution` field is a token that the client's events bring back under
+the same name. It proves, with nothing stored per request on the server:
 
-    ctrserve:req:<request id>  JSON {experiment, arm, model_version, user, items (served ids in
-                               order), day, holdout, ts, features (the request's shared model
-                               inputs: user record, user_features, context, clock, user id),
-                               item_features (candidates' own features, if any), client_ts
-                               (the request's own `ts`, only when it gave one)}, TTL = the
-                               attribution window
-    HSETNX ab:E:D:A:x user 0   the user counts once per arm and day (not for holdout users)
-    SADD ab:E:days D
+    kid . header . tags . mac        (each part base64url, no padding)
 
-`ts` and its UTC day `D` are the server's clock at the write (`clock="server"`, production), or
-with `clock="client"` (simulation and backfill) the request's own `ts` where it gave one. The
-event script counts into `D` and the event log is partitioned by it, so under the client clock
-a replayed week lands day by day.
+- header: JSON [1, request id, experiment, arm, model version, user id, day, ts, holdout]; `ts`
+  (epoch seconds) and its UTC `day` are the request's time by the scorer's clock (or the
+  request's own `ts` under `clock="client"`), the day it is counted under;
+- tags: 4 bytes per returned item, in the order returned: BLAKE2b of the item id keyed by the
+  signing key and salted with the request id, so an event proves each item it names was served
+  without the token listing the ids; a client cannot make a tag for an item it was not served
+  (one guess in 2^32 / items per try, and online only);
+- mac: HMAC-SHA256 (first 16 bytes) of "kid.header.tags" under the key named by kid.
 
-The score awaits its write, so an event sent as soon as the reply arrives finds its request;
-concurrent requests share one round trip (a write in flight collects the next batch).
+Keys come from `CTRSERVE_ATTRIBUTION_KEYS` ("kid:secret,kid:secret"): the first signs, every
+one verifies, so a key rotates without downtime (add the new one second on every replica, then
+first, then drop the old one once the attribution window has passed). Without configured keys
+the replicas sharing a Redis share a random key kept there (`ctrserve:attribution:key`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from prometheus_client import Counter
-from pydantic_core import to_json
-
-from service.counts import PREFIX, arm_key, days_key
+TAG_BYTES = 4
+MAC_BYTES = 16
+AUTO_KID = "auto"
 
 
-def request_key(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}"
+class TokenError(ValueError):
+    """An attribution token that does not verify; `reason` is the event's rejection reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Claims:
+    request_id: str
+    experiment: str
+    arm: str
+    model_version: str
+    user: str
+    day: str
+    ts: float
+    holdout: bool
+    tags: bytes  # TAG_BYTES per returned item, in the order returned
+
+    @property
+    def served(self) -> int:
+        return len(self.tags) // TAG_BYTES
+
+    def has_tag(self, tag: bytes) -> bool:
+        return any(self.tags[i : i + TAG_BYTES] == tag
+                   for i in range(0, len(self.tags), TAG_BYTES))
+
+
+def new_request_id() -> str:
+    """128 random bits (the issue asks for at least 96): not guessable, not a counter."""
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
 
 
 def utc_day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-@dataclass
-class Served:
-    request_id: str
-    experiment: str
-    arm: str
-    model_version: str
-    user: str
-    items: list[str]
-    holdout: bool
-    features: dict[str, Any]
-    item_features: dict[str, Any] = field(default_factory=dict)
-    client_ts: float | None = None  # the request's own time (epoch seconds), if it gave one
+def parse_keys(spec: list[str]) -> list[tuple[str, bytes]]:
+    """["kid:secret", ...] -> [(kid, secret)]; a secret shorter than 16 bytes is refused."""
+    keys = []
+    for entry in spec:
+        kid, sep, secret = entry.strip().partition(":")
+        if not sep or not kid or "." in kid:
+            raise ValueError(f"attribution key {kid or entry!r}: expected 'kid:secret' with a "
+                             "kid free of '.'")
+        if len(secret) < 16:
+            raise ValueError(f"attribution key {kid!r}: the secret needs at least 16 "
+                             "characters")
+        keys.append((kid, secret.encode()))
+    return keys
 
 
-class Recorder:
-    """Coalesces the score-time writes of concurrent requests into one pipeline.
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-    `client_clock`: date a request by its `client_ts` where it has one (simulation, backfill).
-    """
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int, users_total: Counter,
-                 clock: Callable[[], float] = time.time, client_clock: bool = False):
-        self.client, self.ttl_s, self.users_total, self.clock = client, ttl_s, users_total, clock
-        self.client_clock = client_clock
-        self._pending: list[tuple[Served, asyncio.Future]] = []
-        self._writer: asyncio.Future | None = None
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
-    async def record(self, served: Served) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((served, future))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
-        await future
 
-    async def _write(self) -> None:
+class Signer:
+    """Issues and verifies tokens with `keys` [(kid, secret)], the first one signing."""
+
+    def __init__(self, keys: list[tuple[str, bytes]]):
+        if not keys:
+            raise ValueError("at least one attribution key is needed")
+        self.kid, self._secret = keys[0]
+        self._keys = dict(keys)
+        self._tag_keys = {kid: hashlib.blake2b(secret, digest_size=64, person=b"ctrserve-tag")
+                          .digest() for kid, secret in keys}
+
+    def tags(self, kid: str, request_id: str, items: list[str]) -> bytes:
+        salt = hashlib.blake2b(request_id.encode(), digest_size=16).digest()
+        base = hashlib.blake2b(digest_size=TAG_BYTES, key=self._tag_keys[kid], salt=salt)
+        out = []
+        for item in items:
+            h = base.copy()
+            h.update(item.encode())
+            out.append(h.digest())
+        return b"".join(out)
+
+    def issue(self, request_id: str, experiment: str, arm: str, model_version: str, user: str,
+              ts: float, holdout: bool, items: list[str]) -> str:
+        header = json.dumps([1, request_id, experiment, arm, model_version, user, utc_day(ts),
+                             ts, int(holdout)], separators=(",", ":")).encode()
+        body = f"{self.kid}.{_b64(header)}.{_b64(self.tags(self.kid, request_id, items))}"
+        return f"{body}.{_b64(self._mac(self._secret, body))}"
+
+    def verify(self, token: str) -> tuple[str, Claims]:
+        """(kid, claims) of a token this signer's keys made; TokenError otherwise."""
+        parts = token.split(".")
+        if len(parts) != 4:
+            raise TokenError("bad_token", "not an attribution token from a score response")
+        kid, header, tags, mac = parts
+        secret = self._keys.get(kid)
+        if secret is None:
+            raise TokenError("bad_token", f"signed with an unknown key {kid!r} (rotated out?)")
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    new_users = await self._flush([s for s, _ in batch])
-                except Exception as exc:  # every waiting request gets the error
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (experiment, arm), n in new_users.items():
-                    self.users_total.labels(experiment, arm).inc(n)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            self._writer = None
+            given = _unb64(mac)
+            fields = json.loads(_unb64(header))
+            raw_tags = _unb64(tags)
+        except (ValueError, json.JSONDecodeError):
+            raise TokenError("bad_token", "the token is not valid base64url/JSON") from None
+        if not hmac.compare_digest(given, self._mac(secret, f"{kid}.{header}.{tags}")):
+            raise TokenError("bad_signature", "the token's signature does not match: it was "
+                             "altered or not made by this service")
+        return kid, _claims(fields, raw_tags)
 
-    def _when(self, s: Served, now: float, today: str) -> tuple[float, str]:
-        """The time and UTC day a request is recorded and counted under."""
-        if self.client_clock and s.client_ts is not None:
-            return s.client_ts, utc_day(s.client_ts)
-        return now, today
+    @staticmethod
+    def _mac(secret: bytes, body: str) -> bytes:
+        return hmac.new(secret, body.encode(), hashlib.sha256).digest()[:MAC_BYTES]
 
-    async def _flush(self, batch: list[Served]) -> dict[tuple[str, str], int]:
-        now = self.clock()
-        today = utc_day(now)
-        pipe = self.client.pipeline(transaction=False)
-        counted: list[tuple[int, str, str]] = []  # (reply index, experiment, arm)
-        days: set[tuple[str, str]] = set()
-        for s in batch:
-            ts, day = self._when(s, now, today)
-            record = {"experiment": s.experiment, "arm": s.arm, "model_version": s.model_version,
-                      "user": s.user, "items": s.items, "day": day, "holdout": s.holdout,
-                      "ts": ts, "features": s.features, "item_features": s.item_features}
-            if s.client_ts is not None:
-                record["client_ts"] = s.client_ts
-            pipe.set(request_key(s.request_id), to_json(record), ex=self.ttl_s)
-            days.add((s.experiment, day))
-            if not s.holdout:
-                counted.append((len(pipe), s.experiment, s.arm))
-                pipe.hsetnx(arm_key(s.experiment, day, s.arm, "x"), s.user, 0)
-        for experiment, day in days:
-            pipe.sadd(days_key(experiment), day)
-        replies = await pipe.execute()
-        new_users: dict[tuple[str, str], int] = {}
-        for index, experiment, arm in counted:
-            if replies[index]:
-                new_users[experiment, arm] = new_users.get((experiment, arm), 0) + 1
-        return new_users
+
+def _claims(fields: Any, tags: bytes) -> Claims:
+    version, rid, experiment, arm, model_version, user, day, ts, holdout = fields
+    if version != 1:  # signed by us, so only a future format can get here
+        raise TokenError("bad_token", f"token format {version} is not known to this scorer")
+    return Claims(rid, experiment, arm, model_version, user, day, float(ts), bool(holdout),
+                  tags)

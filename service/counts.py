@@ -1,23 +1,27 @@
 """Per experiment, arm and day counts in Redis, and the report built from them.
 
-Key layout (`P` = "ctrserve:", E experiment, D day "YYYY-MM-DD" (UTC, of the scored request:
-the server's clock, or its own `ts` under `CTRSERVE_CLOCK=client`, see attribution.py), A arm):
+Keys (keys.py; E experiment, A arm, D day "YYYY-MM-DD", UTC, of the scored request: the
+server's clock, or its own `ts` under `CTRSERVE_CLOCK=client`, as the attribution token says):
 
-    P ab:E:D:A:x     hash user id -> impressions x_u   (a field per user scored that day)
-    P ab:E:D:A:y     hash user id -> downloads y_u     (users with a download)
-    P ab:E:D:A:sums  hash impressions, downloads, sum_x2, sum_y2, sum_xy
-    P ab:E:days      set of the days with counts
-    P exp:E          JSON {"control", "weights"}: the config the scorer last served
+    ctrserve:{E:A}:ab:D:x / :y      hash user -> impressions x_u / downloads y_u that day
+    ctrserve:{E:A}:ab:D:sums        hash users, impressions, downloads, sum_x2, sum_y2, sum_xy
+    ctrserve:{E:A}:ab:all:x / :y    hash user -> x_u / y_u over the whole experiment
+    ctrserve:{E:A}:ab:all:sums      the same sums over the experiment, each user once
+    ctrserve:{E:A}:ab:days          set of the days with counts
+    ctrserve:exp:E                  JSON {"control", "weights"}: the config the scorer last served
 
-Why hashes and not a set or a HyperLogLog: the `x` hash gives the exact number of distinct users
-(HLEN) and, with `y`, the per-user sums that the delta method needs; an HLL gives only an
-approximate count, a set only the count. The user enters `x` with 0 impressions at their first
-scored request of the day (HSETNX), so a user counts once per arm and day. The `sums` hash is
-kept by the event script in the same atomic step as x and y (x_u: a -> a + n adds
-(a + n)² - a² to Σx² and n·y_u to Σxy; y_u: b -> b + 1 adds 2b + 1 to Σy² and x_u to Σxy), so a
-day's ArmStats is one HGETALL and one HLEN. Totals over days sum each user's days from the hashes
-(`ArmStats.from_user_arrays`): exact, the user as the unit. Holdout users are not counted.
-Counts keep no TTL: they are the experiment's record.
+The event script keeps every sums hash incrementally, in the same atomic step as x and y
+(x_u: a -> a + n adds (a + n)² - a² to Σx² and n·y_u to Σxy; y_u: b -> b + 1 adds 2b + 1 to
+Σy² and x_u to Σxy; a user new to the hash adds 1 to users), so a report is one HGETALL per arm
+and day: exact user-level sums, the user as the unit, for each day and, through the `all`
+hashes, for the whole experiment with each user once (what the delta method needs). A user
+enters the counts with their first accepted event (users = users with a proven event, so ids
+that are only scored count nowhere). Holdout users are not counted.
+
+Memory is bounded by users, not by requests or user-days: a day's per-user x and y hashes
+expire once that day's events can no longer arrive (the day's end + attribution window + a
+day); its sums (a few fields) and the experiment's per-user totals expire
+`counts_retention_days` (90 by default) after the day / after the arm's last event.
 """
 
 from __future__ import annotations
@@ -31,21 +35,9 @@ import redis.asyncio as aioredis
 
 from service.experiments.config import ExperimentSet
 from service.experiments.stats import ArmStats, report
+from service.keys import LOG_KINDS, LOGS_KEY, TOTAL, arm_key, config_key, days_key, log_key
 
-PREFIX = "ctrserve:"
-SUMS = ("impressions", "downloads", "sum_x2", "sum_y2", "sum_xy")
-
-
-def arm_key(experiment: str, day: str, arm: str, part: str) -> str:
-    return f"{PREFIX}ab:{experiment}:{day}:{arm}:{part}"
-
-
-def days_key(experiment: str) -> str:
-    return f"{PREFIX}ab:{experiment}:days"
-
-
-def config_key(experiment: str) -> str:
-    return f"{PREFIX}exp:{experiment}"
+SUMS = ("users", "impressions", "downloads", "sum_x2", "sum_y2", "sum_xy")
 
 
 def experiment_configs(experiments: ExperimentSet) -> dict[str, dict[str, Any]]:
@@ -56,9 +48,14 @@ def experiment_configs(experiments: ExperimentSet) -> dict[str, dict[str, Any]]:
 
 
 async def save_configs(client: aioredis.Redis, experiments: ExperimentSet) -> None:
-    """Record arms and weights so that `ctrserve report` can run without the scorer."""
-    configs = experiment_configs(experiments)
-    await client.mset({config_key(n): json.dumps(c) for n, c in configs.items()})
+    """Record arms and weights so that `ctrserve report` can run without the scorer, and the
+    arms' log streams so that the drainer finds them."""
+    pipe = client.pipeline(transaction=False)
+    for name, config in experiment_configs(experiments).items():
+        pipe.set(config_key(name), json.dumps(config))
+        pipe.sadd(LOGS_KEY, *(log_key(name, arm, kind) for arm in config["weights"]
+                              for kind in LOG_KINDS))
+    await pipe.execute()
 
 
 def load_config(client: redis.Redis, experiment: str) -> dict[str, Any] | None:
@@ -67,55 +64,40 @@ def load_config(client: redis.Redis, experiment: str) -> dict[str, Any] | None:
 
 
 def read_counts(client: redis.Redis, experiment: str, arms: list[str]
-                ) -> dict[str, dict[str, dict[str, Any]]]:
-    """{day: {arm: {"sums": {...}, "x": {user: n}, "y": {user: n}}}}, one pipeline."""
-    days = sorted(d.decode() for d in client.smembers(days_key(experiment)))
+                ) -> dict[str, dict[str, dict[str, int]]]:
+    """{day or TOTAL: {arm: sums}}, two pipelines: the days, then every sums hash."""
     pipe = client.pipeline(transaction=False)
-    for day in days:
+    for arm in arms:
+        pipe.smembers(days_key(experiment, arm))
+    days = sorted({d.decode() for member in pipe.execute() for d in member})
+    pipe = client.pipeline(transaction=False)
+    for day in [*days, TOTAL]:
         for arm in arms:
-            for part in ("sums", "x", "y"):
-                pipe.hgetall(arm_key(experiment, day, arm, part))
+            pipe.hgetall(arm_key(experiment, day, arm, "sums"))
     replies = iter(pipe.execute())
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for day in days:
-        out[day] = {}
-        for arm in arms:
-            out[day][arm] = {part: {k.decode(): int(v) for k, v in next(replies).items()}
-                             for part in ("sums", "x", "y")}
-    return out
+    return {day: {arm: {k.decode(): int(v) for k, v in next(replies).items()} for arm in arms}
+            for day in [*days, TOTAL]}
 
 
-def day_stats(part: Mapping[str, Mapping[str, int]]) -> ArmStats:
-    """One arm-day from its incrementally kept sums and its user count."""
-    sums = part["sums"]
-    return ArmStats(len(part["x"]), *(sums.get(k, 0) for k in SUMS))
-
-
-def total_stats(parts: list[Mapping[str, Mapping[str, int]]]) -> ArmStats:
-    """Over days, exact: each user's impressions and downloads summed over the days."""
-    x: dict[str, int] = {}
-    y: dict[str, int] = {}
-    for part in parts:
-        for user, n in part["x"].items():
-            x[user] = x.get(user, 0) + n
-        for user, n in part["y"].items():
-            y[user] = y.get(user, 0) + n
-            x.setdefault(user, 0)
-    users = list(x)
-    return ArmStats.from_user_arrays([x[u] for u in users], [y.get(u, 0) for u in users])
+def arm_stats(sums: Mapping[str, int]) -> ArmStats:
+    """One arm's user-level sums (a day's, or the experiment's with each user once)."""
+    return ArmStats(*(sums.get(k, 0) for k in SUMS))
 
 
 def build_report(client: redis.Redis, experiment: str, control: str,
                  weights: Mapping[str, float]) -> dict[str, Any]:
-    """{"experiment", "control", "weights", "days": {day: report}, "total": report}."""
+    """{"experiment", "control", "weights", "days": {day: report}, "total": report}.
+
+    Days past the retention have expired and are left out (their day stays in the days set).
+    """
     arms = [control, *(a for a in weights if a != control)]
     counts = read_counts(client, experiment, arms)
-    days = {day: report({a: day_stats(c[a]) for a in arms}, control, weights)
-            for day, c in counts.items()}
-    total = report({a: total_stats([c[a] for c in counts.values()]) for a in arms}, control,
-                   weights)
+    total = counts.pop(TOTAL)
+    days = {day: report({a: arm_stats(c[a]) for a in arms}, control, weights)
+            for day, c in counts.items() if any(c.values())}
     return {"experiment": experiment, "control": control, "weights": dict(weights),
-            "days": days, "total": total}
+            "days": days, "total": report({a: arm_stats(total[a]) for a in arms}, control,
+                                          weights)}
 
 
 def format_full_report(rep: Mapping[str, Any]) -> str:

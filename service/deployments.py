@@ -1,10 +1,13 @@
 """Deployment state in Redis: which bundle each arm of each experiment serves, and its history.
 
-    ctrserve:deploy:<E>                hash   arm -> bundle name
-    ctrserve:deploy:<E>:canary         hash   arm -> JSON {"bundle", "share"}: the arm's canary
-    ctrserve:deploy:<E>:prev:<arm>     list   bundles the arm served before, newest last
-    ctrserve:deploy:version            int    +1 on every change below (scorers poll it)
-    ctrserve:deploy:history            list   JSON records, oldest first
+    ctrserve:{deploy}:<E>              hash   arm -> bundle name
+    ctrserve:{deploy}:<E>:canary       hash   arm -> JSON {"bundle", "share"}: the arm's canary
+    ctrserve:{deploy}:<E>:prev:<arm>   list   bundles the arm served before, newest last
+    ctrserve:{deploy}:version          int    +1 on every change below (scorers poll it)
+    ctrserve:{deploy}:history          list   JSON records, oldest first
+
+All share the hash tag {deploy}: on a Redis Cluster they live in one slot, so one script or
+transaction may touch any of them.
 
 The scorer seeds the hash from its experiments file (missing arms only), so the file gives the
 initial state and a state already in Redis wins. `deploy` and `rollback` verify the bundle
@@ -34,7 +37,7 @@ from bundles.load import verify_files
 from ctrserve.errors import UserError
 from service.experiments.assignment import canary_share_ok
 
-PREFIX = "ctrserve:deploy:"
+PREFIX = "ctrserve:{deploy}:"  # one hash tag: a deploy touches several of these keys at once
 VERSION_KEY = PREFIX + "version"
 HISTORY_KEY = PREFIX + "history"
 

@@ -1,24 +1,35 @@
-"""The event log: a Redis stream, drained into day-partitioned Parquet files.
+"""The logs: Redis streams per arm, drained into day-partitioned Parquet files.
 
-`ctrserve:events` holds one entry per accepted event, appended by the event script in the same
-atomic step that counts it, with two fields: `event` (the event as accepted, JSON) and
-`request` (the request record it was attributed to, JSON: experiment, arm, model_version, day,
-holdout, served items in order, the request's shared model inputs and candidates' own
-features), which is what the retrain needs to rebuild the exact inputs that were served.
+Two streams per (experiment, arm), listed in `ctrserve:logs` (keys.py):
 
-`drain` moves entries, oldest first, into `OUT/day=YYYY-MM-DD/events-<first stream id>.parquet`
-(the request record's `day`: the scored request's UTC day, by the clock `CTRSERVE_CLOCK`
-names, see attribution.py), fsyncs each file, and only then deletes exactly the entries it
-wrote (XDEL). A crash between the two leaves the entries in the stream; the next drain writes
-them again under the same file name when the chunk starts at the same entry, and readers
-deduplicate by `event_id` in any case.
+- `...:log:events`: one entry per accepted event, appended by the event script in the same
+  atomic step that counts it: `event` (the event as accepted, JSON) and `claims` (what its
+  attribution token proved: request id, experiment, arm, model version, user, day, request
+  ts, holdout);
+- `...:log:serve`: one entry per scored request (serve_log.py): `r`, what it served and the
+  model inputs it was served with.
+
+`drain` moves entries, oldest first, into `OUT/day=YYYY-MM-DD/{events,serve}-<E>-<A>-<first
+stream id>.parquet` (the request's `day`), fsyncs each file, and only then trims exactly the
+entries it wrote (XTRIM MINID: every entry up to the last one read). A crash between the two
+leaves the entries in the stream; the next drain writes them again under the same file name
+when the chunk starts at the same entry, and readers deduplicate by event or request id in any
+case. An entry that cannot be read or written (a bug, or a hand-made entry) goes with its
+reason to `OUT/dead-letter/<kind>-<E>-<A>.jsonl` and the drain moves on: one bad entry never
+stops the log. A per-stream lock keeps two drainers off the same stream.
+
+`follow` drains in a loop until SIGTERM/SIGINT (`ctrserve drain-events --follow`): what the
+streams hold is bounded by the drain lag, which the scorer exports (log_lag.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,71 +37,200 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-STREAM = "ctrserve:events"
-SCHEMA = pa.schema([
+from service.keys import LOG_KINDS, LOGS_KEY, log_parts
+
+EVENTS_SCHEMA = pa.schema([
     ("stream_id", pa.string()), ("event_id", pa.string()), ("type", pa.string()),
     ("request_id", pa.string()), ("user_id", pa.string()), ("ts", pa.string()),
     ("item_id", pa.string()), ("items", pa.list_(pa.string())),
     ("positions", pa.list_(pa.int32())), ("experiment", pa.string()), ("arm", pa.string()),
     ("model_version", pa.string()), ("day", pa.string()), ("holdout", pa.bool_()),
-    ("served_items", pa.list_(pa.string())), ("features", pa.string()),
-    ("item_features", pa.string()),
+    ("request_ts", pa.float64()),
 ])
+SERVE_SCHEMA = pa.schema([
+    ("stream_id", pa.string()), ("request_id", pa.string()), ("ts", pa.float64()),
+    ("day", pa.string()), ("experiment", pa.string()), ("arm", pa.string()),
+    ("model_version", pa.string()), ("user_id", pa.string()), ("holdout", pa.bool_()),
+    ("items", pa.list_(pa.string())), ("features", pa.string()),
+    ("item_features", pa.string()), ("client_ts", pa.float64()),
+])
+SCHEMAS = {"events": EVENTS_SCHEMA, "serve": SERVE_SCHEMA}
+LOCK_MS = 120_000
 
 
-def row(stream_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """One stream entry as a flat Parquet row (features stay JSON text)."""
-    event, req = json.loads(fields[b"event"]), json.loads(fields[b"request"])
+def event_row(stream_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One event entry as a flat Parquet row."""
+    event, claims = json.loads(fields[b"event"]), json.loads(fields[b"claims"])
     shown = event.get("items") or []
     return {
         "stream_id": stream_id, "event_id": event["event_id"], "type": event["type"],
-        "request_id": event["request_id"], "user_id": event["user_id"], "ts": event["ts"],
+        "request_id": claims["request_id"], "user_id": event["user_id"], "ts": event["ts"],
         "item_id": event.get("item_id"),
         "items": [i["item_id"] for i in shown] if shown else None,
         "positions": [i["position"] for i in shown] if shown else None,
-        "experiment": req["experiment"], "arm": req["arm"],
-        "model_version": req["model_version"], "day": req["day"], "holdout": req["holdout"],
-        "served_items": req["items"], "features": json.dumps(req["features"]),
-        "item_features": json.dumps(req.get("item_features") or {}),
+        "experiment": claims["experiment"], "arm": claims["arm"],
+        "model_version": claims["model_version"], "day": claims["day"],
+        "holdout": claims["holdout"], "request_ts": claims["ts"],
     }
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+def serve_row(stream_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One serve entry as a flat Parquet row (features stay JSON text)."""
+    r = json.loads(fields[b"r"])
+    return {
+        "stream_id": stream_id, "request_id": r["request_id"], "ts": r["ts"], "day": r["day"],
+        "experiment": r["experiment"], "arm": r["arm"], "model_version": r["model_version"],
+        "user_id": r["user"], "holdout": r["holdout"], "items": r["items"],
+        "features": json.dumps(r["features"]), "item_features": json.dumps(r["item_features"]),
+        "client_ts": r.get("client_ts"),
+    }
+
+
+ROWS: dict[str, Callable[[str, dict[bytes, bytes]], dict[str, Any]]] = {
+    "events": event_row, "serve": serve_row}
+
+
+class DeadLetters:
+    """Entries that could not be drained, one JSON line each with the reason."""
+
+    def __init__(self, out: Path):
+        self.dir, self.count = out / "dead-letter", 0
+
+    def add(self, name: str, stream_id: str, fields: dict[bytes, bytes], reason: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        line = {"stream_id": stream_id, "reason": reason,
+                "fields": {k.decode(errors="replace"): v.decode(errors="replace")
+                           for k, v in fields.items()}}
+        with (self.dir / f"{name}.jsonl").open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.count += 1
+
+
+def _write(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    pq.write_table(table, tmp)
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(path)
 
 
-def drain(client: redis.Redis, out: Path, chunk: int = 10_000,
-          limit: int | None = None) -> dict[str, Any]:
-    """Move stream entries into Parquet files; returns {"events", "files", "days", "left"}."""
+def _table(rows: list[dict[str, Any]], schema: pa.Schema, dead: DeadLetters, name: str,
+           entries: dict[str, dict[bytes, bytes]]) -> pa.Table | None:
+    """The rows as a table; a row Arrow refuses goes to the dead letters alone."""
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        good = []
+        for r in rows:
+            try:
+                pa.Table.from_pylist([r], schema=schema)
+                good.append(r)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                dead.add(name, r["stream_id"], entries[r["stream_id"]], f"arrow: {exc}")
+        return pa.Table.from_pylist(good, schema=schema) if good else None
+
+
+def _next_id(stream_id: str) -> str:
+    ms, seq = stream_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def drain_stream(client: redis.Redis, stream: str, out: Path, chunk: int, limit: int | None,
+                 dead: DeadLetters) -> tuple[int, list[str], set[str]]:
+    """(entries moved, files written, days) for one stream."""
+    experiment, arm, kind = log_parts(stream)
+    name = f"{kind}-{experiment}-{arm}"
     moved, files, days = 0, [], set()
     while limit is None or moved < limit:
         count = chunk if limit is None else min(chunk, limit - moved)
-        entries = client.xrange(STREAM, "-", "+", count=count)
+        entries = client.xrange(stream, "-", "+", count=count)
         if not entries:
             break
+        fields_by_id = {sid.decode(): fields for sid, fields in entries}
         by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for sid, fields in entries:
-            r = row(sid.decode(), fields)
+        for sid, fields in fields_by_id.items():
+            try:
+                r = ROWS[kind](sid, fields)
+            except (KeyError, TypeError, ValueError) as exc:
+                dead.add(name, sid, fields, f"unreadable entry: {exc!r}")
+                continue
             by_day[r["day"]].append(r)
         for day, rows in by_day.items():
-            path = out / f"day={day}" / f"events-{rows[0]['stream_id']}.parquet"
-            _write(path, rows)
+            table = _table(rows, SCHEMAS[kind], dead, name, fields_by_id)
+            if table is None:
+                continue
+            path = out / f"day={day}" / f"{name}-{rows[0]['stream_id']}.parquet"
+            _write(path, table)
             files.append(str(path))
             days.add(day)
-        client.xdel(STREAM, *[sid for sid, _ in entries])
+        client.xtrim(stream, minid=_next_id(entries[-1][0].decode()), approximate=False)
         moved += len(entries)
-    return {"events": moved, "files": files, "days": sorted(days),
-            "left": client.xlen(STREAM)}
+    return moved, files, days
+
+
+def streams(client: redis.Redis) -> list[str]:
+    return sorted(s.decode() for s in client.smembers(LOGS_KEY))
+
+
+def drain(client: redis.Redis, out: Path, chunk: int = 10_000,
+          limit: int | None = None) -> dict[str, Any]:
+    """Move every log stream's entries into Parquet files.
+
+    Returns {"events", "served", "files", "days", "dead_letters", "left": {kind: entries}};
+    `limit` bounds the entries moved per stream.
+    """
+    moved = dict.fromkeys(LOG_KINDS, 0)
+    left = dict.fromkeys(LOG_KINDS, 0)
+    files: list[str] = []
+    days: set[str] = set()
+    dead = DeadLetters(out)
+    owner = uuid.uuid4().hex
+    for stream in streams(client):
+        kind = log_parts(stream)[2]
+        lock = stream + ":drain-lock"
+        if not client.set(lock, owner, nx=True, px=LOCK_MS):
+            left[kind] += client.xlen(stream)  # another drainer has it
+            continue
+        try:
+            n, written, on = drain_stream(client, stream, out, chunk, limit, dead)
+        finally:
+            if client.get(lock) == owner.encode():
+                client.delete(lock)
+        moved[kind] += n
+        files += written
+        days |= on
+        left[kind] += client.xlen(stream)
+    return {"events": moved["events"], "served": moved["serve"], "files": files,
+            "days": sorted(days), "dead_letters": dead.count, "left": left}
+
+
+def follow(client: redis.Redis, out: Path, interval_s: float, chunk: int,
+           stop: Callable[[], bool], report: Callable[[dict[str, Any]], None]) -> None:
+    """Drain until `stop()`; sleeps `interval_s` only when a pass moved nothing."""
+    while not stop():
+        result = drain(client, out, chunk)
+        report(result)
+        if not result["events"] and not result["served"]:
+            deadline = time.monotonic() + interval_s
+            while not stop() and time.monotonic() < deadline:
+                time.sleep(min(0.1, interval_s))
+
+
+def _read(directory: Path, kind: str) -> pa.Table:
+    paths = sorted(directory.glob(f"day=*/{kind}-*.parquet"))
+    if not paths:
+        return SCHEMAS[kind].empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=SCHEMAS[kind]) for p in paths])
 
 
 def read_log(directory: Path) -> pa.Table:
     """Every drained event under `directory` (all days)."""
-    paths = sorted(directory.glob("day=*/events-*.parquet"))
-    if not paths:
-        return SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths])
+    return _read(directory, "events")
+
+
+def read_serve_log(directory: Path) -> pa.Table:
+    """Every drained served request under `directory` (all days)."""
+    return _read(directory, "serve")

@@ -1,89 +1,99 @@
-"""Impressions and downloads: validation, dedup, attribution, counting and logging.
+"""Impressions and downloads: validation, proof, dedup, counting and logging.
 
-Each well-formed event runs one Lua script (atomic in Redis), all of a batch in one pipeline:
+An event carries back the `attribution` token of the score response that served it
+(attribution.py). In Python, per event: the token verifies (else `bad_token` /
+`bad_signature`), it names the event's request and user (`request_mismatch`, `user_mismatch`),
+it was issued within the attribution window (`expired`), the event's `ts` lies within the
+window around the request (`bad_ts`), and every item is proven served (`item_not_served`), an
+impression's positions within the returned list (`bad_position`: a client may show the items
+in another order than returned, so the slot is not tied to the item). Nothing is read from
+Redis for that.
 
-1. `seen:<event id>` exists: duplicate (a repeat of an accepted event, on any replica).
-2. The request record (attribution.py) is gone: rejected, unknown or expired request; another
-   user id than the request's: rejected, user mismatch; an impression of an item the request
-   did not serve, or a download of an item no accepted impression of the request showed:
-   rejected, naming the item.
-3. Accepted: `seen:<event id>` is set for the attribution window (later events of the request
-   are refused anyway), the impression's items join `shown:<request id>`, the user's x or y
-   and the arm-day sums move (counts.py), and the event is appended to the event log stream
-   with its request record (event_log.py). All or nothing: a 2xx means it is in Redis.
+Then one Lua script per event, all of a batch in one pipeline, on keys that all carry the
+arm's hash tag (keys.py; one cluster slot):
 
-The script derives its keys from the request record, so it needs a single Redis (not a
-cluster). Rejected events do not consume their id: a corrected event may be sent again.
+1. the event id's digest is in the current or previous dedup bucket: `duplicate`;
+2. the arm's event stream holds `max_log_entries`: `log_full` (the drainer is behind; the
+   batch answers 503 and the client sends it again: what was accepted comes back duplicate);
+3. accepted: the id enters the dedup bucket; the user's x or y and the sums move, for the
+   day and for the whole experiment (counts.py; holdout users are logged, not counted; a user
+   enters the counts with their first proven event); the expiries move (a day's per-user
+   hashes once its events can no longer come, its sums and the totals `retention` after); the
+   event is appended to the arm's stream with its claims. All or nothing: a 2xx means it is
+   in Redis.
+
+Rejected events do not consume their id: a corrected event may be sent again. A download of a
+served item is accepted without an impression of it: the retrain's join (training/data/
+events.py) labels only items an impression showed.
 """
 
 from __future__ import annotations
 
+import calendar
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import to_json
+from redis.exceptions import NoScriptError
 
-from service.counts import PREFIX
+from service.attribution import TAG_BYTES, Claims, Signer, TokenError
 from service.errors import InvalidBody, validation_items
-from service.event_log import STREAM
+from service.keys import TOTAL, arm_key, days_key, log_key, seen_key
 from service.metrics import Metrics
 from service.schemas import Id
 
 STRICT = ConfigDict(extra="forbid")
+MAX_TOKEN = 8192  # a 1,000-item response's token is about 5,500 characters
+DAY_S = 86_400
 
 SCRIPT = """
-local p, event_id, kind, rid, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local seen = p .. 'seen:' .. event_id
-if redis.call('EXISTS', seen) == 1 then return {'duplicate'} end
-local req_key = p .. 'req:' .. rid
-local raw = redis.call('GET', req_key)
-if not raw then return {'rejected', 'unknown_request'} end
-local r = cjson.decode(raw)
-if r.user ~= user then return {'rejected', 'user_mismatch'} end
-local shown = p .. 'shown:' .. rid
-local items, n_imp, n_down = {}, 0, 0
-if kind == 'impression' then
-  items = cjson.decode(ARGV[6])
-  local served = {}
-  for _, id in ipairs(r.items) do served[id] = true end
-  for _, id in ipairs(items) do
-    if not served[id] then return {'rejected', 'item_not_served', id} end
-  end
-  n_imp = #items
-elseif redis.call('SISMEMBER', shown, ARGV[6]) == 0 then
-  return {'rejected', 'item_not_shown', ARGV[6]}
-else
-  n_down = 1
+local cur, prev, dk, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local digest, kind, user, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('HEXISTS', cur, digest) == 1 or redis.call('HEXISTS', prev, digest) == 1 then
+  return {'duplicate'}
 end
-redis.call('SET', seen, '1', 'EX', ARGV[7])
-if n_imp > 0 then
-  redis.call('SADD', shown, unpack(items))
-  redis.call('PEXPIRE', shown, math.max(redis.call('PTTL', req_key), 1))
-end
-local counted = 0
-if r.holdout ~= true then
-  counted = 1
-  local base = p .. 'ab:' .. r.experiment .. ':' .. r.day .. ':' .. r.arm
-  local xk, yk, sk = base .. ':x', base .. ':y', base .. ':sums'
-  if n_imp > 0 then
-    local x = redis.call('HINCRBY', xk, user, n_imp)
-    local a = x - n_imp
+if redis.call('XLEN', log) >= tonumber(ARGV[5]) then return {'log_full'} end
+redis.call('HSET', cur, digest, 1)
+redis.call('EXPIREAT', cur, ARGV[6])
+-- one user's x (impressions) or y (downloads) moves by n in hashes xk, yk; the sums in sk
+-- move by what that adds to each user-level sum; returns 1 when the user is new there
+local function count(xk, yk, sk, expire_xy, expire_sums)
+  local new_user = redis.call('HSETNX', xk, user, 0)
+  if new_user == 1 then redis.call('HINCRBY', sk, 'users', 1) end
+  if kind == 'impression' then
+    local x = redis.call('HINCRBY', xk, user, n)
+    local a = x - n
     local y = tonumber(redis.call('HGET', yk, user) or '0')
-    redis.call('HINCRBY', sk, 'impressions', n_imp)
+    redis.call('HINCRBY', sk, 'impressions', n)
     redis.call('HINCRBY', sk, 'sum_x2', string.format('%d', x * x - a * a))
-    redis.call('HINCRBY', sk, 'sum_xy', string.format('%d', n_imp * y))
+    redis.call('HINCRBY', sk, 'sum_xy', string.format('%d', n * y))
   else
     local y = redis.call('HINCRBY', yk, user, 1)
     local x = tonumber(redis.call('HGET', xk, user) or '0')
     redis.call('HINCRBY', sk, 'downloads', 1)
     redis.call('HINCRBY', sk, 'sum_y2', string.format('%d', 2 * y - 1))
     redis.call('HINCRBY', sk, 'sum_xy', string.format('%d', x))
+    redis.call('EXPIREAT', yk, expire_xy)
   end
+  redis.call('EXPIREAT', xk, expire_xy)
+  redis.call('EXPIREAT', sk, expire_sums)
+  return new_user
 end
-redis.call('XADD', p .. ARGV[9], '*', 'event', ARGV[8], 'request', raw)
-return {'accepted', r.experiment, r.arm, counted, n_imp, n_down}
+local counted, new_user = 0, 0
+if ARGV[7] == '1' then
+  counted = 1
+  new_user = count(KEYS[5], KEYS[6], KEYS[7], ARGV[8], ARGV[9])
+  count(KEYS[8], KEYS[9], KEYS[10], ARGV[10], ARGV[10])
+  if new_user == 1 then redis.call('SADD', dk, ARGV[11]) end
+end
+redis.call('XADD', log, '*', 'event', ARGV[12], 'claims', ARGV[13])
+return {'accepted', counted, new_user}
 """
 
 
@@ -91,7 +101,12 @@ class Shown(BaseModel):
     model_config = STRICT
 
     item_id: Id
-    position: int = Field(ge=1, description="1-based slot the item was shown in")
+    position: int = Field(ge=1, le=100_000, description="1-based slot of the item in the "
+                                                        "score response's item_ids")
+
+
+Token = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN,
+                             description="the score response's `attribution`, as given")]
 
 
 class Impression(BaseModel):
@@ -99,9 +114,10 @@ class Impression(BaseModel):
 
     event_id: Id
     type: Literal["impression"]
-    request_id: Id
+    attribution: Token
+    request_id: Id | None = Field(None, description="optional; must be the token's request")
     user_id: Id
-    items: list[Shown] = Field(min_length=1)
+    items: list[Shown] = Field(min_length=1, max_length=100_000)
     ts: datetime
 
     @field_validator("items")
@@ -118,7 +134,8 @@ class Download(BaseModel):
 
     event_id: Id
     type: Literal["download"]
-    request_id: Id
+    attribution: Token
+    request_id: Id | None = Field(None, description="optional; must be the token's request")
     user_id: Id
     item_id: Id
     ts: datetime
@@ -152,40 +169,84 @@ def _malformed(raw: Any, exc: ValidationError) -> dict[str, Any]:
     err = exc.errors(include_url=False, include_input=False)[0]
     loc = err["loc"][1:] if err["loc"] and err["loc"][0] in KINDS else err["loc"]
     field = ".".join(str(p) for p in loc) or "event"
-    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return _rejected(raw, "malformed", f"{field}: {err['msg']}")
+
+
+def _rejected(raw: Any, reason: str, detail: str) -> dict[str, Any]:
+    event_id = raw.get("event_id") if isinstance(raw, dict) else getattr(raw, "event_id", None)
     return {"event_id": event_id if isinstance(event_id, str) else None, "status": "rejected",
-            "reason": "malformed", "detail": f"{field}: {err['msg']}"}
+            "reason": reason, "detail": detail}
 
 
-def _script_args(event: Impression | Download, window_s: int) -> list[Any]:
-    if isinstance(event, Impression):
-        items = to_json([i.item_id for i in event.items]).decode()
-    else:
-        items = event.item_id
-    logged = event.model_dump_json()
-    return [PREFIX, event.event_id, event.type, event.request_id, event.user_id, items,
-            window_s, logged, STREAM.removeprefix(PREFIX)]
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
-REASONS = {"unknown_request": "unknown request id, or its attribution window has passed",
-           "user_mismatch": "the request was scored for another user",
-           "item_not_served": "item {} was not served in this request",
-           "item_not_shown": "item {} was not shown by an accepted impression of this request"}
+class EventRules:
+    """The checks an event passes before it reaches Redis (module docstring)."""
+
+    def __init__(self, signer: Signer, window_s: int, skew_s: int, client_clock: bool,
+                 clock: Callable[[], float] = time.time):
+        self.signer, self.window_s, self.skew_s = signer, window_s, skew_s
+        self.client_clock, self.clock = client_clock, clock
+
+    def check(self, event: Impression | Download) -> Claims:
+        try:
+            kid, claims = self.signer.verify(event.attribution)
+        except TokenError as exc:
+            raise Rejected(exc.reason, str(exc)) from None
+        if event.request_id is not None and event.request_id != claims.request_id:
+            raise Rejected("request_mismatch", "request_id is not the request the attribution "
+                           "token was issued for")
+        if event.user_id != claims.user:
+            raise Rejected("user_mismatch", "the request was scored for another user")
+        self._check_time(event, claims)
+        if isinstance(event, Impression):
+            self._check_shown(kid, claims, event.items)
+        elif not claims.has_tag(self.signer.tags(kid, claims.request_id, [event.item_id])):
+            raise Rejected("item_not_served", f"item {event.item_id} was not served in this "
+                           "request")
+        return claims
+
+    def _check_time(self, event: Impression | Download, claims: Claims) -> None:
+        now, ts = self.clock(), event.ts.timestamp()
+        if not self.client_clock and now - claims.ts > self.window_s:
+            raise Rejected("expired", f"the request is {now - claims.ts:.0f} s old; events are "
+                           f"accepted for {self.window_s} s (attribution_window_s)")
+        latest = claims.ts + self.window_s if self.client_clock else now
+        if not claims.ts - self.skew_s <= ts <= latest + self.skew_s:
+            raise Rejected("bad_ts", f"ts {event.ts.isoformat()} is outside the request's "
+                           f"attribution window (from {claims.ts - self.skew_s:.0f} to "
+                           f"{latest + self.skew_s:.0f}, epoch seconds, with "
+                           f"event_clock_skew_s={self.skew_s})")
+
+    def _check_shown(self, kid: str, claims: Claims, items: list[Shown]) -> None:
+        tags = self.signer.tags(kid, claims.request_id, [s.item_id for s in items])
+        for i, shown in enumerate(items):
+            if shown.position > claims.served:
+                raise Rejected("bad_position", f"items.{i}.position {shown.position}: the "
+                               f"request returned {claims.served} item(s)")
+            if not claims.has_tag(tags[i * TAG_BYTES : (i + 1) * TAG_BYTES]):
+                raise Rejected("item_not_served", f"item {shown.item_id} was not served in this "
+                               "request")
 
 
 class EventIngest:
-    def __init__(self, client: aioredis.Redis, metrics: Metrics, window_s: int,
-                 max_events: int):
-        self.client, self.metrics = client, metrics
-        self.window_s, self.max_events = window_s, max_events
-        self.script = client.register_script(SCRIPT)
+    def __init__(self, client: aioredis.Redis, metrics: Metrics, rules: EventRules,
+                 max_events: int, dedup_window_s: int, retention_days: int,
+                 max_log_entries: int):
+        self.client, self.metrics, self.rules = client, metrics, rules
+        self.max_events, self.dedup_window_s = max_events, dedup_window_s
+        self.retention_s, self.max_log_entries = retention_days * DAY_S, max_log_entries
+        self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
     async def ingest(self, body: bytes) -> dict[str, Any]:
         """Per-event results in the order given, and how many of each status."""
         raws = parse_batch(body, self.max_events)
         results: list[dict[str, Any] | None] = [None] * len(raws)
-        pipe = self.client.pipeline(transaction=False)
-        queued: list[tuple[int, Impression | Download]] = []
+        queued: list[tuple[int, Impression | Download, Claims, tuple[list[str], list[Any]]]] = []
         for i, raw in enumerate(raws):
             try:
                 event = EVENT.validate_python(raw)
@@ -194,30 +255,93 @@ class EventIngest:
                 kind = raw.get("type") if isinstance(raw, dict) else None
                 self.metrics.events.labels(kind if kind in KINDS else "other", "rejected").inc()
                 continue
-            await self.script(args=_script_args(event, self.window_s), client=pipe)
-            queued.append((i, event))
-        replies = await pipe.execute() if queued else []
-        for (i, event), reply in zip(queued, replies, strict=True):
-            results[i] = self._result(event, [_text(v) for v in reply])
+            try:
+                claims = self.rules.check(event)
+            except Rejected as exc:
+                results[i] = _rejected(event, exc.reason, exc.detail)
+                self.metrics.events.labels(event.type, "rejected").inc()
+                continue
+            queued.append((i, event, claims, self._script_call(event, claims)))
+        replies = await self._run(queued)
+        for (i, event, claims, _), reply in zip(queued, replies, strict=True):
+            results[i] = self._result(event, claims, [_text(v) for v in reply])
         counts = {s: sum(r["status"] == s for r in results)
                   for s in ("accepted", "duplicate", "rejected")}
-        return {**counts, "results": results}
+        full = any(r.get("reason") == "log_full" for r in results)
+        return {**counts, "results": results, "log_full": full}
 
-    def _result(self, event: Impression | Download, reply: list[Any]) -> dict[str, Any]:
+    async def _run(self, queued: list[tuple[Any, ...]]) -> list[Any]:
+        """The event script for each queued event, in one pipeline.
+
+        EVALSHA by hand rather than redis-py's Script: a cluster pipeline refuses Script
+        objects, and it does not load a script a node lacks. A NOSCRIPT reply (a restarted or
+        new node) loads it and runs just those events again: they did nothing the first time.
+        """
+        replies: list[Any] = [None] * len(queued)
+        todo = list(range(len(queued)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for j in todo:
+                keys, args = queued[j][3]
+                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            got = await pipe.execute(raise_on_error=False) if todo else []
+            missing = []
+            for j, reply in zip(todo, got, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(j)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[j] = reply
+            if not missing:
+                break
+            await self.client.script_load(SCRIPT)
+            todo = missing
+        return replies
+
+    def _script_call(self, event: Impression | Download, claims: Claims
+                     ) -> tuple[list[str], list[Any]]:
+        e, a, day = claims.experiment, claims.arm, claims.day
+        now = int(self.rules.clock())
+        bucket = now // self.dedup_window_s
+        keys = [seen_key(e, a, bucket), seen_key(e, a, bucket - 1), days_key(e, a),
+                log_key(e, a, "events"),
+                *(arm_key(e, day, a, part) for part in ("x", "y", "sums")),
+                *(arm_key(e, TOTAL, a, part) for part in ("x", "y", "sums"))]
+        day_end = calendar.timegm(time.strptime(day, "%Y-%m-%d")) + DAY_S
+        # a day's per-user hashes live while its events can still come; its sums and the
+        # experiment's per-user totals for the retention
+        last_event = max(day_end + self.rules.window_s, now) + self.rules.skew_s + DAY_S
+        n = len(event.items) if isinstance(event, Impression) else 1
+        digest = hashlib.blake2b(event.event_id.encode(), digest_size=12).digest()
+        logged = event.model_dump_json(exclude={"attribution"})
+        claims_json = to_json({k: v for k, v in asdict(claims).items() if k != "tags"})
+        args = [digest, event.type, event.user_id, n, self.max_log_entries,
+                (bucket + 2) * self.dedup_window_s, "0" if claims.holdout else "1",
+                last_event, max(day_end, now) + self.retention_s, now + self.retention_s, day,
+                logged, claims_json]
+        return keys, args
+
+    def _result(self, event: Impression | Download, claims: Claims,
+                reply: list[Any]) -> dict[str, Any]:
         status = reply[0]
+        if status == "log_full":
+            self.metrics.events.labels(event.type, "rejected").inc()
+            return _rejected(event, "log_full", "the event log is full (the drainer is "
+                             "behind): send the batch again after Retry-After")
         self.metrics.events.labels(event.type, status).inc()
         out: dict[str, Any] = {"event_id": event.event_id, "status": status}
-        if status == "rejected":
-            out["reason"] = reply[1]
-            out["detail"] = REASONS[reply[1]].format(*reply[2:])
-        elif status == "accepted":
-            _, experiment, arm, counted, n_imp, n_down = reply
-            out.update(experiment=experiment, arm=arm, counted=bool(counted))
+        if status == "accepted":
+            _, counted, new_user = reply
+            e, a = claims.experiment, claims.arm
+            out.update(experiment=e, arm=a, counted=bool(counted))
             if counted:
-                if n_imp:
-                    self.metrics.impressions.labels(experiment, arm).inc(n_imp)
-                if n_down:
-                    self.metrics.downloads.labels(experiment, arm).inc(n_down)
+                if isinstance(event, Impression):
+                    self.metrics.impressions.labels(e, a).inc(len(event.items))
+                else:
+                    self.metrics.downloads.labels(e, a).inc()
+                if new_user:
+                    self.metrics.users.labels(e, a).inc()
         return out
 
 

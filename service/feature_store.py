@@ -80,7 +80,7 @@ class FeatureStore:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    raws = await self.client.mget([user_key(u) for u, _ in batch])
+                    raws = await mget(self.client, [user_key(u) for u, _ in batch])
                 except Exception as exc:  # every waiting request gets the error
                     raws, error = None, exc
                 for i, (_, future) in enumerate(batch):
@@ -96,8 +96,22 @@ class FeatureStore:
     async def items(self, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         if not item_ids:
             return []
-        raws = await self.client.mget([item_key(i) for i in item_ids])
+        raws = await mget(self.client, [item_key(i) for i in item_ids])
         return [json.loads(r) if r else None for r in raws]
+
+
+async def mget(client: Any, keys: list[str]) -> list[bytes | None]:
+    """MGET, or on a Redis Cluster (keys of many slots) one MGET per node."""
+    if hasattr(client, "mget_nonatomic"):
+        return await client.mget_nonatomic(keys)
+    return await client.mget(keys)
+
+
+def mget_sync(client: redis.Redis, keys: list[str]) -> list[bytes | None]:
+    """The blocking `mget`, for CLI commands and the retrain."""
+    if hasattr(client, "mget_nonatomic"):
+        return client.mget_nonatomic(keys)
+    return client.mget(keys)
 
 
 # ---- loading (CLI, blocking) --------------------------------------------------------------
@@ -130,7 +144,10 @@ def load_records(client: redis.Redis, table: pa.Table, kind: str, id_field: str 
     for start in range(0, len(rows), LOAD_CHUNK):
         chunk = rows[start:start + LOAD_CHUNK]
         mapping = {key(str(r[field])): json.dumps(r, default=str) for r in chunk}
-        client.mset(mapping)
+        if hasattr(client, "mset_nonatomic"):  # a Redis Cluster: keys of many slots
+            client.mset_nonatomic(mapping)
+        else:
+            client.mset(mapping)
     return {"rows": len(rows), "id_field": field, "fields": table.column_names,
             "source": origin}
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.keys import LOG_KINDS
+
 LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1., 2., 5.)
 ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,6 +63,15 @@ class Metrics:
         self.arm_weight = Gauge("ctrserve_arm_weight", "configured share of the experiment's "
                                 "non-holdout users of each served arm; control: its control "
                                 "arm", ["experiment", "arm", "control"], registry=r)
+        # the logs (event_log.py): bounded streams, drained by `ctrserve drain-events --follow`
+        self.serve_log_dropped = Counter("ctrserve_serve_log_dropped", "served requests not "
+                                         "logged: their arm's serve stream was full", registry=r)
+        self.log_entries = Gauge("ctrserve_log_entries", "entries waiting in the fullest "
+                                 "stream of each log", ["log"], registry=r)
+        self.log_capacity = Gauge("ctrserve_log_capacity_entries", "entries a stream takes "
+                                  "(max_log_entries)", registry=r)
+        self.log_lag = Gauge("ctrserve_log_lag_seconds", "age of the oldest undrained entry "
+                             "of each log (0: drained)", ["log"], registry=r)
         self._arms: set[ArmLabels] = set()
         self._precreate()
 
@@ -71,6 +82,9 @@ class Metrics:
             for status in EVENT_STATUSES:
                 self.events.labels(kind, status)
         self.events.labels("other", "rejected")
+        for log in LOG_KINDS:
+            self.log_entries.labels(log)
+            self.log_lag.labels(log)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

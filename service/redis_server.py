@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -35,6 +37,19 @@ class RedisUnavailable(UserError):
     """Redis cannot be reached or started; the message says which and why."""
 
 
+def sync_client(url: str, cluster: bool = False) -> redis.Redis:
+    """A blocking client of `url`: a Redis Cluster client when `cluster` (any node's URL)."""
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(url)
+    return redis.Redis.from_url(url)
+
+
+def async_client(url: str, cluster: bool = False) -> aioredis.Redis:
+    if cluster:
+        return aioredis.cluster.RedisCluster.from_url(url)
+    return aioredis.Redis.from_url(url)
+
+
 @dataclass
 class RedisHandle:
     """An async client and, for the embedded server, what is needed to stop it."""
@@ -42,6 +57,11 @@ class RedisHandle:
     client: aioredis.Redis
     url: str
     embedded: Any = field(default=None, repr=False)
+    cluster: bool = False
+
+    def sync_client(self) -> redis.Redis:
+        """A new blocking client of the same Redis, for work in a thread; close it after."""
+        return sync_client(self.url, self.cluster)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -161,22 +181,21 @@ async def open_redis(settings: Settings) -> RedisHandle:
     if not url:
         embedded = await asyncio.to_thread(start_embedded, settings.embedded_redis_db())
         url = embedded_url(embedded)
-    client = aioredis.Redis.from_url(url)
     try:
+        client = async_client(url, settings.redis_cluster)
         await client.ping()
     except redis.RedisError as exc:
-        await client.aclose()
         if embedded is not None:
             await asyncio.to_thread(stop_embedded, embedded)
         raise RedisUnavailable(f"Redis at {url} does not answer: {exc}") from None
-    return RedisHandle(client, url, embedded)
+    return RedisHandle(client, url, embedded, settings.redis_cluster)
 
 
 def open_sync(settings: Settings) -> tuple[redis.Redis, Any]:
     """A blocking client for CLI commands, and the embedded server to stop afterwards (or None)."""
     if settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url)
         try:
+            client = sync_client(settings.redis_url, settings.redis_cluster)
             client.ping()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis at {settings.redis_url} does not answer: "

@@ -88,7 +88,8 @@ class ScoreRequest(BaseModel):
     context: Features | None = None
     candidates: list[Candidate] = Field(min_length=1)
     top_k: int | None = Field(None, ge=1, description="return only the best k, sorted")
-    request_id: Id | None = Field(None, description="default: a new random id")
+    request_id: Id | None = Field(None, description="default: a new random id (128 bits); a "
+                                  "given one is only echoed and bound to this user's token")
     experiment: Id | None = Field(None, description="default: the first experiment")
     ts: Timestamp | None = Field(None, description="the client's time of the request: epoch "
                                  "seconds or ISO 8601 with a timezone; with clock=client it "
@@ -123,6 +124,13 @@ class ScoreResponse(BaseModel):
     scores: list[float]
     positions: list[int] | None = Field(
         None, description="with top_k: index of each returned item in the request's candidates")
+    ts: float = Field(description="epoch seconds the request is dated by (the scorer's clock, "
+                      "or the request's own ts under clock=client): its A/B day, and the start "
+                      "of its attribution window")
+    attribution: str | None = Field(
+        None, description="signed token proving request, user, arm, model and the items "
+        "returned; events about this request carry it back as `attribution` (null with "
+        "events off)")
 
 
 class LoadedModelInfo(BaseModel):

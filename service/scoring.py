@@ -2,8 +2,9 @@
 
 parse (pydantic, from bytes) -> user record (Redis) -> arm and model (service/experiments: the
 arm's bundle, or its canary's for the canary's share of its users) -> shared row
-(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> attribution record
-(attribution.py, shared with concurrent requests) -> reply (pydantic_core.to_json).
+(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> serve-log record
+(serve_log.py, one pipeline shared with concurrent requests) -> reply with its signed
+attribution token (attribution.py) -> pydantic_core.to_json.
 Between picking the model and queuing its rows only the item-cache
 refill awaits; if a swap or a new experiment set closed the model's queue meanwhile, the
 request starts over on the new set and model.
@@ -12,8 +13,6 @@ request starts over on the new set and model.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import redis
 from pydantic import ValidationError
 from pydantic_core import to_json
 
-from service.attribution import Recorder, Served
+from service.attribution import Signer, new_request_id
 from service.batcher import BatcherClosed
 from service.encoding import Feeds, overwrite
 from service.errors import (
@@ -40,6 +39,7 @@ from service.models import LoadedModel, ModelRegistry
 from service.plan import FieldPlan, clock_values, kind_error
 from service.routing import Routing
 from service.schemas import ScoreRequest
+from service.serve_log import Served, ServeLog
 from service.settings import Settings
 
 ATTEMPTS = 3
@@ -54,17 +54,22 @@ def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
 
 class Scorer:
     def __init__(self, settings: Settings, models: ModelRegistry, store: FeatureStore,
-                 metrics: Metrics, routing: Routing, recorder: Recorder | None = None):
+                 metrics: Metrics, routing: Routing, serve_log: ServeLog | None = None,
+                 signer: Signer | None = None):
         self.settings, self.models, self.store, self.routing = settings, models, store, routing
-        self.recorder = recorder
+        self.serve_log, self.signer = serve_log, signer
         self._candidates = metrics.candidates
         self._deadline_s = settings.request_deadline_ms / 1000
-        self._prefix = os.urandom(6).hex()  # request ids: prefix-counter, no syscall each
-        self._counter = itertools.count(1)
+        self._client_clock = settings.clock == "client"
 
     async def score(self, body: bytes) -> bytes:
         deadline = time.monotonic() + self._deadline_s
         req = parse_request(body, self.settings.max_candidates)
+        if self._client_clock and req.ts is not None and \
+                req.ts > time.time() + self.settings.client_clock_max_ahead_s:
+            raise InvalidInput(["body", "ts"], "ts lies too far in the future of the scorer's "
+                               "clock (clock=client dates requests by ts; at most "
+                               "client_clock_max_ahead_s ahead)")
         self._candidates.observe(len(req.candidates))
         try:
             user = await self.store.user(req.user_id)
@@ -149,12 +154,16 @@ class Scorer:
         if req.top_k is not None:
             order = np.argsort(-probs, kind="stable")[: req.top_k]
             ids, scores, positions = [ids[i] for i in order], scores[order], order.tolist()
-        request_id = req.request_id or f"{self._prefix}-{next(self._counter)}"
-        if self.recorder is not None:
+        request_id = req.request_id or new_request_id()
+        ts = req.ts if self._client_clock and req.ts is not None else time.time()
+        attribution = None
+        if self.serve_log is not None and self.signer is not None:
             custom = {c["item_id"]: c["features"] for c in req.candidates if c.get("features")}
-            await self.recorder.record(Served(request_id, arm.experiment, arm.arm, model.version,
-                                              req.user_id, ids, arm.holdout, values, custom,
-                                              req.ts))
+            await self.serve_log.record(Served(request_id, arm.experiment, arm.arm,
+                                               model.version, req.user_id, ids, arm.holdout,
+                                               ts, values, custom, req.ts))
+            attribution = self.signer.issue(request_id, arm.experiment, arm.arm, model.version,
+                                            req.user_id, ts, arm.holdout, ids)
         return to_json({
             "request_id": request_id,
             "experiment": arm.experiment,
@@ -164,6 +173,8 @@ class Scorer:
             "item_ids": ids,
             "scores": scores.tolist(),
             "positions": positions,
+            "ts": ts,
+            "attribution": attribution,
         })
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.attribution import parse_keys
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -67,16 +69,40 @@ class Settings(BaseSettings):
     shared_cache_max_rows: int = Field(65_536, ge=1, description="encoded user+context rows")
 
     # ---- events and counts --------------------------------------------------------------
-    events: bool = Field(True, description="record each score for attribution and counting "
+    events: bool = Field(True, description="log each score and accept events for it "
                                            "(off: /v1/events rejects every event)")
-    attribution_window_s: int = Field(86_400, ge=60, description="how long a request accepts "
-                                                                  "events; also the dedup window")
+    attribution_window_s: int = Field(86_400, ge=60, description="how long after its request "
+                                                                  "an event is accepted")
+    attribution_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="'kid:secret,...' signing the attribution tokens: "
+        "the first signs, all verify (rotation); unset: a random key shared through Redis")
+    dedup_window_s: int = Field(3_600, ge=60, description="a repeated event id is a "
+                                                          "duplicate for at least this long")
+    event_clock_skew_s: int = Field(300, ge=0, description="how far an event's ts may lie "
+                                                           "outside its attribution window")
+    counts_retention_days: int = Field(90, ge=1, description="per-user, per-arm, per-day "
+                                                             "counts expire this long after "
+                                                             "the day")
+    max_log_entries: int = Field(1_000_000, ge=100, description="entries per arm's log stream "
+                                 "before events answer 503 and served records are dropped "
+                                 "(the drainer is behind)")
+    log_sample_s: float = Field(5.0, gt=0, description="how often the log lengths and the "
+                                                        "drain lag are read for /metrics")
+    events_api_key: str | None = Field(None, description="X-API-Key that POST /v1/events "
+                                                         "requires; unset: open")
     max_events: int = Field(1000, ge=1, description="events per /v1/events batch")
     clock: Literal["server", "client"] = Field(
         "server", description="which clock dates a scored request for its A/B day bucket and "
-                              "event-log partition: server (production) or client, a "
+                              "log partition: server (production) or client, a "
                               "simulation/backfill switch under which the request's own `ts` "
-                              "decides (requests without one use the server clock)")
+                              "decides (requests without one use the server clock); events are "
+                              "then bounded by the request's ts, not by the server's clock")
+    client_clock_max_ahead_s: int = Field(366 * 86_400, ge=0, description="with clock=client: "
+                                          "how far past the scorer's clock a request's ts may "
+                                          "lie (a simulated future week passes, year 9999 "
+                                          "does not)")
+    redis_cluster: bool = Field(False, description="REDIS_URL names a node of a Redis "
+                                                   "Cluster")
 
     # ---- admin and shutdown -------------------------------------------------------------
     admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")
@@ -84,10 +110,16 @@ class Settings(BaseSettings):
     deploy_poll_s: float = Field(2.0, gt=0, description="how often the deployment state in "
                                                         "Redis is checked for a change")
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "attribution_keys", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return value.split(",") if isinstance(value, str) else value
+        return [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("attribution_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        parse_keys(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -95,6 +127,11 @@ class Settings(BaseSettings):
             raise ValueError(f"queue_capacity_rows ({self.queue_capacity_rows}) must be >= "
                              f"max_candidates ({self.max_candidates})")
         self.providers = [_provider(p) for p in self.providers]
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("redis_cluster needs REDIS_URL (a node of the cluster)")
+        if self.dedup_window_s > self.attribution_window_s:
+            raise ValueError(f"dedup_window_s ({self.dedup_window_s}) must be <= "
+                             f"attribution_window_s ({self.attribution_window_s})")
         return self
 
     def embedded_redis_db(self) -> Path:

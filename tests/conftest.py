@@ -55,3 +55,30 @@ def bundles(trained_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         out[model] = next(p for p in registry.iterdir()
                           if json.loads((p / "manifest.json").read_text())["model_type"] == model)
     return out
+
+
+# Real Redis from Debian's redis-server (a 3-master cluster, or one standalone server) on free
+# random ports: skipped with a reason where the binaries are missing, an error under CI.
+from collections.abc import Iterator  # noqa: E402
+
+from tests.redis_cluster import MISSING, LocalCluster, LocalRedis, redis_binary  # noqa: E402
+
+
+def require_redis_binaries() -> None:
+    if (redis_binary("redis-server") is None or redis_binary("redis-cli") is None) \
+            and not os.environ.get("CI"):
+        pytest.skip(MISSING)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    require_redis_binaries()
+    with LocalCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_redis_binaries()
+    with LocalRedis(tmp_path_factory.mktemp("redis-server")) as server:
+        yield server.url

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from loadtest.simulator import SimConfig, default_start_day, simulate
 from service.attribution import utc_day
 from service.event_log import drain, read_log
+from service.experiments.stats import ArmStats, report
 from service.feature_store import load_tables
+from service.keys import log_key
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
 from tests.serving import LiveServer, copy_registry
@@ -73,21 +75,36 @@ def replay(url: str, experiment: str) -> tuple[dict, list[tuple[str, dict]]]:
         reply = httpx.post(url + "/v1/score", json=body)
         assert reply.status_code == 200, reply.text
         data = reply.json()
-        rid, items = data["request_id"], data["item_ids"]
-        events = [{"event_id": f"{experiment}-{n}-i", "type": "impression", "request_id": rid,
-                   "user_id": user, "ts": WHEN[day],
+        # events follow the request by the clock that dated it (the reply's ts)
+        proof = {"attribution": data["attribution"], "request_id": data["request_id"],
+                 "user_id": user, "ts": data["ts"] + 1}
+        items = data["item_ids"]
+        events = [{"event_id": f"{experiment}-{n}-i", "type": "impression", **proof,
                    "items": [{"item_id": i, "position": p} for p, i in enumerate(items, 1)]}]
-        events += [{"event_id": f"{experiment}-{n}-d{j}", "type": "download", "request_id": rid,
-                    "user_id": user, "item_id": items[j], "ts": WHEN[day]}
-                   for j in range(downloads)]
+        events += [{"event_id": f"{experiment}-{n}-d{j}", "type": "download", **proof,
+                    "item_id": items[j]} for j in range(downloads)]
         out = httpx.post(url + "/v1/events", json={"events": events}).json()
         assert out["accepted"] == len(events), out
         counts = expected[day][data["arm"]]
         counts["impressions"] += shown
         counts["downloads"] += downloads
         counts["users"].add(user)
+        per_user = expected["all"][data["arm"]].setdefault("per_user", defaultdict(
+            lambda: [0, 0]))
+        per_user[user][0] += shown
+        per_user[user][1] += downloads
         replies.append((day, data))
     return expected, replies
+
+
+def served_records(store, experiment: str) -> dict[str, dict]:
+    """request id -> its serve-log record, from the arms' streams (not yet drained)."""
+    records = {}
+    for arm in ("lr", "deepfm"):
+        for _, fields in store.xrange(log_key(experiment, arm, "serve")):
+            record = json.loads(fields[b"r"])
+            records[record["request_id"]] = record
+    return records
 
 
 def arm_counts(rep: dict) -> dict[str, tuple[int, int, int]]:
@@ -98,6 +115,12 @@ def test_client_clock_counts_each_request_in_its_own_day(scorers, store, tmp_pat
     expected, replies = replay(scorers["client"], "week")
     rep = httpx.get(scorers["client"] + "/v1/experiments/week/report").json()
     assert sorted(rep["days"]) == sorted(WHEN)
+    # over the days, each user once: exactly the user-level sums of the users' totals
+    totals = expected.pop("all")
+    stats = {arm: ArmStats.from_user_arrays([x for x, _ in totals[arm]["per_user"].values()],
+                                            [y for _, y in totals[arm]["per_user"].values()])
+             for arm in ("lr", "deepfm")}
+    assert rep["total"] == report(stats, "lr", {"lr": 0.5, "deepfm": 0.5})
     for day, by_arm in expected.items():
         got = arm_counts(rep["days"][day])
         for arm in ("lr", "deepfm"):
@@ -110,10 +133,11 @@ def test_client_clock_counts_each_request_in_its_own_day(scorers, store, tmp_pat
                                   sum(d["downloads"] for d in days))
         assert total[arm][2] == len({u for d in expected.values() for u in d[arm]["users"]})
     assert sum(t[0] for t in total.values()) == sum(shown for _, _, shown, _ in PLAN)
-    # the request records carry the client's time; the event log is partitioned by its day
+    # the serve log carries the client's time; the logs are partitioned by its day
+    records = served_records(store, "week")
     for day, data in replies:
-        record = json.loads(store.get(f"ctrserve:req:{data['request_id']}"))
-        assert record["day"] == day == utc_day(record["ts"])
+        record = records[data["request_id"]]
+        assert record["day"] == day == utc_day(record["ts"]) == utc_day(data["ts"])
         assert record["client_ts"] == record["ts"]
     drain(store, tmp_path / "log")
     log = [r for r in read_log(tmp_path / "log").to_pylist() if r["experiment"] == "week"]
@@ -131,8 +155,9 @@ def test_server_clock_counts_today_and_records_the_client_ts(scorers, store):
     assert set(rep["days"]) <= {before, after}
     total = arm_counts(rep["total"])
     assert sum(t[0] for t in total.values()) == sum(shown for _, _, shown, _ in PLAN)
+    records = served_records(store, "today")
     for day, data in replies:
-        record = json.loads(store.get(f"ctrserve:req:{data['request_id']}"))
+        record = records[data["request_id"]]
         sent = WHEN[day]
         client_ts = sent if isinstance(sent, int) else dt.datetime.fromisoformat(sent).timestamp()
         assert record["client_ts"] == client_ts
@@ -149,6 +174,16 @@ def test_bad_ts_is_a_422_naming_ts(scorers, ts):
                            headers={"content-type": "application/json"})
         assert reply.status_code == 422, reply.text
         assert ["body", "ts"] in [d["loc"] for d in reply.json()["detail"]], reply.json()
+
+
+def test_client_clock_refuses_a_request_dated_in_the_future(scorers):
+    """A far-future ts would become an A/B day and the retrain's test day (issue 12)."""
+    body = {"user_id": "u00001", "candidates": [{"item_id": "a0001"}],
+            "ts": "9999-12-31T00:00:00Z"}
+    reply = httpx.post(scorers["client"] + "/v1/score", json=body)
+    assert reply.status_code == 422 and "future" in reply.text
+    assert reply.json()["detail"][0]["loc"] == ["body", "ts"]
+    assert httpx.post(scorers["server"] + "/v1/score", json=body).status_code == 200
 
 
 def test_clock_setting_reads_the_environment(monkeypatch):

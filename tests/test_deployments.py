@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from ctrserve.cli import main
-from service.attribution import request_key
 from service.deployments import HISTORY_KEY, VERSION_KEY, canary_state_key, state_key
 from service.experiments.assignment import canary_bucket
 from service.experiments.config import Canary, ExperimentSet, parse_experiments
 from service.feature_store import load_tables
+from service.keys import log_key
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
 from tests.serving import LiveServer, copy_registry
@@ -268,7 +268,9 @@ def test_a_canary_serves_its_share_of_the_arm_stably_and_is_attributed(canary_wo
     assert all(again[u]["model_version"] == replies[u]["model_version"] for u in again)
 
     user = sorted(canary)[0]
-    stored = json.loads(world["redis"].get(request_key(replies[user]["request_id"])))
+    served = (json.loads(f[b"r"]) for _, f in world["redis"].xrange(
+        log_key("ranker", "deepfm", "serve")))
+    stored = next(r for r in served if r["request_id"] == replies[user]["request_id"])
     assert (stored["arm"], stored["model_version"]) == ("deepfm", v["fm"])
     qa = httpx.get(url + "/v1/assignment", params={"user_id": user}).json()
     assert qa["canary"] is True and qa["model_version"] == v["fm"]

@@ -20,10 +20,12 @@ import redis
 import yaml
 
 from ctrserve.cli import main
+from service.attribution import utc_day
 from service.counts import build_report
-from service.event_log import STREAM, read_log
+from service.event_log import read_log, read_serve_log
 from service.experiments.stats import ArmStats, report
 from service.feature_store import load_tables
+from service.keys import arm_key, log_key
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
 from tests.serving import LiveServer, copy_registry, metric_value
@@ -78,13 +80,14 @@ def score(url: str, user: str, items: list[str], **extra) -> dict:
 def impression(event_id: str, reply: dict, user: str, items: list[str] | None = None) -> dict:
     shown = items or reply["item_ids"]
     return {"event_id": event_id, "type": "impression", "request_id": reply["request_id"],
-            "user_id": user, "ts": time.time(),
+            "attribution": reply["attribution"], "user_id": user, "ts": time.time(),
             "items": [{"item_id": i, "position": p} for p, i in enumerate(shown, 1)]}
 
 
 def download(event_id: str, reply: dict, user: str, item: str) -> dict:
     return {"event_id": event_id, "type": "download", "request_id": reply["request_id"],
-            "user_id": user, "item_id": item, "ts": "2026-01-05T10:00:00Z"}
+            "attribution": reply["attribution"], "user_id": user, "item_id": item,
+            "ts": time.time() + 1}
 
 
 def send(url: str, events: list[dict]) -> dict:
@@ -97,8 +100,7 @@ def test_concurrent_duplicates_on_two_replicas_count_once(replicas, store):
     one, two = replicas
     reply = score(one, "u00001", ITEMS[:5], experiment="ranker")
     event = impression("dup-1", reply, "u00001")
-    day = json.loads(store.get(f"ctrserve:req:{reply['request_id']}"))["day"]
-    sums_key = f"ctrserve:ab:ranker:{day}:{reply['arm']}:sums"
+    sums_key = arm_key("ranker", utc_day(reply["ts"]), reply["arm"], "sums")
     before = int(store.hget(sums_key, "impressions") or 0)
 
     async def deliver() -> list[dict]:
@@ -111,7 +113,8 @@ def test_concurrent_duplicates_on_two_replicas_count_once(replicas, store):
     statuses = sorted(r["results"][0]["status"] for r in replies)
     assert statuses.count("accepted") == 1 and statuses.count("duplicate") == 31
     assert int(store.hget(sums_key, "impressions")) - before == 5
-    logged = [e for _, e in store.xrange(STREAM) if json.loads(e[b"event"])["event_id"] == "dup-1"]
+    stream = log_key("ranker", reply["arm"], "events")
+    logged = [e for _, e in store.xrange(stream) if json.loads(e[b"event"])["event_id"] == "dup-1"]
     assert len(logged) == 1
 
 
@@ -125,7 +128,7 @@ def test_rejections_carry_their_reasons_without_failing_the_batch(replicas):
         {**impression("r-unknown", reply, "u00002"), "request_id": "no-such-request"},
         impression("r-user", reply, "u00003"),
         impression("r-unserved", reply, "u00002", [unserved]),
-        download("r-unshown", reply, "u00002", served[2]),
+        download("r-undl", reply, "u00002", unserved),
         {**impression("r-pos", reply, "u00002"), "items": [{"item_id": served[0],
                                                              "position": 0}]},
         {"event_id": "r-type", "type": "click", "request_id": "x", "user_id": "u", "ts": 1},
@@ -137,12 +140,12 @@ def test_rejections_carry_their_reasons_without_failing_the_batch(replicas):
     by_id = {r["event_id"]: r for r in out["results"] if r["event_id"]}
     assert (out["accepted"], out["duplicate"], out["rejected"]) == (2, 0, 8)
     assert by_id["r-ok"]["status"] == by_id["r-down-ok"]["status"] == "accepted"
-    expected = {"r-unknown": "unknown_request", "r-user": "user_mismatch",
-                "r-unserved": "item_not_served", "r-unshown": "item_not_shown",
+    expected = {"r-unknown": "request_mismatch", "r-user": "user_mismatch",
+                "r-unserved": "item_not_served", "r-undl": "item_not_served",
                 "r-pos": "malformed", "r-type": "malformed"}
     for event_id, reason in expected.items():
         assert by_id[event_id]["reason"] == reason, by_id[event_id]
-    assert unserved in by_id["r-unserved"]["detail"] and served[2] in by_id["r-unshown"]["detail"]
+    assert unserved in by_id["r-unserved"]["detail"] and unserved in by_id["r-undl"]["detail"]
     assert "items.0.position" in by_id["r-pos"]["detail"]
     assert "event_id" in out["results"][7]["detail"] and out["results"][8]["reason"] == "malformed"
     # the rejected id is not used up: corrected, it is accepted
@@ -173,13 +176,16 @@ def test_download_is_attributed_to_the_arm_and_model_that_served(replicas, store
         assert [r["arm"] for r in out["results"]] == [reply["arm"]] * 2
         seen[reply["arm"]] = reply
     assert set(seen) == {"lr", "deepfm"}
-    entries = {json.loads(e[b"event"])["event_id"]: json.loads(e[b"request"])
-               for _, e in store.xrange(STREAM)}
     for arm, reply in seen.items():
-        user = json.loads(store.get(f"ctrserve:req:{reply['request_id']}"))["user"]
-        logged = entries[f"att-d-{user}"]
-        assert (logged["arm"], logged["model_version"]) == (arm, reply["model_version"])
-        assert logged["items"] == reply["item_ids"] and logged["features"]["hour"] == 9
+        events = {json.loads(e[b"event"])["event_id"]: json.loads(e[b"claims"])
+                  for _, e in store.xrange(log_key("ranker", arm, "events"))}
+        served = {json.loads(e[b"r"])["request_id"]: json.loads(e[b"r"])
+                  for _, e in store.xrange(log_key("ranker", arm, "serve"))}
+        claims = next(c for c in events.values() if c["request_id"] == reply["request_id"])
+        assert (claims["arm"], claims["model_version"]) == (arm, reply["model_version"])
+        record = served[reply["request_id"]]
+        assert (record["arm"], record["model_version"]) == (arm, reply["model_version"])
+        assert record["items"] == reply["item_ids"] and record["features"]["hour"] == 9
 
 
 def test_counts_prometheus_and_report_equal_the_accepted_events(replicas, store, tmp_path):
@@ -229,25 +235,6 @@ def test_counts_prometheus_and_report_equal_the_accepted_events(replicas, store,
     assert len(api["days"]) == 1 and next(iter(api["days"].values())) == direct
     assert build_report(store, "traffic", "lr", {"lr": 0.5, "deepfm": 0.5})["total"] == direct
     assert httpx.get(urls[0] + "/v1/experiments/nope/report").status_code == 404
-
-
-def test_report_totals_over_days_are_exact_per_user(store):
-    """Two days of one user: the total sums the user's days, each day stands alone."""
-    from service.counts import arm_key, days_key
-
-    for day, (xv, yv) in {"2020-01-01": (3, 1), "2020-01-02": (2, 2)}.items():
-        store.sadd(days_key("days-test"), day)
-        store.hset(arm_key("days-test", day, "c", "x"), mapping={"a": xv, "b": 1})
-        store.hset(arm_key("days-test", day, "c", "y"), mapping={"a": yv})
-        store.hset(arm_key("days-test", day, "c", "sums"), mapping={
-            "impressions": xv + 1, "downloads": yv, "sum_x2": xv * xv + 1, "sum_y2": yv * yv,
-            "sum_xy": xv * yv})
-    rep = build_report(store, "days-test", "c", {"c": 1.0})
-    assert rep["days"]["2020-01-01"]["arms"]["c"]["impressions"] == 4
-    total = rep["total"]["arms"]["c"]
-    assert (total["users"], total["impressions"], total["downloads"]) == (2, 7, 3)
-    assert total == report({"c": ArmStats.from_user_arrays([5, 2], [3, 0])}, "c",
-                           {"c": 1.0})["arms"]["c"]
 
 
 # ---- a scorer killed with SIGKILL, its redis-server too -----------------------------------
@@ -315,11 +302,16 @@ def test_acknowledged_events_survive_sigkill_of_scorer_and_redis(registry, tmp_p
     assert sorted(r["event_id"] for r in log) == sorted(acked)
     first = next(r for r in log if r["type"] == "impression")
     assert first["positions"] == [1, 2, 3] and first["arm"] == "control"
-    assert first["served_items"] == ITEMS[:3] and json.loads(first["features"])["hour"] == 9
-    # drained entries are gone from the stream; the report still reads the counts
+    served = {r["request_id"]: r for r in read_serve_log(out).to_pylist()}
+    assert len(served) == 30
+    record = served[first["request_id"]]
+    assert record["items"] == ITEMS[:3] and json.loads(record["features"])["hour"] == 9
+    # drained entries are gone from the streams; the report still reads the counts
     server = start_embedded(db)
     try:
-        assert redis.Redis(unix_socket_path=server.socket_file).xlen(STREAM) == 0
+        client = redis.Redis(unix_socket_path=server.socket_file)
+        for kind in ("events", "serve"):
+            assert client.xlen(log_key("default", "control", kind)) == 0
     finally:
         stop_embedded(server)
     assert main(["report", "--redis-db", str(db), "--experiment", "default"]) == 0

@@ -1,6 +1,7 @@
 """Prometheus config, alert rules and the Grafana dashboard (deploy/): valid for promtool, every
 alert unit-tested both ways, and every metric a PromQL expression reads is one the scorer's
-GET /metrics really exports."""
+GET /metrics or the log drainer's metrics port (`ctrserve drain-events --follow
+--metrics-port`) really exports."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import ENDPOINTS, create_app
+from service.drainer_metrics import DrainerMetrics
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -27,7 +30,8 @@ GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "ctrserve.json"
 RULE_FILES = ("recording_rules.yml", "alert_rules.yml")
 
-# Series Prometheus makes itself for every target; the scorer does not export them.
+# Series Prometheus makes itself for every target; neither the scorer nor the drainer
+# exports them.
 PROMETHEUS_SERIES = {"up"}
 # Labels Prometheus attaches to every scraped sample (job and instance from the target).
 TARGET_LABELS = {"job", "instance"}
@@ -87,7 +91,7 @@ def _alerts() -> dict[str, dict]:
     return {r["alert"]: r for r in _rules(_yaml(PROM / "alert_rules.yml")) if "alert" in r}
 
 
-def test_prometheus_scrapes_every_scorer_and_loads_the_rules() -> None:
+def test_prometheus_scrapes_every_scorer_and_the_drainer_and_loads_the_rules() -> None:
     config = _yaml(PROM / "prometheus.yml")
     assert config["rule_files"] == list(RULE_FILES)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -97,6 +101,10 @@ def test_prometheus_scrapes_every_scorer_and_loads_the_rules() -> None:
     assert (sd["names"], sd["type"], sd["port"]) == (["scorer"], "A", 8000)
     # the alerts on `up` select the job by this name
     assert 'job="ctrserve"' in _alerts()["CtrserveScorerDown"]["expr"]
+    # the drainer under its compose service name, on the port its command line gives
+    drainer = jobs["ctrserve-drainer"]
+    (sd,) = drainer["dns_sd_configs"]
+    assert (sd["names"], sd["type"], sd["port"]) == (["drainer"], "A", 9108)
 
 
 def test_the_required_alerts_exist() -> None:
@@ -211,14 +219,38 @@ def scorer() -> tuple[str, dict[str, set[str]]]:
 
     reply = asyncio.run(get())
     assert reply.status_code == 200
-    labels: dict[str, set[str]] = {"up": set()}
-    for wrapper in vars(app.state.metrics).values():
+    return reply.text, {"up": set(), **_labels_of(app.state.metrics)}
+
+
+def _labels_of(obj: object) -> dict[str, set[str]]:
+    """Sample name -> label names, from the metric objects that are attributes of `obj`."""
+    labels: dict[str, set[str]] = {}
+    for wrapper in vars(obj).values():
         if isinstance(wrapper, MetricWrapperBase):
             family = wrapper.describe()[0]
             for suffix in SAMPLE_SUFFIXES[family.type]:
                 extra = {"le"} if suffix == "_bucket" else set()
                 labels[family.name + suffix] = set(wrapper._labelnames) | extra  # no accessor
-    return reply.text, labels
+    return labels
+
+
+@pytest.fixture(scope="module")
+def drainer() -> tuple[str, dict[str, set[str]]]:
+    """What the drainer serves on --metrics-port (the text of its registry; no port opened),
+    and the label names of each exported sample name."""
+    metrics = DrainerMetrics(None)
+    return generate_latest(metrics.registry).decode(), _labels_of(metrics)
+
+
+@pytest.fixture(scope="module")
+def exporters(scorer, drainer) -> tuple[set[str], dict[str, set[str]]]:
+    """Every sample name the scorer or the drainer exports, and its label names."""
+    (scorer_text, scorer_labels), (drainer_text, drainer_labels) = scorer, drainer
+    scorer_names, drainer_names = _exported(scorer_text), _exported(drainer_text)
+    both = (scorer_names & drainer_names) - PROMETHEUS_SERIES
+    assert not both, f"the scorer and the drainer export the same names: {sorted(both)}"
+    assert drainer_names - PROMETHEUS_SERIES, "the drainer exports nothing: parser broken?"
+    return scorer_names | drainer_names, scorer_labels | drainer_labels
 
 
 def _raw_names(exprs: list[tuple[str, str]], recorded: dict[str, str]) -> dict[str, set[str]]:
@@ -247,23 +279,25 @@ def _recorded() -> dict[str, str]:
     return recorded
 
 
-def test_dashboard_and_rules_read_only_what_the_scorer_exports(scorer) -> None:
-    text, _ = scorer
-    exported = _exported(text)
+def test_dashboard_and_rules_read_only_what_the_scorer_and_drainer_export(exporters) -> None:
+    exported, _ = exporters
     used = _raw_names(_dashboard_exprs() + _rule_exprs(), _recorded())
     unknown = {name: sorted(where)[:3] for name, where in used.items() if name not in exported}
-    assert not unknown, f"PromQL reads metrics the scorer does not export: {unknown}"
+    assert not unknown, f"PromQL reads metrics neither the scorer nor the drainer exports: " \
+        f"{unknown}"
     # the parser found the metrics behind each panel family (a broken parser finds nothing)
     assert {"ctrserve_impressions_total", "ctrserve_downloads_total", "ctrserve_users_total",
             "ctrserve_request_duration_seconds_bucket", "ctrserve_batch_rows_bucket",
             "ctrserve_queue_depth_rows", "ctrserve_model_info", "ctrserve_requests_total",
             "ctrserve_events_total", "ctrserve_shed_total", "ctrserve_arm_weight",
-            "ctrserve_queue_capacity_rows"} <= used.keys()
+            "ctrserve_queue_capacity_rows", "ctrserve_log_entries",
+            "ctrserve_log_capacity_entries", "ctrserve_log_lag_seconds",
+            "ctrserve_serve_log_dropped_total", "ctrserve_drain_dead_letters_total"} <= used.keys()
 
 
-def test_label_matchers_and_groupings_name_labels_the_metrics_carry(scorer) -> None:
+def test_label_matchers_and_groupings_name_labels_the_metrics_carry(exporters) -> None:
     """A matcher or `by` on a label the metric lacks silently selects or splits nothing."""
-    _, labels = scorer
+    _, labels = exporters
     for where, expr in _dashboard_exprs() + _rule_exprs():
         plain = STRING.sub('""', expr)
         grouping = {label.strip() for clause in re.findall(r"\bby\s*\(([^)]*)\)", plain)

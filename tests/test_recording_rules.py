@@ -1,5 +1,6 @@
 """Prometheus recording rules (deploy/prometheus/): valid, unit-tested, and built only on
-metric names the scorer really exports."""
+metric names the scorer or the log drainer (`ctrserve drain-events --follow --metrics-port`)
+really exports."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.drainer_metrics import DrainerMetrics
 from service.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +73,12 @@ def _rules() -> list[dict]:
 
 
 def _exported_series_names() -> set[str]:
-    """Every sample name the scorer's registry can expose (families' names plus suffixes)."""
+    """Every sample name the scorer's registry can expose (families' names plus suffixes), and
+    every one the drainer serves on its metrics port (the text of its registry)."""
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    drainer = text_string_to_metric_families(
+        generate_latest(DrainerMetrics(None).registry).decode())
+    for family in [*Metrics().registry.collect(), *drainer]:
         assert isinstance(family, Metric)
         base = family.name
         for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):
@@ -80,9 +87,10 @@ def _exported_series_names() -> set[str]:
 
 
 def _exported_label_names() -> dict[str, set[str]]:
-    """Sample name -> label names (without `le`), for every metric of the scorer's Metrics."""
+    """Sample name -> label names (without `le`), for every metric of the scorer's Metrics and
+    the drainer's DrainerMetrics."""
     labels: dict[str, set[str]] = {name: {"experiment", "arm"} for name in AB_COUNTERS}
-    for wrapper in vars(Metrics()).values():
+    for wrapper in [*vars(Metrics()).values(), *vars(DrainerMetrics(None)).values()]:
         if isinstance(wrapper, MetricWrapperBase):
             family = wrapper.describe()[0]
             for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):

@@ -44,7 +44,7 @@ def world(bundles, synth_dir, tmp_path_factory):
         {"name": "deepfm", "weight": 0.5, "bundle": bundles["deepfm"].name}]}]}
     (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
     settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
-                        redis_url=embedded_url(redis_server), deploy_poll_s=0.2,
+                        redis_url=embedded_url(redis_server), deploy_poll_s=0.2, clock="client",
                         max_candidates=100, warmup_rounds=1)
     try:
         with LiveServer(settings) as live:

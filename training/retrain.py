@@ -361,9 +361,9 @@ def _source(champion: Any, experiment: str, arm: str, events_dir: Path, client: 
     from training.data.mixed import MixedSource
 
     def items(ids: list[str]) -> dict[str, dict[str, Any]]:
-        from service.feature_store import item_key
+        from service.feature_store import item_key, mget_sync
 
-        raws = client.mget([item_key(i) for i in ids]) if ids else []
+        raws = mget_sync(client, [item_key(i) for i in ids]) if ids else []
         return {i: json.loads(r) for i, r in zip(ids, raws, strict=True) if r}
 
     events = EventLogSource(events_dir, opts.window_days, champion.encoder.spec,

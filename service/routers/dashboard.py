@@ -19,6 +19,7 @@ from service.counts import build_report, experiment_configs
 from service.dashboard.page import experiment_page, index_page, not_found_page
 from service.deployments import history
 from service.errors import NotReady
+from service.redis_server import RedisHandle
 from service.routers.experiments import describe
 
 router = APIRouter(tags=["dashboard"])
@@ -50,7 +51,7 @@ async def experiment_dashboard(request: Request, experiment: str) -> Response:
     described = describe(state.routing.experiments, state.models)
     serving = next(e for e in described.experiments if e.name == experiment)
     try:
-        rep, records = await asyncio.to_thread(_read, state.redis.url, experiment, config)
+        rep, records = await asyncio.to_thread(_read, state.redis, experiment, config)
     except redis.RedisError as exc:
         raise NotReady(["redis"], f"counts unavailable: {exc}",
                        {"Retry-After": str(state.settings.retry_after_s)}) from None
@@ -61,10 +62,10 @@ def _names(request: Request) -> list[str]:
     return [e.name for e in request.app.state.routing.experiments.config.experiments]
 
 
-def _read(url: str, name: str, config: dict[str, Any]
+def _read(handle: RedisHandle, name: str, config: dict[str, Any]
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The experiment's report (the JSON report's own function) and deployment history."""
-    client = redis.Redis.from_url(url)
+    client = handle.sync_client()
     try:
         return (build_report(client, name, config["control"], config["weights"]),
                 history(client, name))

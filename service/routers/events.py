@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any, Literal
 
 import redis
@@ -12,8 +13,9 @@ from pydantic_core import to_json
 from starlette.responses import Response
 
 from service.counts import build_report, experiment_configs
-from service.errors import NotFound, NotReady
+from service.errors import NotFound, NotReady, Unauthorized
 from service.events import Download, Impression
+from service.redis_server import RedisHandle
 from service.routers.score import read_body
 from service.schemas import ErrorResponse
 
@@ -42,22 +44,32 @@ class EventsRequest(BaseModel):
 
 
 @router.post("/v1/events", response_model=EventsResponse,
-             responses={s: {"model": ErrorResponse} for s in (413, 422, 503)},
+             responses={s: {"model": ErrorResponse} for s in (401, 413, 422, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": f"#/components/schemas/{EventsRequest.__name__}"}}}}})
 async def events(request: Request) -> Response:
     """Impressions and downloads, each accepted, a duplicate, or rejected with its reason.
 
     A 200 answers every event; an accepted event is counted and in the event log. A body that
-    is not `{"events": [...]}` is a 422 naming the field.
+    is not `{"events": [...]}` is a 422 naming the field. A 503 with per-event results means
+    the event log is full (the drainer is behind): send the batch again after Retry-After.
+    With `CTRSERVE_EVENTS_API_KEY` set, the X-API-Key header must carry it (else 401).
     """
     state = request.app.state
-    body = await read_body(request, state.settings.max_body_bytes)
+    settings = state.settings
+    key = settings.events_api_key
+    if key is not None and not hmac.compare_digest(request.headers.get("x-api-key", ""), key):
+        raise Unauthorized(["header", "X-API-Key"], "POST /v1/events needs the events API key "
+                           "(CTRSERVE_EVENTS_API_KEY)")
+    body = await read_body(request, settings.max_body_bytes)
+    retry = {"Retry-After": str(settings.retry_after_s)}
     try:
         reply = await state.ingest.ingest(body)
     except redis.RedisError as exc:
-        raise NotReady(["redis"], f"event store unavailable: {exc}",
-                       {"Retry-After": str(state.settings.retry_after_s)}) from None
+        raise NotReady(["redis"], f"event store unavailable: {exc}", retry) from None
+    if reply.pop("log_full"):  # accepted ones come back as duplicates when sent again
+        return Response(to_json(reply), status_code=503, media_type="application/json",
+                        headers=retry)
     return Response(to_json(reply), media_type="application/json")
 
 
@@ -69,12 +81,16 @@ async def experiment_report(request: Request, name: str) -> Response:
     config = experiment_configs(state.routing.experiments).get(name)
     if config is None:
         raise NotFound(["path", "name"], f"unknown experiment {name!r}")
-    rep = await asyncio.to_thread(_report, state.redis.url, name, config)
+    try:
+        rep = await asyncio.to_thread(_report, state.redis, name, config)
+    except redis.RedisError as exc:
+        raise NotReady(["redis"], f"counts unavailable: {exc}",
+                       {"Retry-After": str(state.settings.retry_after_s)}) from None
     return Response(to_json(rep), media_type="application/json")
 
 
-def _report(url: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
-    client = redis.Redis.from_url(url)
+def _report(handle: RedisHandle, name: str, config: dict[str, Any]) -> dict[str, Any]:
+    client = handle.sync_client()
     try:
         return build_report(client, name, config["control"], config["weights"])
     finally:

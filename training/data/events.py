@@ -1,14 +1,17 @@
-"""A data source over the drained event log (`ctrserve drain-events`): what was served, labelled.
+"""A data source over the drained logs (`ctrserve drain-events`): what was served, labelled.
 
-One row per shown impression item: the raw shared feature values the scorer recorded for the
-request (user record, user features, context, clock, user id), the candidate's own features if
-the request gave any, the item's feature-store record (`item_records`, read when the source is
-built: as of now, not as served; see issue 5), the item id and the 1-based position shown (the
+One row per shown impression item, joined to the serve log by (request id, user): the raw
+shared feature values the scorer served the request with (user record, user features, context,
+clock, user id), the candidate's own features if the request gave any, the item's feature-store
+record (`item_records`, read when the source is built: as of now, not as served), the item id
+and the 1-based position shown (the
 position field, `slot` by default). The label is 1 when an accepted download of that item for
 that request came within `attribution_window_s` of the impression (the scorer accepts
 downloads for its own attribution window, 24 h by default; a retrain may count a shorter one),
 else 0. Only accepted events are in the log; readers deduplicate by
-`event_id` (a drain can write a chunk twice).
+`event_id` and by request (a drain can write a chunk twice). An impression whose request is not
+in the serve log (its record was dropped while the serve stream was full) is left out and
+counted in `describe()["unserved_impressions"]`.
 
 The fields come from the champion bundle's encoder spec, so the rows hold exactly the fields
 the champion was served with. Days come from the impression event's `ts` (UTC), not from the
@@ -129,27 +132,44 @@ class EventLogSource(DataSource):
                 "arms": self.arms, "window_days": self.window_days,
                 "shuffle_labels": self.shuffle_labels,
                 "attribution_window_s": self.attribution_window_s,
+                "unserved_impressions": self.unserved,
                 "splits": {s: stats(d) for s, d in self.days.items()}}
 
     # ---- building the rows ----------------------------------------------------------------
-    def _events(self) -> list[dict[str, Any]]:
-        from service.event_log import read_log
-
-        table = read_log(self.root)
+    def _filtered(self, table: pa.Table) -> pa.Table:
         if self.experiment is not None:
             table = table.filter(pc.equal(table.column("experiment"), self.experiment))
         if self.arms is not None:
-            table = table.filter(pc.is_in(table.column("arm"),
-                                                  value_set=pa.array(self.arms)))
+            table = table.filter(pc.is_in(table.column("arm"), value_set=pa.array(self.arms)))
+        return table
+
+    def _events(self) -> list[dict[str, Any]]:
+        from service.event_log import read_log
+
         seen, events = set(), []
-        for event in table.to_pylist():
+        for event in self._filtered(read_log(self.root)).to_pylist():
             if event["event_id"] not in seen:
                 seen.add(event["event_id"])
                 events.append(event)
         return events
 
+    def _served(self) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]]:
+        """(request id, user) -> (shared feature values, candidates' own features)."""
+        from service.event_log import read_serve_log
+
+        table = self._filtered(read_serve_log(self.root)).select(
+            ["request_id", "user_id", "features", "item_features"])
+        served = {}
+        for r in table.to_pylist():
+            key = (r["request_id"], r["user_id"])
+            if key not in served:
+                served[key] = (r["features"], r["item_features"])
+        return served
+
     def _rows(self, item_records: ItemRecords | None) -> dict[date, list[dict[str, Any]]]:
         events = self._events()
+        served = self._served()
+        self.unserved = 0
         downloads: dict[tuple[str, str], datetime] = {}
         for e in events:
             if e["type"] == "download":
@@ -159,24 +179,30 @@ class EventLogSource(DataSource):
         for e in events:
             if e["type"] != "impression":
                 continue
+            if (e["request_id"], e["user_id"]) not in served:
+                self.unserved += 1
+                continue
             moment = event_time(e["ts"])
             for item, position in zip(e["items"] or [], e["positions"] or [], strict=True):
                 shown.setdefault((e["request_id"], item), (moment, e, position))
         if not shown:
             what = f" of experiment {self.experiment!r}" if self.experiment else ""
-            raise DataError(f"{self.root}: no impressions{what} in the event log")
+            raise DataError(f"{self.root}: no impressions{what} in the event log joined to "
+                            f"the serve log ({self.unserved} impression(s) without a served "
+                            "request)")
         records = _records(item_records, sorted({item for _, item in shown}))
         by_day: dict[date, list[dict[str, Any]]] = defaultdict(list)
-        parsed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        parsed: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
         # in time order, not log order: concurrent clients log in an order that varies from run
         # to run, and the seeded shuffle of training would then see different data
         ordered = sorted(shown.items(), key=lambda kv: (kv[1][0], kv[1][1]["user_id"] or "",
                                                         kv[1][2], kv[0][0]))
         for (request_id, item), (moment, e, position) in ordered:
-            if request_id not in parsed:
-                parsed[request_id] = (json.loads(e["features"] or "{}"),
-                                      json.loads(e["item_features"] or "{}"))
-            shared, own = parsed[request_id]
+            key = (request_id, e["user_id"])
+            if key not in parsed:
+                features, own_features = served[key]
+                parsed[key] = (json.loads(features or "{}"), json.loads(own_features or "{}"))
+            shared, own = parsed[key]
             row = dict(shared)
             row.update(records.get(item) or {})
             if self.item_id:

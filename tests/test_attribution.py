@@ -1,0 +1,229 @@
+"""Attribution that cannot be forged, event sanity and bounded state, over real HTTP.
+
+A scorer on a real Debian redis-server (REDIS_URL), with known signing keys so that the tests
+can also mint tokens the way an attacker holding an old or a wrong key would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.attribution import Signer, parse_keys
+from service.event_log import drain, read_log
+from service.keys import arm_key, log_key
+from service.settings import Settings
+from tests.serving import LiveServer, copy_registry
+
+ITEMS = [f"a{i:04d}" for i in range(1, 21)]
+OLD, NEW = "k1:old-secret-0123456789", "k2:new-secret-9876543210"
+
+
+@pytest.fixture(scope="module")
+def registry(bundles, tmp_path_factory) -> Path:
+    return copy_registry(bundles, tmp_path_factory.mktemp("attr-registry"), models=("lr",))
+
+
+def settings(registry: Path, url: str, **extra) -> Settings:
+    lr = next(p.name for p in registry.iterdir() if p.name.startswith("lr-"))
+    return Settings(registry=registry, bundle=lr, experiment="attr", redis_url=url,
+                    max_candidates=50, queue_capacity_rows=1024, warmup_rounds=1, **extra)
+
+
+@pytest.fixture(scope="module")
+def server(registry, redis_server_url):
+    """Signs with the new key, still verifies the old one (a rotation under way)."""
+    with LiveServer(settings(registry, redis_server_url, attribution_keys=[NEW, OLD])) as s:
+        yield s.url
+
+
+@pytest.fixture
+def client(redis_server_url):
+    c = redis.Redis.from_url(redis_server_url)
+    yield c
+    c.close()
+
+
+def score(url: str, user: str, items: list[str], **extra) -> dict:
+    body = {"user_id": user, "candidates": [{"item_id": i} for i in items], **extra}
+    reply = httpx.post(url + "/v1/score", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def impression(event_id: str, reply: dict, user: str, items=None, **extra) -> dict:
+    shown = items or reply["item_ids"]
+    return {"event_id": event_id, "type": "impression", "attribution": reply["attribution"],
+            "user_id": user, "ts": time.time(),
+            "items": [{"item_id": i, "position": p} for p, i in enumerate(shown, 1)], **extra}
+
+
+def download(event_id: str, reply: dict, user: str, item: str, **extra) -> dict:
+    return {"event_id": event_id, "type": "download", "attribution": reply["attribution"],
+            "user_id": user, "item_id": item, "ts": time.time(), **extra}
+
+
+def send(url: str, events: list[dict], **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/events", json={"events": events}, **kw)
+
+
+def results(url: str, events: list[dict]) -> dict[str, dict]:
+    reply = send(url, events)
+    assert reply.status_code == 200, reply.text
+    return {r["event_id"]: r for r in reply.json()["results"]}
+
+
+def test_request_ids_are_random_and_a_reused_id_takes_nothing_over(server):
+    ids = [score(server, "alice", ITEMS[:3])["request_id"] for _ in range(3)]
+    assert len(set(ids)) == 3
+    assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)  # 128 bits
+    alice = score(server, "alice", ITEMS[:5], top_k=3)
+    mallory = score(server, "mallory", ITEMS[10:13], request_id=alice["request_id"])
+    only_alice = next(i for i in alice["item_ids"])
+    out = results(server, [
+        # mallory reuses alice's request id: her own token binds it to her, nothing of alice's
+        download("m-steal", mallory, "mallory", only_alice),
+        # alice's token with mallory's user id, and mallory's token claiming to be alice
+        impression("m-as-alice-1", alice, "mallory"),
+        impression("m-as-alice-2", mallory, "alice"),
+        # alice is unaffected: her events are accepted in her arm
+        impression("a-imp", alice, "alice"),
+        download("a-dl", alice, "alice", alice["item_ids"][1]),
+    ])
+    assert out["m-steal"]["reason"] == "item_not_served"
+    assert out["m-as-alice-1"]["reason"] == out["m-as-alice-2"]["reason"] == "user_mismatch"
+    assert out["a-imp"]["status"] == out["a-dl"]["status"] == "accepted"
+
+
+def test_forged_and_tampered_tokens_are_rejected_with_their_reason(server):
+    reply = score(server, "bob", ITEMS[:4])
+    kid, header, tags, mac = reply["attribution"].split(".")
+    fields = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    fields[3] = "treatment"  # move the request to another arm
+    other_arm = base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
+    foreign = Signer(parse_keys(["k9:someone-elses-secret-000"])).issue(
+        reply["request_id"], "attr", "control", reply["model_version"], "bob", time.time(),
+        False, ITEMS[:4])
+    wrong_secret = Signer(parse_keys(["k2:not-the-real-secret-000"])).issue(
+        reply["request_id"], "attr", "control", reply["model_version"], "bob", time.time(),
+        False, ITEMS[:4])
+    cases = {
+        "t-arm": f"{kid}.{other_arm}.{tags}.{mac}",
+        "t-tags": f"{kid}.{header}.{tags[::-1]}.{mac}",
+        "t-garbage": "not-a-token",
+        "t-kid": foreign,
+        "t-secret": wrong_secret,
+    }
+    out = results(server, [{**impression(k, reply, "bob"), "attribution": t}
+                           for k, t in cases.items()])
+    reasons = {k: out[k]["reason"] for k in cases}
+    assert reasons == {"t-arm": "bad_signature", "t-tags": "bad_signature",
+                       "t-garbage": "bad_token", "t-kid": "bad_token",
+                       "t-secret": "bad_signature"}
+    assert "k9" in out["t-kid"]["detail"]
+
+
+def test_keys_rotate_without_downtime(server, registry, redis_server_url):
+    """A token of the old key (a replica not yet rotated) is accepted by the rotated one."""
+    with LiveServer(settings(registry, redis_server_url, attribution_keys=[OLD])) as old:
+        reply = score(old.url, "carol", ITEMS[:3])
+    assert reply["attribution"].startswith("k1.")
+    assert results(server, [impression("rot-1", reply, "carol")])["rot-1"]["status"] == \
+        "accepted"
+
+
+def test_event_sanity_time_position_and_bounds(server):
+    reply = score(server, "dave", ITEMS[:10], top_k=5)
+    old = Signer(parse_keys([NEW])).issue("old-req", "attr", "control",
+                                          reply["model_version"], "dave",
+                                          time.time() - 2 * 86_400, False, ITEMS[:5])
+    events = [
+        impression("s-future", reply, "dave", ts="9999-12-31T00:00:00Z"),
+        impression("s-past", reply, "dave", ts="2001-01-01T00:00:00Z"),
+        {**impression("s-expired", reply, "dave"), "attribution": old},
+        {**impression("s-pos", reply, "dave"),
+         "items": [{"item_id": reply["item_ids"][0], "position": 6}]},
+        {**impression("s-huge", reply, "dave"),
+         "items": [{"item_id": reply["item_ids"][0], "position": 2147483648}]},
+        impression("s-ok", reply, "dave"),
+    ]
+    out = results(server, events)
+    assert {k: out[k]["reason"] for k in ("s-future", "s-past", "s-expired", "s-pos",
+                                          "s-huge")} == {
+        "s-future": "bad_ts", "s-past": "bad_ts", "s-expired": "expired",
+        "s-pos": "bad_position", "s-huge": "malformed"}
+    assert "position" in out["s-huge"]["detail"] and "5 item(s)" in out["s-pos"]["detail"]
+    assert out["s-ok"]["status"] == "accepted"
+
+
+def test_events_api_key(registry, redis_server_url):
+    with LiveServer(settings(registry, redis_server_url, events_api_key="app-backend")) as s:
+        reply = score(s.url, "erin", ITEMS[:3])
+        event = impression("key-1", reply, "erin")
+        refused = send(s.url, [event])
+        assert refused.status_code == 401 and "X-API-Key" in refused.text
+        assert send(s.url, [event], headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = send(s.url, [event], headers={"X-API-Key": "app-backend"})
+        assert ok.status_code == 200 and ok.json()["accepted"] == 1
+
+
+def test_only_proven_events_create_users_and_counts_expire(server, client):
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    x = arm_key("attr", day, "control", "x")
+    score(server, "only-scored", ITEMS[:3])
+    assert not client.hexists(x, "only-scored")
+    reply = score(server, "frank", ITEMS[:3])
+    assert results(server, [impression("u-1", reply, "frank")])["u-1"]["status"] == "accepted"
+    assert client.hget(x, "frank") == b"3"
+    ttl_days = client.ttl(x) / 86_400
+    assert 89 < ttl_days <= 91  # counts_retention_days=90 after the day ends
+
+
+def test_nothing_per_request_stays_in_redis_once_drained(registry, redis_server_url, client,
+                                                         tmp_path):
+    """Keys do not grow with requests; the streams hold what was served until the drain."""
+    serve = log_key("attr", "control", "serve")
+    with LiveServer(settings(registry, redis_server_url)) as s:
+        score(s.url, "gina", ITEMS[:3])
+        drain(client, tmp_path / "warm")
+        before = client.dbsize()
+        replies = [score(s.url, f"g{n}", ITEMS[:5]) for n in range(40)]
+        assert client.xlen(serve) >= 40
+        out = send(s.url, [impression(f"g-{n}", r, f"g{n}") for n, r in enumerate(replies)])
+        assert out.json()["accepted"] == 40
+        # dedup buckets and count hashes are per arm and hour, not per request or event
+        assert client.dbsize() - before <= 5
+        moved = drain(client, tmp_path / "log")
+    assert moved["served"] >= 40 and moved["events"] == 40
+    assert client.xlen(serve) == 0 and client.xlen(log_key("attr", "control", "events")) == 0
+
+
+def test_a_full_event_log_answers_503_and_loses_nothing(registry, redis_server_url, client,
+                                                        tmp_path):
+    drain(client, tmp_path / "before")
+    with LiveServer(settings(registry, redis_server_url, max_log_entries=100)) as s:
+        replies = [score(s.url, f"h{n}", ITEMS[:2]) for n in range(30)]
+        events = [impression(f"full-{n}-{k}", r, f"h{n}") for n, r in enumerate(replies)
+                  for k in range(4)]
+        first = send(s.url, events)
+        assert first.status_code == 503 and first.headers["Retry-After"]
+        body = first.json()
+        # the stream, drained before, stopped exactly at its bound
+        assert client.xlen(log_key("attr", "control", "events")) == body["accepted"] == 100
+        assert {r["reason"] for r in body["results"] if r["status"] == "rejected"} == \
+            {"log_full"}
+        drain(client, tmp_path / "log")
+        again = send(s.url, events)
+        assert again.status_code == 200
+        assert again.json()["duplicate"] == body["accepted"]
+        assert again.json()["accepted"] == len(events) - body["accepted"]
+    drain(client, tmp_path / "log")
+    logged = [r["event_id"] for r in read_log(tmp_path / "log").to_pylist()
+              if r["event_id"].startswith("full-")]
+    assert sorted(logged) == sorted(e["event_id"] for e in events)
