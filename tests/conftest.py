@@ -1,14 +1,17 @@
-"""Shared fixtures: a small synthetic world and models trained on it through the CLI."""
+"""Shared fixtures: a small synthetic world and models trained on it through the CLI, and real
+Debian redis-servers (a cluster, a standalone server)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ctrserve.cli import main
+from loadtest.redis_servers import MISSING, LocalCluster, LocalRedis, redis_binary
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL_FLAGS = ["--mlp", "32,16", "--embedding-dim", "8", "--apg-rank", "4",
@@ -59,26 +62,23 @@ def bundles(trained_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 # Real Redis from Debian's redis-server (a 3-master cluster, or one standalone server) on free
 # random ports: skipped with a reason where the binaries are missing, an error under CI.
-from collections.abc import Iterator  # noqa: E402
-
-from tests.redis_cluster import MISSING, LocalCluster, LocalRedis, redis_binary  # noqa: E402
-
-
-def require_redis_binaries() -> None:
+@pytest.fixture(scope="session")
+def redis_binaries() -> None:
+    """Debian's redis-server and redis-cli are on PATH (else skip; under CI, go on and fail)."""
     if (redis_binary("redis-server") is None or redis_binary("redis-cli") is None) \
             and not os.environ.get("CI"):
         pytest.skip(MISSING)
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    require_redis_binaries()
+def redis_cluster(redis_binaries: None, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="session")
-def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_redis_binaries()
+def redis_server_url(redis_binaries: None, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[str]:
     with LocalRedis(tmp_path_factory.mktemp("redis-server")) as server:
         yield server.url

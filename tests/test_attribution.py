@@ -17,7 +17,7 @@ import redis
 
 from service.attribution import Signer, parse_keys
 from service.event_log import drain, read_log
-from service.keys import arm_key, log_key
+from service.keys import TOTAL, arm_key, log_key
 from service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
@@ -181,8 +181,13 @@ def test_only_proven_events_create_users_and_counts_expire(server, client):
     reply = score(server, "frank", ITEMS[:3])
     assert results(server, [impression("u-1", reply, "frank")])["u-1"]["status"] == "accepted"
     assert client.hget(x, "frank") == b"3"
-    ttl_days = client.ttl(x) / 86_400
-    assert 89 < ttl_days <= 91  # counts_retention_days=90 after the day ends
+    assert client.hget(arm_key("attr", TOTAL, "control", "x"), "frank") == b"3"
+    days = {part: client.ttl(arm_key("attr", day, "control", part)) / 86_400
+            for part in ("x", "sums")}
+    # the day's per-user hash lives while its events can come (the day, the 1-day window and
+    # a day); its sums and the experiment's per-user totals for counts_retention_days=90
+    assert 1 < days["x"] <= 3.01 and 89.9 < days["sums"] <= 91.01
+    assert 89.9 < client.ttl(arm_key("attr", TOTAL, "control", "x")) / 86_400 <= 90.01
 
 
 def test_nothing_per_request_stays_in_redis_once_drained(registry, redis_server_url, client,

@@ -1,4 +1,5 @@
-"""Real Redis for tests: Debian's redis-server as a 3-master cluster or one standalone server.
+"""Real Redis for tests and benchmarks: Debian's redis-server as a 3-master cluster or one
+standalone server.
 
 Each server is a subprocess on random ports in 20000-40000 (its cluster bus on port+10000), so
 parallel test processes do not collide; a start whose server fails to bind is retried on fresh
