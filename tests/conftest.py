@@ -77,8 +77,9 @@ def redis_cluster(redis_binaries: None, tmp_path_factory: pytest.TempPathFactory
         yield cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_server_url(redis_binaries: None, tmp_path_factory: pytest.TempPathFactory
                      ) -> Iterator[str]:
+    """A standalone redis-server of the test module's own (a start costs ~20 ms)."""
     with LocalRedis(tmp_path_factory.mktemp("redis-server")) as server:
         yield server.url

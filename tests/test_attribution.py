@@ -232,3 +232,14 @@ def test_a_full_event_log_answers_503_and_loses_nothing(registry, redis_server_u
     logged = [r["event_id"] for r in read_log(tmp_path / "log").to_pylist()
               if r["event_id"].startswith("full-")]
     assert sorted(logged) == sorted(e["event_id"] for e in events)
+
+
+def test_a_redis_that_lost_the_event_script_loads_it_again(server, client):
+    """A restarted or new Redis node has no scripts: the events still count, exactly once."""
+    reply = score(server, "ivy", ITEMS[:3])
+    client.script_flush()
+    out = results(server, [impression("ns-1", reply, "ivy"),
+                           download("ns-2", reply, "ivy", reply["item_ids"][0])])
+    assert out["ns-1"]["status"] == out["ns-2"]["status"] == "accepted"
+    again = results(server, [impression("ns-1", reply, "ivy")])
+    assert again["ns-1"]["status"] == "duplicate"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from loadtest.redis_servers import LocalRedis
 from service.event_log import drain, read_log, read_serve_log
 from service.keys import LOGS_KEY, log_key
 
@@ -39,11 +40,16 @@ def event(eid: str, position: int = 1) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def client(redis_server_url):
-    c = redis.Redis.from_url(redis_server_url)
-    for kind in ("events", "serve"):
-        c.delete(log_key("dl", "a", kind))
-        c.sadd(LOGS_KEY, log_key("dl", "a", kind))
+def redis_url(redis_binaries, tmp_path):
+    """A redis-server of the test's own: a drain moves every stream it finds."""
+    with LocalRedis(tmp_path / "redis") as server:
+        yield server.url
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    c.sadd(LOGS_KEY, *(log_key("dl", "a", kind) for kind in ("events", "serve")))
     yield c
     c.close()
 
@@ -56,27 +62,27 @@ def test_a_bad_entry_goes_to_the_dead_letters_and_the_drain_moves_on(client, tmp
     client.xadd(events, event("e2"))
     client.xadd(serve, served("r1"))
     client.xadd(serve, {"r": b"{\"request_id\": \"r2\"}"})  # most fields missing
-    out = drain(client, tmp_path)
+    out = drain(client, tmp_path / "log")
     assert (out["events"], out["served"], out["dead_letters"]) == (4, 2, 3)
     assert out["left"] == {"events": 0, "serve": 0}
-    assert sorted(r["event_id"] for r in read_log(tmp_path).to_pylist()) == ["e1", "e2"]
-    assert [r["request_id"] for r in read_serve_log(tmp_path).to_pylist()] == ["r1"]
-    dead = [json.loads(line) for line in (tmp_path / "dead-letter" / "events-dl-a.jsonl")
-            .read_text().splitlines()]
+    assert sorted(r["event_id"] for r in read_log(tmp_path / "log").to_pylist()) == ["e1", "e2"]
+    assert [r["request_id"] for r in read_serve_log(tmp_path / "log").to_pylist()] == ["r1"]
+    dead_dir = tmp_path / "log" / "dead-letter"
+    dead = [json.loads(line) for line in (dead_dir / "events-dl-a.jsonl").read_text()
+            .splitlines()]
     reasons = {d["reason"].split(":")[0]: d for d in dead}
     assert sorted(reasons) == ["arrow", "unreadable entry"]
     assert json.loads(reasons["arrow"]["fields"]["event"])["event_id"] == "e-huge"
-    assert "unreadable entry" in (tmp_path / "dead-letter" / "serve-dl-a.jsonl").read_text()
+    assert "unreadable entry" in (dead_dir / "serve-dl-a.jsonl").read_text()
     # the next drain starts clean
     client.xadd(events, event("e3"))
-    assert drain(client, tmp_path)["events"] == 1
+    assert drain(client, tmp_path / "log")["events"] == 1
 
 
-def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_server_url,
-                                                            tmp_path):
-    env = {**os.environ, "REDIS_URL": redis_server_url}
+def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_url, tmp_path):
+    env = {**os.environ, "REDIS_URL": redis_url}
     cmd = [sys.executable, "-m", "ctrserve", "drain-events", "--follow", "--out",
-           str(tmp_path), "--interval", "0.1"]
+           str(tmp_path / "log"), "--interval", "0.1"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -84,7 +90,7 @@ def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_server
             client.xadd(log_key("dl", "a", "events"), event(f"f{n}"))
             client.xadd(log_key("dl", "a", "serve"), served(f"fr{n}"))
         deadline = time.monotonic() + 30
-        while len(read_log(tmp_path)) < 3 or len(read_serve_log(tmp_path)) < 3:
+        while len(read_log(tmp_path / "log")) < 3 or len(read_serve_log(tmp_path / "log")) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
