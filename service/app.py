@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ctrserve import __version__
+from service.admission import AdaptiveLimit, AdmissionMiddleware
 from service.attribution import AUTO_KID, Signer, parse_keys
 from service.deploy_follower import DeploymentFollower
 from service.errors import install_handlers
@@ -54,6 +55,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (score, events, health, models, experiments, metrics, dashboard):
         app.include_router(module.router)
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
+    if settings.admission:  # inside the metrics middleware, which counts its 503s
+        limit = AdaptiveLimit(settings.admission_target_ms / 1000, settings.admission_min,
+                              settings.admission_initial, settings.admission_max)
+        app.state.metrics.admission_limit.set(limit.limit)
+        app.add_middleware(AdmissionMiddleware, limit=limit,
+                           shed=app.state.metrics.shed.labels("admission"),
+                           gauge=app.state.metrics.admission_limit,
+                           retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, endpoints=ENDPOINTS)
     _document_raw_bodies(app)
     return app

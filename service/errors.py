@@ -47,6 +47,17 @@ class BodyTooLarge(ApiError):
     status, kind = 413, "body_too_large"
 
 
+class BodyTimeout(ApiError):
+    status, kind = 408, "body_timeout"
+
+
+class ClientClosed(ApiError):
+    """The client went away before its request was read: nginx's 499, so that a disconnect
+    counts under its own status label and not as a server error."""
+
+    status, kind = 499, "client_closed_request"
+
+
 class Unauthorized(ApiError):
     status, kind = 401, "unauthorized"
 

@@ -16,7 +16,7 @@ REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Label values the code emits, created at 0 up front so that rate() and increase() see the
 # first increment: shed reasons (batcher.py), event types and statuses (events.py: the Lua
 # script's replies; a malformed event of no known type counts as "other", "rejected").
-SHED_REASONS = ("overload", "deadline")
+SHED_REASONS = ("admission", "overload", "deadline")
 EVENT_TYPES = ("impression", "download")
 EVENT_STATUSES = ("accepted", "duplicate", "rejected")
 SWAP_RESULTS = ("loaded", "refused")
@@ -45,8 +45,11 @@ class Metrics:
         self.queue_capacity = Gauge("ctrserve_queue_capacity_rows", "rows the queue takes "
                                     "before it sheds (queue_capacity_rows)", ["arm"],
                                     registry=r)
-        self.shed = Counter("ctrserve_shed_total", "requests refused by the batcher",
-                            ["reason"], registry=r)
+        self.shed = Counter("ctrserve_shed", "requests refused: at the admission limit "
+                            "before any work (admission), past the queue's capacity (overload), "
+                            "past their deadline (deadline)", ["reason"], registry=r)
+        self.admission_limit = Gauge("ctrserve_admission_limit", "score requests admitted in "
+                                     "flight at most (adapts to their latency)", registry=r)
         self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
                                 ["arm", "version", "model_type", "providers"], registry=r)
         self.swaps = Counter("ctrserve_swaps_total", "hot swaps", ["arm", "result"], registry=r)

@@ -33,21 +33,30 @@ from service.settings import Settings
 log = logging.getLogger("ctrserve.redis")
 
 
+REPORT_TIMEOUT_S = 10.0  # reports read every arm-day: more than one call's worth
+
+
 class RedisUnavailable(UserError):
     """Redis cannot be reached or started; the message says which and why."""
 
 
-def sync_client(url: str, cluster: bool = False) -> redis.Redis:
+def sync_client(url: str, cluster: bool = False, timeout_s: float | None = None
+                ) -> redis.Redis:
     """A blocking client of `url`: a Redis Cluster client when `cluster` (any node's URL)."""
+    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if cluster:
-        return redis.cluster.RedisCluster.from_url(url)
-    return redis.Redis.from_url(url)
+        return redis.cluster.RedisCluster.from_url(url, **kw)
+    return redis.Redis.from_url(url, **kw)
 
 
-def async_client(url: str, cluster: bool = False) -> aioredis.Redis:
+def async_client(url: str, cluster: bool = False, timeout_s: float | None = None
+                 ) -> aioredis.Redis:
+    """The scorer's client: every call gives up after `timeout_s` (a stalled Redis is a 503
+    in about that long, not a hung request)."""
+    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if cluster:
-        return aioredis.cluster.RedisCluster.from_url(url)
-    return aioredis.Redis.from_url(url)
+        return aioredis.cluster.RedisCluster.from_url(url, **kw)
+    return aioredis.Redis.from_url(url, **kw)
 
 
 @dataclass
@@ -58,10 +67,11 @@ class RedisHandle:
     url: str
     embedded: Any = field(default=None, repr=False)
     cluster: bool = False
+    timeout_s: float | None = None
 
     def sync_client(self) -> redis.Redis:
         """A new blocking client of the same Redis, for work in a thread; close it after."""
-        return sync_client(self.url, self.cluster)
+        return sync_client(self.url, self.cluster, self.timeout_s)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -182,13 +192,14 @@ async def open_redis(settings: Settings) -> RedisHandle:
         embedded = await asyncio.to_thread(start_embedded, settings.embedded_redis_db())
         url = embedded_url(embedded)
     try:
-        client = async_client(url, settings.redis_cluster)
+        client = async_client(url, settings.redis_cluster, settings.redis_timeout_s)
         await client.ping()
     except redis.RedisError as exc:
         if embedded is not None:
             await asyncio.to_thread(stop_embedded, embedded)
         raise RedisUnavailable(f"Redis at {url} does not answer: {exc}") from None
-    return RedisHandle(client, url, embedded, settings.redis_cluster)
+    return RedisHandle(client, url, embedded, settings.redis_cluster,
+                       max(settings.redis_timeout_s, REPORT_TIMEOUT_S))
 
 
 def open_sync(settings: Settings) -> tuple[redis.Redis, Any]:

@@ -1,23 +1,73 @@
-"""Run the scorer under uvicorn (one worker: uvloop + httptools, no access log)."""
+"""Run the scorer under uvicorn (one worker: uvloop + httptools, no access log).
+
+Every wait of a connection is bounded: headers within `header_timeout_s` (uvicorn has no such
+timeout: a client sending a byte a minute would hold a connection forever), the body within
+`body_timeout_s` (routers/score.py), idle keep-alive connections 5 s (uvicorn's own), and at
+most `max_connections` connections or requests at once (uvicorn's limit_concurrency: 503).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import socket
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.app import create_app
 from service.settings import Settings
 
 
+class HeaderTimeout(HttpToolsProtocol):
+    """httptools' protocol that closes a connection whose request headers are not complete
+    `header_timeout_s` after it opened, or after its next request began."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._start_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _start_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._too_slow)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:
     fast_loop = importlib.util.find_spec("uvloop") is not None
-    fast_http = importlib.util.find_spec("httptools") is not None
+    http: type | str = "h11"
+    if importlib.util.find_spec("httptools") is not None:
+        http = type("BoundedHttpTools", (HeaderTimeout,),
+                    {"header_timeout_s": settings.header_timeout_s})
     return uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port,
-        loop="uvloop" if fast_loop else "asyncio", http="httptools" if fast_http else "h11",
+        loop="uvloop" if fast_loop else "asyncio", http=http,
         access_log=False, proxy_headers=False, log_level=log_level, lifespan="on",
+        limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
 
 

@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     max_candidates: int = Field(1000, ge=1, description="candidates per request")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size")
     request_deadline_ms: float = Field(1000.0, gt=0, description="queue wait + inference")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection's request headers "
+                                                            "must arrive within this")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request's body must arrive "
+                                                          "within this (else 408)")
+    max_connections: int = Field(2048, ge=1, description="open connections (and requests) "
+                                                         "per process; past it uvicorn "
+                                                         "answers 503")
+    redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout of the scorer's "
+                                                          "Redis calls: a stalled Redis answers "
+                                                          "503 in about this long")
 
     # ---- dynamic batching ---------------------------------------------------------------
     batching: bool = Field(True, description="coalesce rows across requests (off: one "
@@ -45,6 +55,14 @@ class Settings(BaseSettings):
                                                             "a batch waits for company")
     queue_capacity_rows: int = Field(8192, ge=1, description="rows waiting; past it 503")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
+    admission: bool = Field(True, description="shed score requests before reading them past "
+                                              "an adaptive in-flight limit (service/admission.py)")
+    admission_target_ms: float = Field(100.0, gt=0, description="latency the admission limit "
+                                                                "steers admitted requests to")
+    admission_min: int = Field(16, ge=1, description="in-flight score requests always admitted")
+    admission_initial: int = Field(64, ge=1, description="the limit at start, before any "
+                                                         "latency was measured")
+    admission_max: int = Field(4096, ge=1, description="in-flight score requests at most")
 
     # ---- onnxruntime --------------------------------------------------------------------
     ort_threads: int = Field(1, ge=1, description="intra-op threads per session")
@@ -127,6 +145,10 @@ class Settings(BaseSettings):
             raise ValueError(f"queue_capacity_rows ({self.queue_capacity_rows}) must be >= "
                              f"max_candidates ({self.max_candidates})")
         self.providers = [_provider(p) for p in self.providers]
+        if not self.admission_min <= self.admission_initial <= self.admission_max:
+            raise ValueError(f"admission_min ({self.admission_min}) <= admission_initial "
+                             f"({self.admission_initial}) <= admission_max "
+                             f"({self.admission_max}) does not hold")
         if self.redis_cluster and not self.redis_url:
             raise ValueError("redis_cluster needs REDIS_URL (a node of the cluster)")
         if self.dedup_window_s > self.attribution_window_s:
