@@ -164,9 +164,12 @@ def _serve_parser(sub) -> None:
                    help="A/B experiments config (YAML or JSON): arms, weights, their bundles")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="scorer processes sharing the port (see README)")
     p.add_argument("--features", type=Path, dest="load_features", metavar="SYNTH_DIR",
                    help="load users.parquet and apps.parquet of a synth dir at start")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
+                   help="shed past the adaptive in-flight limit before reading a request")
     p.add_argument("--batch-max-rows", type=int)
     p.add_argument("--batch-max-delay-ms", type=float)
     p.add_argument("--queue-capacity-rows", type=int)

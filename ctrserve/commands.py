@@ -155,9 +155,10 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- the scorer ----------------------------------------------------------------------------
-SERVE_FLAGS = ("registry", "bundle", "experiments_file", "host", "port", "load_features",
-               "batching", "batch_max_rows", "batch_max_delay_ms", "queue_capacity_rows",
-               "max_candidates", "providers", "ort_threads")
+SERVE_FLAGS = ("registry", "bundle", "experiments_file", "host", "port", "workers",
+               "load_features",
+               "batching", "admission", "batch_max_rows", "batch_max_delay_ms",
+               "queue_capacity_rows", "max_candidates", "providers", "ort_threads")
 
 
 def _settings(**overrides: Any):
@@ -194,7 +195,12 @@ def serve(args: argparse.Namespace) -> None:
 
         synth_files(settings.load_features)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    serve(settings)
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        serve_workers(settings, settings.workers, args.log_level)
+    else:
+        serve(settings)
 
 
 def _check_experiments(settings: Any) -> None:

@@ -6,12 +6,13 @@ runs first, on the raw ASGI scope, and answers a prebuilt 503 with Retry-After w
 the body (a few tens of microseconds).
 
 The limit on admitted requests in flight adapts to their measured latency, in the style of TCP
-Vegas and Netflix's concurrency-limits (AIMD on a latency target): each admitted request
-measures its time from admission to reply; the limit grows by 1/limit per request answered
-within `admission_target_ms` while the gate is near the limit (about one a round trip), and
-shrinks by a tenth, at most once per target interval, when answers take longer. By Little's
-law the limit settles near throughput x target, so admitted requests wait about the target,
-well inside the request deadline, and the rest are shed at once instead of queueing.
+and Netflix's concurrency-limits (a latency target instead of packet loss): each admitted
+request measures its time from admission to reply, averaged over the last ten or so; while
+the average stays within `admission_target_ms` and at least half the limit is in use, each
+answer raises the limit by half a request (up to x1.5 a round trip), and while it is above,
+the limit shrinks by a tenth once per target interval. By Little's law the limit settles near
+throughput x target, so admitted requests wait about the target, well inside the request
+deadline, and the rest are shed at once instead of queueing.
 The limit starts at `admission_initial`; `admission_min` keeps enough requests in flight for
 batching, `admission_max` caps it.
 """
@@ -30,13 +31,18 @@ SHED_BODY = error_body([{"loc": ["admission"], "msg": "the scorer is at its admi
 
 
 class AdaptiveLimit:
-    """The in-flight limit: additive increase while fast, multiplicative decrease when slow."""
+    """The in-flight limit: grows while answers are fast, shrinks when they are slow."""
+
+    GROWTH = 0.5  # per fast answer while busy: up to x1.5 a round trip
+    DECAY = 0.9  # per target interval with slow answers
+    SMOOTHING = 0.1  # weight of one answer in the latency average
 
     def __init__(self, target_s: float, minimum: int, initial: int, maximum: int,
                  clock: Any = time.monotonic):
         self.target_s, self.minimum, self.maximum, self.clock = target_s, minimum, maximum, clock
         self.limit = float(initial)
         self.inflight = 0
+        self.latency_s = 0.0  # moving average of the admitted requests' latency
         self._last_decrease = float("-inf")
 
     def try_acquire(self) -> bool:
@@ -46,15 +52,17 @@ class AdaptiveLimit:
         return True
 
     def release(self, latency_s: float) -> None:
-        near_limit = self.inflight >= int(self.limit) - 1
+        # at least half the limit in use: the demand is there (as concurrency-limits' AIMD)
+        busy = 2 * self.inflight >= self.limit
         self.inflight -= 1
-        if latency_s > self.target_s:
+        self.latency_s += self.SMOOTHING * (latency_s - self.latency_s)
+        if self.latency_s > self.target_s:
             now = self.clock()
             if now - self._last_decrease >= self.target_s:
                 self._last_decrease = now
-                self.limit = max(float(self.minimum), self.limit * 0.9)
-        elif near_limit:
-            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+                self.limit = max(float(self.minimum), self.limit * self.DECAY)
+        elif busy:
+            self.limit = min(float(self.maximum), self.limit + self.GROWTH)
 
 
 class AdmissionMiddleware:

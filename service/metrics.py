@@ -1,11 +1,21 @@
-"""Prometheus metrics of the scorer, in a registry per app (tests build several apps)."""
+"""Prometheus metrics of the scorer, in a registry per app (tests build several apps).
+
+With several worker processes (`ctrserve serve --workers N`, service/server.py) the parent sets
+PROMETHEUS_MULTIPROC_DIR before the workers start: every value then lives in a file per
+process, and /metrics, whichever worker answers, sums the counters and histograms of all of
+them (prometheus_client's multiprocess mode), so they stay exact. Each gauge says how the
+processes' values combine (`multiprocess_mode`): queue depth and capacity add up over live
+workers, weights and model info are the same in every worker (max), log gauges too.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.keys import LOG_KINDS
 
@@ -41,17 +51,19 @@ class Metrics:
         self.inference = Histogram("ctrserve_inference_seconds", "onnxruntime time per batch",
                                    ["arm"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ctrserve_queue_depth_rows", "rows waiting for inference",
-                                 ["arm"], registry=r)
+                                 ["arm"], registry=r, multiprocess_mode="livesum")
         self.queue_capacity = Gauge("ctrserve_queue_capacity_rows", "rows the queue takes "
                                     "before it sheds (queue_capacity_rows)", ["arm"],
-                                    registry=r)
+                                    registry=r, multiprocess_mode="livesum")
         self.shed = Counter("ctrserve_shed", "requests refused: at the admission limit "
                             "before any work (admission), past the queue's capacity (overload), "
                             "past their deadline (deadline)", ["reason"], registry=r)
         self.admission_limit = Gauge("ctrserve_admission_limit", "score requests admitted in "
-                                     "flight at most (adapts to their latency)", registry=r)
+                                     "flight at most (adapts to their latency), summed over "
+                                     "workers", registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
-                                ["arm", "version", "model_type", "providers"], registry=r)
+                                ["arm", "version", "model_type", "providers"], registry=r,
+                                multiprocess_mode="livemax")
         self.swaps = Counter("ctrserve_swaps_total", "hot swaps", ["arm", "result"], registry=r)
         # A/B counts: the recording rules in deploy/ read these names and labels
         ab = ["experiment", "arm"]
@@ -65,16 +77,19 @@ class Metrics:
                               ["type", "status"], registry=r)
         self.arm_weight = Gauge("ctrserve_arm_weight", "configured share of the experiment's "
                                 "non-holdout users of each served arm; control: its control "
-                                "arm", ["experiment", "arm", "control"], registry=r)
+                                "arm", ["experiment", "arm", "control"], registry=r,
+                                multiprocess_mode="livemax")
         # the logs (event_log.py): bounded streams, drained by `ctrserve drain-events --follow`
         self.serve_log_dropped = Counter("ctrserve_serve_log_dropped", "served requests not "
                                          "logged: their arm's serve stream was full", registry=r)
         self.log_entries = Gauge("ctrserve_log_entries", "entries waiting in the fullest "
-                                 "stream of each log", ["log"], registry=r)
+                                 "stream of each log", ["log"], registry=r,
+                                 multiprocess_mode="livemax")
         self.log_capacity = Gauge("ctrserve_log_capacity_entries", "entries a stream takes "
-                                  "(max_log_entries)", registry=r)
+                                  "(max_log_entries)", registry=r, multiprocess_mode="livemax")
         self.log_lag = Gauge("ctrserve_log_lag_seconds", "age of the oldest undrained entry "
-                             "of each log (0: drained)", ["log"], registry=r)
+                             "of each log (0: drained)", ["log"], registry=r,
+                             multiprocess_mode="livemax")
         self._arms: set[ArmLabels] = set()
         self._precreate()
 
@@ -90,11 +105,15 @@ class Metrics:
             self.log_lag.labels(log)
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every worker's values, combined
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)
 
     def set_model(self, arm: str, old: dict[str, str] | None, new: dict[str, str]) -> None:
         if old is not None:
-            self.model_info.remove(arm, *old.values())
+            _drop(self.model_info, arm, *old.values())
         self.model_info.labels(arm, *new.values()).set(1)
 
     def swapped(self, arm: str) -> None:
@@ -106,9 +125,9 @@ class Metrics:
     def drop_model(self, arm: str, labels: dict[str, str]) -> None:
         """`arm`'s model is unloaded: its info and its queue's gauges go (a later model of the
         same key makes new ones; the draining batcher's updates no longer show)."""
-        self.model_info.remove(arm, *labels.values())
-        self.queue_depth.remove(arm)
-        self.queue_capacity.remove(arm)
+        _drop(self.model_info, arm, *labels.values())
+        _drop(self.queue_depth, arm)
+        _drop(self.queue_capacity, arm)
 
     def set_arms(self, weights: dict[ArmLabels, float]) -> None:
         """Export exactly these arms' weights: the new series are set first and the series of
@@ -119,8 +138,15 @@ class Metrics:
             for counter in (self.impressions, self.downloads, self.users):
                 counter.labels(*labels[:2])
         for labels in self._arms - weights.keys():
-            self.arm_weight.remove(*labels)
+            _drop(self.arm_weight, *labels)
         self._arms = set(weights)
+
+
+def _drop(gauge: Gauge, *labels: str) -> None:
+    """Remove a gauge's series; set to 0 first, as multiprocess mode keeps the last value a
+    process wrote in its file (the series then shows 0 instead of a stale value)."""
+    gauge.labels(*labels).set(0)
+    gauge.remove(*labels)
 
 
 class MetricsMiddleware:

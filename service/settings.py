@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     arm: str = Field("control", description="its one arm")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256, description="scorer processes sharing the port, each "
+                                                      "with its own batcher and session")
 
     # ---- request limits -----------------------------------------------------------------
     max_candidates: int = Field(1000, ge=1, description="candidates per request")

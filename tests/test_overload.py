@@ -84,33 +84,30 @@ def requests_with_status(url: str, status: int) -> float:
 
 def test_adaptive_limit_grows_when_fast_and_shrinks_when_slow():
     now = [0.0]
-    limit = AdaptiveLimit(0.1, minimum=4, initial=8, maximum=10, clock=lambda: now[0])
-    assert all(limit.try_acquire() for _ in range(8)) and not limit.try_acquire()
-    for _ in range(8):
-        limit.release(0.01)  # fast answers at the limit: it grows, by at most one a round
-    grown = limit.limit
-    assert 8 < grown < 10
-    for _ in range(200):
-        assert limit.try_acquire()
-        limit.release(0.01)
-    assert limit.limit == grown  # one in flight, far from the limit: no growth without demand
-    for _ in range(50):  # rounds at the limit, answered fast
+    limit = AdaptiveLimit(0.1, minimum=4, initial=8, maximum=20, clock=lambda: now[0])
+
+    def round_trip(latency_s: float) -> int:
         admitted = 0
         while limit.try_acquire():
             admitted += 1
         for _ in range(admitted):
-            limit.release(0.01)
-    assert limit.limit == 10 and limit.inflight == 0  # capped
-    limit.try_acquire()
-    limit.release(0.5)  # slow: a tenth off, once per target interval
-    assert limit.limit == 9
-    limit.try_acquire()
-    limit.release(0.5)
-    assert limit.limit == 9
+            limit.release(latency_s)
+        return admitted
+
+    assert round_trip(0.01) == 8 and limit.limit > 8  # fast at the limit: it grows
+    for _ in range(200):  # one in flight, under half the limit: no growth without demand
+        grown = limit.limit
+        assert limit.try_acquire()
+        limit.release(0.01)
+        assert limit.limit == grown
     for _ in range(30):
+        round_trip(0.01)
+    assert limit.limit == 20 and limit.inflight == 0  # capped
+    round_trip(1.0)  # slow answers: a tenth off, once per target interval
+    assert limit.limit == 18
+    for _ in range(50):
         now[0] += 0.2
-        limit.try_acquire()
-        limit.release(0.5)
+        round_trip(1.0)
     assert limit.limit == 4  # never below the minimum
 
 

@@ -1,0 +1,99 @@
+"""`ctrserve serve --workers 2`: two processes on one port, metrics exact across them.
+
+A real scorer subprocess (port 0: the parent binds a free port and logs it) on a real
+redis-server. Requests on fresh connections spread over both workers; every counter of
+/metrics (prometheus_client's multiprocess mode) equals what the client sent, whichever
+worker answers the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from loadtest.redis_servers import LocalRedis
+from tests.serving import copy_registry, metric_value
+
+REPO = Path(__file__).resolve().parents[1]
+ITEMS = [f"a{i:04d}" for i in range(1, 9)]
+
+
+@pytest.fixture
+def scorer(bundles, redis_binaries, tmp_path):
+    registry = copy_registry(bundles, tmp_path / "registry", models=("lr",))
+    lr = next(p.name for p in registry.iterdir())
+    with LocalRedis(tmp_path / "redis") as redis_server:
+        env = {**os.environ, "REDIS_URL": redis_server.url}
+        cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
+               "--bundle", lr, "--port", "0", "--workers", "2", "--log-level", "info"]
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        try:
+            url = listening(proc)
+            wait_ready(url, proc)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+
+
+def listening(proc: subprocess.Popen) -> str:
+    for line in proc.stderr:
+        found = re.search(r"workers on (http://\S+)", line)
+        if found:
+            return found.group(1)
+    raise RuntimeError(f"the scorer exited with {proc.wait()} before listening")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until two consecutive fresh connections (either worker) answer /readyz 200."""
+    deadline, ready = time.monotonic() + timeout_s, 0
+    while ready < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, "workers not ready"
+        try:
+            ok = httpx.get(url + "/readyz", headers={"Connection": "close"}).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        ready = ready + 1 if ok else 0
+        time.sleep(0.05)
+
+
+def test_two_workers_share_the_port_and_count_exactly(scorer):
+    url, proc = scorer
+    workers = psutil.Process(proc.pid).children()  # the two workers (and spawn's tracker)
+    assert len([w for w in workers if "ctrserve" in " ".join(w.cmdline()) or
+                "spawn_main" in " ".join(w.cmdline())]) >= 2
+    shown = 0
+    for n in range(40):
+        with httpx.Client(base_url=url, headers={"Connection": "close"}) as client:
+            reply = client.post("/v1/score", json={
+                "user_id": f"u{n:05d}", "candidates": [{"item_id": i} for i in ITEMS]}).json()
+            items = reply["item_ids"][: 1 + n % 3]
+            out = client.post("/v1/events", json={"events": [{
+                "event_id": f"w-{n}", "type": "impression", "attribution": reply["attribution"],
+                "user_id": f"u{n:05d}", "ts": time.time(),
+                "items": [{"item_id": i, "position": p} for p, i in enumerate(items, 1)]}]})
+            assert out.json()["accepted"] == 1
+            shown += len(items)
+    for _ in range(4):  # any worker's scrape reports the sum over both
+        text = httpx.get(url + "/metrics", headers={"Connection": "close"}).text
+        assert metric_value(text, 'ctrserve_requests_total{endpoint="/v1/score",'
+                                  'status="200"}') == 40
+        assert metric_value(text, 'ctrserve_impressions_total{arm="control",'
+                                  'experiment="default"}') == shown
+        assert metric_value(text, 'ctrserve_users_total{arm="control",'
+                                  'experiment="default"}') == 40
+        assert metric_value(text, "ctrserve_request_duration_seconds_count") >= 80
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
