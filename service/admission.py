@@ -12,7 +12,9 @@ the average stays within `admission_target_ms` and at least half the limit is in
 answer raises the limit by half a request (up to x1.5 a round trip), and while it is above,
 the limit shrinks by a tenth once per target interval. By Little's law the limit settles near
 throughput x target, so admitted requests wait about the target, well inside the request
-deadline, and the rest are shed at once instead of queueing.
+deadline, and the rest are shed at once instead of queueing. Nor does it admit more requests
+than the batcher's queue holds (`queue_capacity_rows` over the average candidates per
+request): those would be shed by the queue after their parsing and encoding.
 The limit starts at `admission_initial`; `admission_min` keeps enough requests in flight for
 batching, `admission_max` caps it.
 """
@@ -38,18 +40,25 @@ class AdaptiveLimit:
     SMOOTHING = 0.1  # weight of one answer in the latency average
 
     def __init__(self, target_s: float, minimum: int, initial: int, maximum: int,
-                 clock: Any = time.monotonic):
+                 capacity_rows: float = float("inf"), clock: Any = time.monotonic):
         self.target_s, self.minimum, self.maximum, self.clock = target_s, minimum, maximum, clock
         self.limit = float(initial)
         self.inflight = 0
         self.latency_s = 0.0  # moving average of the admitted requests' latency
+        self.capacity_rows = capacity_rows
+        self.rows = 1.0  # moving average of the rows (candidates) per admitted request
         self._last_decrease = float("-inf")
 
     def try_acquire(self) -> bool:
-        if self.inflight >= int(self.limit):
+        # never more in flight than the batcher's queue holds: past it, a request would be
+        # shed by the queue after its parsing and encoding, the costly way
+        if self.inflight >= min(self.limit, max(self.minimum, self.capacity_rows / self.rows)) // 1:
             return False
         self.inflight += 1
         return True
+
+    def observe_rows(self, rows: int) -> None:
+        self.rows += self.SMOOTHING * (rows - self.rows)
 
     def release(self, latency_s: float) -> None:
         # at least half the limit in use: the demand is there (as concurrency-limits' AIMD)

@@ -57,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
     if settings.admission:  # inside the metrics middleware, which counts its 503s
         limit = AdaptiveLimit(settings.admission_target_ms / 1000, settings.admission_min,
-                              settings.admission_initial, settings.admission_max)
+                              settings.admission_initial, settings.admission_max,
+                              capacity_rows=settings.queue_capacity_rows)
+        app.state.admission = limit
         app.state.metrics.admission_limit.set(limit.limit)
         app.add_middleware(AdmissionMiddleware, limit=limit,
                            shed=app.state.metrics.shed.labels("admission"),
@@ -90,7 +92,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 serve_log = ServeLog(state.redis.client, settings.max_log_entries,
                                      state.metrics.serve_log_dropped)
             state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing,
-                                  serve_log, signer)
+                                  serve_log, signer, getattr(state, "admission", None))
             rules = EventRules(signer, settings.attribution_window_s,
                                settings.event_clock_skew_s, settings.clock == "client")
             state.ingest = EventIngest(state.redis.client, state.metrics, rules,

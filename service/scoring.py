@@ -21,6 +21,7 @@ import redis
 from pydantic import ValidationError
 from pydantic_core import to_json
 
+from service.admission import AdaptiveLimit
 from service.attribution import Signer, new_request_id
 from service.batcher import BatcherClosed
 from service.encoding import Feeds, overwrite
@@ -55,9 +56,9 @@ def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
 class Scorer:
     def __init__(self, settings: Settings, models: ModelRegistry, store: FeatureStore,
                  metrics: Metrics, routing: Routing, serve_log: ServeLog | None = None,
-                 signer: Signer | None = None):
+                 signer: Signer | None = None, admission: AdaptiveLimit | None = None):
         self.settings, self.models, self.store, self.routing = settings, models, store, routing
-        self.serve_log, self.signer = serve_log, signer
+        self.serve_log, self.signer, self.admission = serve_log, signer, admission
         self._candidates = metrics.candidates
         self._deadline_s = settings.request_deadline_ms / 1000
         self._client_clock = settings.clock == "client"
@@ -71,6 +72,8 @@ class Scorer:
                                "clock (clock=client dates requests by ts; at most "
                                "client_clock_max_ahead_s ahead)")
         self._candidates.observe(len(req.candidates))
+        if self.admission is not None:
+            self.admission.observe_rows(len(req.candidates))
         try:
             user = await self.store.user(req.user_id)
             for _ in range(ATTEMPTS):

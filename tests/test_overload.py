@@ -193,3 +193,13 @@ def test_a_frozen_redis_answers_503_in_time_not_a_hung_request(registry, redis_s
         assert report.status_code == 503 and report.headers["Retry-After"]
         wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 200,
                    "served again once Redis is back")
+
+
+def test_admission_never_admits_more_than_the_queue_holds():
+    limit = AdaptiveLimit(0.1, minimum=2, initial=50, maximum=100, capacity_rows=1000)
+    for _ in range(100):
+        limit.observe_rows(100)  # requests of 100 candidates: 10 fit the queue
+    admitted = 0
+    while limit.try_acquire():
+        admitted += 1
+    assert admitted == 10

@@ -1,0 +1,119 @@
+"""One scorer process against several on one port: `ctrserve serve --workers N`.
+
+    python -m loadtest.bench_workers --registry demo/registry [--workers 1,2]
+        [--candidates 10,100,500] [--concurrency 16,64] [--duration 10] [--out FILE]
+
+Scorers with each worker count as subprocesses (bench_serving.Server: embedded Redis loaded
+from the synth dir), driven closed loop by wrk (or the Python client) cell by cell, the
+worker counts alternating (ABBA). Reports answered requests/s, candidates/s and their ratio
+to the machine's in-process onnxruntime limit (the best rows/s of the bundle at any batch
+size with one thread and with all cores' threads), p50/p99, and server and client CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench_serving import (
+    BODIES_PER_SIZE,
+    Server,
+    make_bodies,
+    measure,
+    newest_bundle,
+    ort_limit,
+    records,
+)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bundle = args.bundle or newest_bundle(args.registry, "deepfm")
+    features = args.features or args.registry.parent / "data"
+    client = "wrk" if shutil.which("wrk") else "python"
+    users, apps = records(features)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    limits = {t: ort_limit(args.registry / bundle, users, apps, 2.0, threads=t)
+              for t in sorted({1, os.cpu_count() or 1})}
+    best = max(v["best_rows_per_s"] for v in limits.values())
+    servers = {n: Server(f"w{n}", args.registry, bundle, features, workdir, ["--workers", str(n)])
+               for n in args.workers}
+    cells = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for n in args.candidates:
+            bodies_file = workdir / f"bodies-{n}.jsonl"
+            bodies_file.write_text("\n".join(make_bodies(users, apps, n, BODIES_PER_SIZE)))
+            for i, c in enumerate(args.concurrency):
+                order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
+                for workers, server in order:
+                    cell = measure(client, server, bodies_file, n, n, c, args.duration,
+                                   200_000, workdir)
+                    cell.update(workers=workers,
+                                ratio_to_limit=round(cell["candidates_per_s"] / best, 3),
+                                ratio_to_one_thread=round(
+                                    cell["candidates_per_s"] / limits[1]["best_rows_per_s"], 3))
+                    cells.append(cell)
+                    print(row(cell), file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"bundle": bundle, "client": client, "cores": os.cpu_count(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ort_limit": {str(t): v for t, v in limits.items()}, "best_rows_per_s": best,
+            "cells": cells}
+
+
+HEADER = (f"{'workers':>7} {'cand':>5} {'conc':>5} {'req/s':>8} {'cand/s':>9} {'limit':>6} "
+          f"{'1-thr':>6} {'p50 ms':>7} {'p99 ms':>7} {'server':>6} {'client':>6}")
+
+
+def row(c: dict[str, Any]) -> str:
+    return (f"{c['workers']:>7} {c['candidates']:>5} {c['concurrency']:>5} "
+            f"{c['requests_per_s']:>8,.0f} {c['candidates_per_s']:>9,} "
+            f"{c['ratio_to_limit']:>6.2f} {c['ratio_to_one_thread']:>6.2f} {c['p50_ms']:>7.1f} "
+            f"{c['p99_ms']:>7.1f} {c['server_cpu_cores']:>6.2f} {c['client_cpu_cores']:>6.2f}")
+
+
+def table(result: dict[str, Any]) -> str:
+    limits = ", ".join(f"{t} thread(s) {v['best_rows_per_s']:,} rows/s at batch "
+                       f"{v['best_batch']}" for t, v in result["ort_limit"].items())
+    return "\n".join([f"in-process onnxruntime: {limits}", HEADER,
+                      *(row(c) for c in result["cells"])])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_workers",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--registry", type=Path, default=Path("demo/registry"))
+    p.add_argument("--bundle")
+    p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
+    p.add_argument("--workers", type=ints, default=(1, 2))
+    p.add_argument("--candidates", type=ints, default=(10, 100, 500))
+    p.add_argument("--concurrency", type=ints, default=(16, 64))
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=Path("bench-out/workers.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(HEADER, file=sys.stderr, flush=True)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
