@@ -331,7 +331,7 @@ def test_labelled_counters_start_at_zero(scorer) -> None:
     increase() count that increment."""
     text, _ = scorer
     shed = _samples(text, "ctrserve_shed_total")
-    assert shed == {(("reason", r),): 0.0 for r in ("overload", "deadline")}
+    assert shed == {(("reason", r),): 0.0 for r in ("admission", "overload", "deadline")}
     events = {dict(k)["type"] + " " + dict(k)["status"]: v
               for k, v in _samples(text, "ctrserve_events_total").items()}
     assert events == {f"{t} {s}": 0.0 for t in ("impression", "download")
