@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import socket
+import threading
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -71,9 +73,31 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
 
 
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT, /readyz turns 503 at once while requests are still served
+    for `shutdown_delay_s`, so that a proxy's health check takes the replica out of rotation
+    before it stops accepting; only then does uvicorn's graceful shutdown begin. Without the
+    delay, connections already queued in the listen backlog are reset and the proxy answers
+    502 for requests it had already sent (tests/test_proxy.py)."""
+
+    def __init__(self, config: uvicorn.Config, delay_s: float):
+        super().__init__(config)
+        self.delay_s, self.draining = delay_s, False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.delay_s > 0 and self.started and not self.draining:
+            self.draining = True
+            self.config.app.state.ready = False
+            timer = threading.Timer(self.delay_s, super().handle_exit, args=(sig, frame))
+            timer.daemon = True
+            timer.start()
+            return
+        super().handle_exit(sig, frame)
+
+
 def serve(settings: Settings, sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then finish in-flight requests and drain the queues."""
-    server = uvicorn.Server(uvicorn_config(settings))
+    server = DrainingServer(uvicorn_config(settings), settings.shutdown_delay_s)
     server.run(sockets=[sock] if sock else None)
     if server.started is False:
         raise SystemExit(3)  # start-up failed; uvicorn has logged why

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # ---- admin and shutdown -------------------------------------------------------------
     admin_api_key: str | None = Field(None, description="X-API-Key for /admin; unset: off")
     drain_timeout_s: float = Field(10.0, ge=0)
+    shutdown_delay_s: float = Field(2.0, ge=0, description="after SIGTERM, /readyz answers 503 "
+                                                          "while requests are still served this "
+                                                          "long (a proxy's health check takes "
+                                                          "the replica out first)")
     deploy_poll_s: float = Field(2.0, gt=0, description="how often the deployment state in "
                                                         "Redis is checked for a change")
 
