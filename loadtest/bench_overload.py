@@ -32,11 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
-from loadtest.bench_serving import BODIES_PER_SIZE, Server, make_bodies, newest_bundle, records
+from loadtest.bench_serving import (
+    BODIES_PER_SIZE,
+    Server,
+    exchange,
+    make_bodies,
+    newest_bundle,
+    records,
+    score_payloads,
+)
 
 FULL = {"candidates": (10, 100, 500), "loads": (1.5, 2.0, 3.0), "duration": 10.0}
 QUICK = {"candidates": (10,), "loads": (2.0,), "duration": 1.0}
@@ -49,22 +56,8 @@ MODES = {"admission": [], "no-admission": ["--no-admission"]}
 def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
                connections: int) -> dict[str, Any]:
     """Closed loop over `connections` (rate None) or open loop at `rate` requests/s."""
-    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
-    payloads = [(f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                 f"\r\nContent-Length: {len(b.encode())}\r\n\r\n{b}").encode() for b in bodies]
+    host, port, payloads = score_payloads(url, bodies)
     results: list[tuple[int, float]] = []  # (status, latency s); status 0: transport error
-
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       payload: bytes) -> int:
-        writer.write(payload)
-        status = int((await reader.readline()).split()[1])
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await reader.readexactly(length)
-        return status
 
     async def connection(queue: asyncio.Queue, until: float) -> None:
         reader = writer = None

@@ -290,6 +290,29 @@ def client_result(latencies: list[float], seconds: float, errors: dict[str, int]
             "max_ms": float(lat.max())}
 
 
+def score_payloads(url: str, bodies: list[str]) -> tuple[str, int, list[bytes]]:
+    """(host, port, raw HTTP/1.1 POST /v1/score requests) for a client on plain streams."""
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
+    payloads = [(f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(b.encode())}\r\n\r\n{b}").encode() for b in bodies]
+    return host, port, payloads
+
+
+async def exchange(reader: Any, writer: Any, payload: bytes) -> int:
+    """Send one request on a keep-alive connection and read its reply; its status."""
+    writer.write(payload)
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
 def open_loop_client(url: str, bodies: list[str], rate: float, duration: float,
                      connections: int) -> dict[str, Any]:
     """Open loop (wrk2's way): request i is due at i / rate whatever the replies, and its
@@ -299,25 +322,10 @@ def open_loop_client(url: str, bodies: list[str], rate: float, duration: float,
     requests/s at 0.7 cores (first quick-suite run, busy machine): it would have measured the
     client."""
     import asyncio
-    from urllib.parse import urlsplit
 
-    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
-    payloads = [(f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                 f"\r\nContent-Length: {len(b.encode())}\r\n\r\n{b}").encode() for b in bodies]
+    host, port, payloads = score_payloads(url, bodies)
     latencies: list[float] = []
     errors = {"status": 0, "transport": 0}
-
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       payload: bytes) -> int:
-        writer.write(payload)
-        status = int((await reader.readline()).split()[1])
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await reader.readexactly(length)
-        return status
 
     async def connection(queue: asyncio.Queue) -> None:
         reader, writer = await asyncio.open_connection(host, port)
