@@ -43,6 +43,7 @@ from loadtest.bench_serving import (
     newest_bundle,
     records,
     score_payloads,
+    write_result,
 )
 
 FULL = {"candidates": (10, 100, 500), "loads": (1.5, 2.0, 3.0), "duration": 10.0}
@@ -267,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     say(HEADER)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(result, args.out)
     print(table(result))
     print(f"wrote {args.out}")
     return 0

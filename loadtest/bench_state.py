@@ -67,7 +67,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,6 +79,7 @@ from typing import Any
 import httpx
 import redis
 
+from loadtest.bench_serving import free_port
 from loadtest.redis_servers import LocalRedis, redis_binaries
 from service.event_log import drain, streams
 
@@ -104,12 +104,6 @@ QUICK = {"requests": 600, "rate": 100.0, "warmup": 100, "undrained": 200}
 
 
 # ---- processes ----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_for(ready: Any, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
     """Poll `ready()` until true; RuntimeError when `proc` exits or the deadline passes."""

@@ -13,7 +13,6 @@ size with one thread and with all cores' threads), p50/p99, and server and clien
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ from loadtest.bench_serving import (
     newest_bundle,
     ort_limit,
     records,
+    write_result,
 )
 
 
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(HEADER, file=sys.stderr, flush=True)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(result, args.out)
     print(table(result))
     print(f"wrote {args.out}")
     return 0
