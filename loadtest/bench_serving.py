@@ -381,9 +381,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limit_before = ort_limit(args.registry / bundle, users, apps, plan["ort_seconds"])
     say(f"in-process onnxruntime: {limit_before['best_rows_per_s']:,} rows/s at batch "
         f"{limit_before['best_batch']}")
-    servers = {"batched": Server("batched", args.registry, bundle, features, workdir, []),
+    # admission off: this benchmark measures the scoring path against its ceiling; shedding
+    # past saturation is loadtest/bench_overload.py's subject
+    servers = {"batched": Server("batched", args.registry, bundle, features, workdir,
+                                 ["--no-admission"]),
                "unbatched": Server("unbatched", args.registry, bundle, features, workdir,
-                                   ["--no-batching"])}
+                                   ["--no-batching", "--no-admission"])}
     cells = []
     try:
         for server in servers.values():
