@@ -51,6 +51,8 @@ QUICK = {"candidates": (10,), "loads": (2.0,), "duration": 1.0}
 CLOSED_CONNECTIONS, OPEN_CONNECTIONS, TIMEOUT_S = (16, 64, 256), 512, 10.0
 TARGET_GOODPUT, DEADLINE_MS = 0.9, 1000.0
 MODES = {"admission": [], "no-admission": ["--no-admission"]}
+# --admission-target-ms MS adds a third scorer, "admission-MSms", with that target instead of
+# the default (a fifth of the deadline): two targets compared interleaved, in one run
 
 
 # ---- the client (its own process) ------------------------------------------------------------
@@ -157,8 +159,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     features = args.features or args.registry.parent / "data"
     users, apps = records(features)
     workdir = Path(tempfile.mkdtemp(prefix="bench-overload-"))
-    servers = {mode: Server(mode, args.registry, bundle, features, workdir, extra)
-               for mode, extra in MODES.items()}
+    modes = {mode: (extra, {}) for mode, extra in MODES.items()}
+    if args.admission_target_ms:
+        modes[f"admission-{args.admission_target_ms:g}ms"] = (
+            [], {"CTRSERVE_ADMISSION_TARGET_MS": str(args.admission_target_ms)})
+    servers = {mode: Server(mode, args.registry, bundle, features, workdir, extra, env)
+               for mode, (extra, env) in modes.items()}
     cells: list[dict[str, Any]] = []
     try:
         for server in servers.values():
@@ -216,12 +222,12 @@ def row(c: dict[str, Any], saturation: float) -> str:
     lost = c["statuses"].get("0", 0)
     other = c["sent"] - c["ok"] - shed - late - lost
     late += c["ok"] - c["on_time"]  # 200s past the deadline count as late
-    return (f"{c['mode']:>13} {c['candidates']:>4} {load:>6} {c['goodput_per_s']:>9,.0f} "
+    return (f"{c['mode']:>17} {c['candidates']:>4} {load:>6} {c['goodput_per_s']:>9,.0f} "
             f"{ratio:>6.2f} {fmt(c['p50_ms']):>8} {fmt(c['p99_ms']):>8} {fmt(c['max_ms']):>8} "
             f"{shed:>7} {late:>6} {lost:>7} {other:>6} {c['client_cpu_cores']:>6.2f}")
 
 
-HEADER = (f"{'mode':>13} {'cand':>4} {'load':>6} {'goodput/s':>9} {'ratio':>6} {'p50 ms':>8} "
+HEADER = (f"{'mode':>17} {'cand':>4} {'load':>6} {'goodput/s':>9} {'ratio':>6} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'max ms':>8} {'503':>7} {'late':>6} {'timeout':>7} {'other':>6} "
           f"{'client':>6}")
 
@@ -243,6 +249,33 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Per candidates and load: each scorer's goodput over its saturation, and its p99."""
+    open_cells = [c for c in result["cells"] if c["load"] != "closed"]
+    modes = list(dict.fromkeys(c["mode"] for c in open_cells))
+    by = {(c["candidates"], c["load"], c["mode"]): c for c in open_cells}
+    head = ["candidates", "load", *(f"goodput / saturation, {m}" for m in modes),
+            *(f"p99 of 200s, {m}" for m in modes)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, load in dict.fromkeys((c["candidates"], c["load"]) for c in open_cells):
+        got = [by.get((n, load, m)) for m in modes]
+        lines.append("| " + " | ".join([str(n), f"{load:g}x",
+                                        *(f"{c['goodput_ratio']:.2f}" if c else "-" for c in got),
+                                        *(ms(c["p99_ms"]) if c else "-" for c in got)]) + " |")
+    t = result["targets"]
+    lines += ["", f"Targets (admission, open loop): goodput >= {TARGET_GOODPUT:.0%} of saturation "
+              f"({'met' if t['goodput_ratio']['met'] else 'not met'}, worst "
+              f"{fmt(t['goodput_ratio']['worst'])}); p99 of 200s <= {DEADLINE_MS:.0f} ms "
+              f"({'met' if t['p99_ms']['met'] else 'not met'}, worst {ms(t['p99_ms']['worst'])})."]
+    return "\n".join(lines)
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -257,6 +290,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loads", type=lambda t: tuple(float(x) for x in t.split(",")))
     p.add_argument("--duration", type=float)
     p.add_argument("--quick", action="store_true", help="one short cell: a smoke run")
+    p.add_argument("--admission-target-ms", type=float,
+                   help="also run a scorer with this admission target (compared interleaved)")
     p.add_argument("--out", type=Path, default=Path("bench-out/overload.json"))
     return p.parse_args(argv)
 

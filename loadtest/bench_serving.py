@@ -130,13 +130,14 @@ class Server:
     """`ctrserve serve` as a subprocess on a free loopback port."""
 
     def __init__(self, name: str, registry: Path, bundle: str, features: Path, workdir: Path,
-                 extra: list[str]):
+                 extra: list[str], env_extra: dict[str, str] | None = None):
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"server-{name}.log"
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         env["CTRSERVE_REDIS_DB"] = str(workdir / f"redis-{name}" / "store.rdb")
+        env.update(env_extra or {})
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
                "--bundle", bundle, "--port", str(self.port), "--features", str(features),
                "--log-level", "warning", *extra]
@@ -165,9 +166,12 @@ class Server:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
-                depth = [line for line in reply.read().decode().splitlines()
-                         if line.startswith("ctrserve_queue_depth_rows{")]
+            try:
+                with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
+                    depth = [line for line in reply.read().decode().splitlines()
+                             if line.startswith("ctrserve_queue_depth_rows{")]
+            except OSError:  # a scorer still busy with abandoned requests: ask again
+                continue
             if all(float(line.rsplit(" ", 1)[1]) == 0 for line in depth):
                 time.sleep(0.05)  # the batch already taken finishes
                 return

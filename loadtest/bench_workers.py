@@ -89,6 +89,28 @@ def table(result: dict[str, Any]) -> str:
                       *(row(c) for c in result["cells"])])
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Requests/s per worker count side by side, and the ratios to the in-process limit."""
+    limits = ", ".join(f"{t} thread(s) {v['best_rows_per_s']:,} rows/s"
+                       for t, v in result["ort_limit"].items())
+    workers = sorted({c["workers"] for c in result["cells"]})
+    cells = {(c["candidates"], c["concurrency"], c["workers"]): c for c in result["cells"]}
+    head = ["candidates", "connections", *(f"{w} worker(s) req/s" for w in workers),
+            *(f"{w}: of the limit / of 1 thread" for w in workers)]
+    lines = [f"In-process onnxruntime limit: {limits} ({result['cores']} cores, "
+             f"client {result['client']}).", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for n, conc in dict.fromkeys((c["candidates"], c["concurrency"]) for c in result["cells"]):
+        got = [cells.get((n, conc, w)) for w in workers]
+        lines.append("| " + " | ".join([str(n), str(conc),
+                                        *(f"{c['requests_per_s']:,.0f}" if c else "-"
+                                          for c in got),
+                                        *(f"{c['ratio_to_limit']:.2f} / "
+                                          f"{c['ratio_to_one_thread']:.2f}" if c else "-"
+                                          for c in got)]) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_workers",
@@ -100,8 +122,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=ints, default=(10, 100, 500))
     p.add_argument("--concurrency", type=ints, default=(16, 64))
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--quick", action="store_true",
+                   help="one short cell per worker count: a smoke run")
     p.add_argument("--out", type=Path, default=Path("bench-out/workers.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.candidates, args.concurrency, args.duration = (10,), (16,), 1.0
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

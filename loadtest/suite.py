@@ -3,10 +3,13 @@
     python -m loadtest.suite --registry demo/registry [--features demo/data] [--quick]
         [--parts serving,training] [--out bench-out/suite] [--readme README.md] [--render-only]
 
-Runs loadtest/bench_serving.py (OUT/serving.json) and loadtest/bench_training.py
-(OUT/training/results.json; it needs $CTR_DATA_DIR, and the peers' environment from
-loadtest/peers/setup.sh for FuxiCTR and DeepCTR-Torch), then writes OUT/suite.json (both
-results and the targets of issue 7) and OUT/suite.md (their tables). `--readme FILE` puts
+Runs loadtest/bench_serving.py (OUT/serving.json), loadtest/bench_overload.py
+(OUT/overload.json: open loop past saturation, admission on and off), loadtest/bench_workers.py
+(OUT/workers.json: 1 against 2 worker processes, with the ratios to the all-core and the
+one-thread in-process limits) and loadtest/bench_training.py (OUT/training/results.json; it
+needs $CTR_DATA_DIR, and the peers' environment from loadtest/peers/setup.sh for FuxiCTR and
+DeepCTR-Torch), then writes OUT/suite.json (the results and their targets) and OUT/suite.md
+(their tables). `--readme FILE` puts
 suite.md, with the command that made it, between the `<!-- suite:begin -->` and
 `<!-- suite:end -->` lines of FILE: the README's performance figures come from here.
 `--render-only` rebuilds suite.md (and the README block) from the JSON files of an earlier run.
@@ -24,10 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest import bench_serving, bench_training
+from loadtest import bench_overload, bench_serving, bench_training, bench_workers
 
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
-PARTS = ("serving", "training")
+PARTS = ("serving", "overload", "workers", "training")
+TITLES = {"serving": "Serving: the scorer against the in-process limit",
+          "overload": "Overload: open loop at 1.5x, 2x and 3x of saturation",
+          "workers": "Workers: one scorer process against two on one port",
+          "training": "Training: ctrserve against FuxiCTR and DeepCTR-Torch"}
 
 
 def run_serving(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,6 +43,24 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     argv += ["--quick"] if args.quick else []
     bench_args = bench_serving.parse_args(argv)
     result = bench_serving.run(bench_args)
+    bench_serving.write_result(result, bench_args.out)
+    return result
+
+
+def run_overload(args: argparse.Namespace) -> dict[str, Any]:
+    return _run_bench(bench_overload, args, "overload.json")
+
+
+def run_workers(args: argparse.Namespace) -> dict[str, Any]:
+    return _run_bench(bench_workers, args, "workers.json")
+
+
+def _run_bench(bench: Any, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    argv = ["--registry", str(args.registry), "--out", str(args.out / name)]
+    argv += ["--features", str(args.features)] if args.features else []
+    argv += ["--quick"] if args.quick else []
+    bench_args = bench.parse_args(argv)
+    result = bench.run(bench_args)
     bench_serving.write_result(result, bench_args.out)
     return result
 
@@ -53,7 +78,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any] | str:
 def load_parts(out: Path) -> dict[str, Any]:
     """The results an earlier run left in OUT (--render-only)."""
     parts: dict[str, Any] = {}
-    for name, path in (("serving", out / "serving.json"),
+    for name, path in (("serving", out / "serving.json"), ("overload", out / "overload.json"),
+                       ("workers", out / "workers.json"),
                        ("training", out / "training" / "results.json")):
         parts[name] = (json.loads(path.read_text()) if path.is_file()
                        else f"no result at {path}")
@@ -61,19 +87,14 @@ def load_parts(out: Path) -> dict[str, Any]:
 
 
 def targets(parts: dict[str, Any]) -> dict[str, Any]:
-    """Every target of issue 7 in one place: serving's three, training's two per dataset."""
-    out: dict[str, Any] = {}
-    if isinstance(parts.get("serving"), dict):
-        out["serving"] = parts["serving"]["targets"]
-    if isinstance(parts.get("training"), dict):
-        out["training"] = parts["training"]["targets"]
-    return out
+    """Every target in one place: serving's, overload's and training's (per dataset)."""
+    return {name: part["targets"] for name, part in parts.items()
+            if isinstance(part, dict) and "targets" in part}
 
 
 def markdown(parts: dict[str, Any], command: str) -> str:
     lines = [f"Produced by `{command}`.", ""]
-    for name, title in (("serving", "Serving: the scorer against the in-process limit"),
-                        ("training", "Training: ctrserve against FuxiCTR and DeepCTR-Torch")):
+    for name, title in TITLES.items():
         part = parts.get(name)
         lines.append(f"#### {title}")
         lines.append("")
@@ -84,9 +105,13 @@ def markdown(parts: dict[str, Any], command: str) -> str:
         else:
             if made := part.get("created_at"):
                 lines += [f"Measured {made[:10]}.", ""]
-            lines.append(bench_serving.markdown(part) if name == "serving" else part["table"])
+            lines.append(part["table"] if name == "training" else MARKDOWN[name](part))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+MARKDOWN = {"serving": bench_serving.markdown, "overload": bench_overload.markdown,
+            "workers": bench_workers.markdown}
 
 
 def write_readme(readme: Path, block: str) -> None:
@@ -107,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder holding movielens-100k/ and frappe/ (default $CTR_DATA_DIR)")
     p.add_argument("--peers-python", type=Path, default=bench_training.DEFAULT_PEERS_PYTHON,
                    help="python of the peers' environment (loadtest/peers/setup.sh)")
-    p.add_argument("--parts", type=_parts, default=PARTS, help="serving,training")
+    p.add_argument("--parts", type=_parts, default=PARTS, help=",".join(PARTS))
     p.add_argument("--quick", action="store_true", help="smoke run: the figures mean nothing")
     p.add_argument("--out", type=Path, default=Path("bench-out/suite"))
     p.add_argument("--readme", type=Path, help="rewrite this file's suite block")
@@ -116,8 +141,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick and args.readme:
         p.error("--readme takes measured figures; --quick runs are smoke tests only")
-    if "serving" in args.parts and not args.registry and not args.render_only:
-        p.error("--registry is required for the serving part (make demo writes demo/registry)")
+    scoring = {"serving", "overload", "workers"} & set(args.parts)
+    if scoring and not args.registry and not args.render_only:
+        p.error(f"--registry is required for {', '.join(sorted(scoring))} "
+                "(make demo writes demo/registry)")
     return args
 
 
@@ -141,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             command, seconds = measured["command"], measured.get("seconds")
     else:
         parts = {}
-        if "serving" in args.parts:
-            parts["serving"] = run_serving(args)
-        if "training" in args.parts:
-            parts["training"] = run_training(args)
+        runners = {"serving": run_serving, "overload": run_overload, "workers": run_workers,
+                   "training": run_training}
+        parts = {name: runners[name](args) for name in PARTS if name in args.parts}
     block = markdown(parts, command)
     seconds = seconds if seconds is not None else round(time.time() - started)
     suite = {"command": command, "quick": args.quick, "seconds": seconds,

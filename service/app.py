@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.router.routes.insert(0, score.fast_route)  # serves /v1/score; see routers/score.py
     if settings.admission:  # inside the metrics middleware, which counts its 503s
-        limit = AdaptiveLimit(settings.admission_target_ms / 1000, settings.admission_min,
+        limit = AdaptiveLimit(settings.admission_target_s, settings.admission_min,
                               settings.admission_initial, settings.admission_max,
                               capacity_rows=settings.queue_capacity_rows)
         app.state.admission = limit

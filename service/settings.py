@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
     admission: bool = Field(True, description="shed score requests before reading them past "
                                               "an adaptive in-flight limit (service/admission.py)")
-    admission_target_ms: float = Field(100.0, gt=0, description="latency the admission limit "
-                                                                "steers admitted requests to")
+    admission_target_ms: float | None = Field(
+        None, gt=0, description="mean latency the admission limit steers admitted requests to "
+                                "(default: a fifth of request_deadline_ms)")
     admission_min: int = Field(16, ge=1, description="in-flight score requests always admitted")
     admission_initial: int = Field(64, ge=1, description="the limit at start, before any "
                                                          "latency was measured")
@@ -161,6 +162,13 @@ class Settings(BaseSettings):
             raise ValueError(f"dedup_window_s ({self.dedup_window_s}) must be <= "
                              f"attribution_window_s ({self.attribution_window_s})")
         return self
+
+    @property
+    def admission_target_s(self) -> float:
+        # p99 of admitted requests ran at about 3x their mean (bench_overload), so a fifth of
+        # the deadline keeps the tail inside it while the queue stays deep enough to batch
+        target_ms = self.admission_target_ms or self.request_deadline_ms / 5
+        return target_ms / 1000
 
     def embedded_redis_db(self) -> Path:
         return self.redis_db or self.registry / ".redis" / "ctrserve.rdb"

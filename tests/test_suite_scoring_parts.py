@@ -1,0 +1,43 @@
+"""loadtest.suite's overload and workers parts in --quick mode: they run, land in suite.json
+with their targets, and their markdown tables carry one row per measured cell."""
+
+from __future__ import annotations
+
+import json
+
+from loadtest import suite
+from tests.serving import copy_registry
+
+
+def test_overload_and_workers_parts_write_their_tables(bundles, synth_dir, tmp_path):
+    registry = copy_registry(bundles, tmp_path / "registry", models=("deepfm",))
+    out = tmp_path / "suite"
+    assert suite.main(["--registry", str(registry), "--features", str(synth_dir), "--quick",
+                       "--out", str(out), "--parts", "overload,workers"]) == 0
+    summary = json.loads((out / "suite.json").read_text())
+    assert set(summary["targets"]) == {"overload"}
+    assert set(summary["targets"]["overload"]) == {"goodput_ratio", "p99_ms"}
+
+    workers = json.loads((out / "workers.json").read_text())
+    assert {c["workers"] for c in workers["cells"]} == {1, 2}
+    best = workers["best_rows_per_s"]
+    for cell in workers["cells"]:
+        assert cell["requests"] > 0 and cell["errors"] == 0, cell
+        assert cell["ratio_to_limit"] == round(cell["candidates_per_s"] / best, 3)
+
+    md = (out / "suite.md").read_text()
+    overload_rows = section_rows(md, suite.TITLES["overload"])
+    assert len(overload_rows) == 1 + 1  # header, one (candidates, load) cell
+    assert overload_rows[1].startswith("| 10 | 2x |")
+    workers_rows = section_rows(md, suite.TITLES["workers"])
+    assert len(workers_rows) == 1 + 1 and workers_rows[1].startswith("| 10 | 16 |")
+    assert "Not run: not among --parts." in section(md, suite.TITLES["serving"])
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"#### {title}", 1)[1].split("#### ", 1)[0]
+
+
+def section_rows(md: str, title: str) -> list[str]:
+    return [line for line in section(md, title).splitlines()
+            if line.startswith("| ") and "---" not in line]
