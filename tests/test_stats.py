@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from service.experiments import sequential
 from service.experiments.stats import (
     ArmStats,
     binomial_ctr_interval,
     ctr_interval,
     ctr_uplift,
+    ctr_uplift_sequential,
     cvr_interval,
     cvr_uplift,
+    cvr_uplift_sequential,
     format_report,
     report,
     sample_ratio_check,
@@ -219,10 +222,90 @@ def test_uplift_interval_covers_the_true_ratio(simulated, uplift) -> None:
     null = [uplift(t, c) for t, c in zip(simulated["null"], simulated["control"], strict=True)]
     false_positives = float(np.mean([u.p_value < 0.05 for u in null]))
     power = float(np.mean([u.p_value < 0.05 for u in ups]))
+    # power the normal approximation predicts from the estimated standard errors:
+    # P(|log(t/c)|/se > z) with log(t/c) ~ N(log 1.1, se²)
+    shift = math.log1p(truth) / np.mean([u.se_log for u in ups])
+    predicted = sps.norm.cdf(shift - 1.959964) + sps.norm.cdf(-shift - 1.959964)
     print(f"{uplift.__name__}: coverage {cov:.3f}, A/A false positives {false_positives:.3f}, "
-          f"power at +10% {power:.3f}")
+          f"power at +10% {power:.3f} (predicted {predicted:.3f})")
     assert 0.92 <= cov <= 0.98
     assert 0.02 <= false_positives <= 0.08
+    assert power == pytest.approx(predicted, abs=0.05)  # 1,000 runs: Monte Carlo se ~0.015
+    assert power > false_positives + 0.15
+
+
+# --- always-valid (sequential) intervals -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("fixed", "seq"), [(ctr_uplift, ctr_uplift_sequential),
+                                            (cvr_uplift, cvr_uplift_sequential)])
+def test_sequential_interval_is_wider_than_fixed_and_contains_the_estimate(fixed, seq) -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        control = ArmStats.from_user_arrays(*users(rng, 2000, CONTROL_BETA))
+        treatment = ArmStats.from_user_arrays(*users(rng, 2000, TREATMENT_BETA))
+        f, s = fixed(treatment, control), seq(treatment, control)
+        assert s.lo < f.lo < f.value < f.hi < s.hi
+        assert s.p_value >= f.p_value
+        assert (s.p_value < 0.05) == (s.lo > 0 or s.hi < 0)
+        assert s.units == 4000 and s.planned_units == sequential.PLANNED_UNITS
+
+
+def test_sequential_interval_shrinks_with_n() -> None:
+    x, y = users(np.random.default_rng(9), 32_000, CONTROL_BETA)
+    xt, yt = users(np.random.default_rng(10), 32_000, TREATMENT_BETA)
+    widths = []
+    for n in (500, 1000, 2000, 4000, 8000, 16_000, 32_000):  # growing prefixes of one experiment
+        s = ctr_uplift_sequential(ArmStats.from_user_arrays(xt[:n], yt[:n]),
+                                  ArmStats.from_user_arrays(x[:n], y[:n]))
+        widths.append(s.hi - s.lo)
+    assert all(a > b for a, b in zip(widths, widths[1:], strict=False)), widths
+    # with se ∝ 1/√n the half-width w(n)·se shrinks at every n, even far past the planned n*
+    n = np.logspace(1, 8, 200)
+    assert np.all(np.diff(sequential.width_factor(n) / np.sqrt(n)) < 0)
+    assert np.all(sequential.width_factor(n) > 1.96)
+
+
+def test_sequential_width_is_the_papers_normal_mixture_boundary() -> None:
+    """Howard et al. (2021): |S_n| <= sqrt((v + ρ)·log((v + ρ)/(ρ·α²))) with v = n·σ²; the
+    interval of the mean is that bound over n. GrowthBook's tuning ρ = σ²·n*/η."""
+    alpha, n_star = 0.05, 8000.0
+    eta = -2 * math.log(alpha) + math.log(1 - 2 * math.log(alpha))
+    for n, sigma in ((100, 1.0), (8000, 0.3), (250_000, 2.5)):
+        v, rho = n * sigma**2, sigma**2 * n_star / eta
+        bound = math.sqrt((v + rho) * math.log((v + rho) / (rho * alpha**2))) / n
+        lo, hi = sequential.interval(0.1, sigma / math.sqrt(n), n, n_star, alpha)
+        assert (float(hi) - 0.1, 0.1 - float(lo)) == pytest.approx((bound, bound), rel=1e-12)
+    # about 1.55 times the fixed-horizon interval where it is tuned to be tightest
+    ratio = float(sequential.width_factor(n_star, n_star)) / 1.959964
+    assert ratio == pytest.approx(1.55, abs=0.01)
+    assert math.isnan(float(sequential.width_factor(0)))
+    assert math.isnan(float(sequential.interval(0.1, float("nan"), 100)[0]))
+    with pytest.raises(ValueError):
+        sequential.mixture_precision(0)
+
+
+def test_report_decides_on_the_sequential_interval() -> None:
+    rng = np.random.default_rng(11)
+    lr = ArmStats.from_user_arrays(*users(rng, 20_000, CONTROL_BETA))
+    better = ArmStats.from_user_arrays(*users(rng, 20_000, (0.65, 9.35)))  # +30%
+    same = ArmStats.from_user_arrays(*users(rng, 20_000, CONTROL_BETA))
+    rep = report({"lr": lr, "better": better, "same": same}, "lr",
+                 {"lr": 1, "better": 1, "same": 1})
+    json.dumps(rep, allow_nan=False)
+    seq = rep["arms"]["better"]["uplift"]["ctr"]["sequential"]
+    assert seq["lo"] > 0 and seq["decision"] == "treatment better"
+    assert rep["arms"]["better"]["decision"]["ctr"] == "treatment better"
+    assert "always-valid" in rep["arms"]["better"]["decision"]["basis"]
+    assert rep["arms"]["same"]["decision"] == {"ctr": "keep running", "cvr": "keep running",
+                                                "basis": rep["sequential"]["basis"]}
+    assert rep["arms"]["lr"]["decision"] is None
+    swapped = report({"better": better, "lr": lr}, "better", {"lr": 1, "better": 1})
+    assert swapped["arms"]["lr"]["decision"]["ctr"] == "treatment worse"
+    text = format_report(rep)
+    print(text)
+    assert "always-valid" in text and "better vs lr: CTR treatment better" in text
+    assert "same vs lr: CTR keep running, CVR keep running" in text
 
 
 # --- sample-ratio mismatch ---------------------------------------------------------------------
@@ -273,6 +356,8 @@ def test_report_is_strict_json_and_the_table_warns_loudly() -> None:
     json.dumps(rep, allow_nan=False)
     assert list(rep["arms"]) == ["lr", "deepfm", "empty"] and rep["arms"]["lr"]["uplift"] is None
     assert rep["arms"]["empty"]["ctr"]["value"] is None
+    assert rep["arms"]["empty"]["uplift"]["ctr"]["sequential"]["lo"] is None
+    assert rep["arms"]["empty"]["decision"]["ctr"] == "keep running"
     up = rep["arms"]["deepfm"]["uplift"]["ctr"]
     assert up["value"] == pytest.approx(ctr_uplift(arms["deepfm"], arms["lr"]).value)
     assert rep["srm"]["flagged"]
