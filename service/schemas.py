@@ -203,6 +203,13 @@ class ArmInfo(BaseModel):
                                                         "--canary), null without one")
 
 
+class NamespaceInfo(BaseModel):
+    name: str
+    salt: str = Field(description="namespace bucket = FNV-1a 64 of 'salt:user_id' mod buckets")
+    range: list[float] = Field(description="[start, end): the share of the namespace taken")
+    buckets: list[int] = Field(description="[start, end) of the namespace buckets taken")
+
+
 class ExperimentInfo(BaseModel):
     name: str
     salt: str
@@ -210,12 +217,36 @@ class ExperimentInfo(BaseModel):
     holdout_buckets: list[int] | None = Field(description="[start, end), null without holdout")
     arms: list[ArmInfo]
     forced: dict[str, str]
+    namespace: NamespaceInfo | None = Field(None, description="null: the experiment takes "
+                                                              "every user")
 
 
 class ExperimentsResponse(BaseModel):
     buckets: int = Field(description="bucket = FNV-1a 64 of 'salt:user_id' mod this")
     default: str = Field(description="the experiment of requests that name none")
     experiments: list[ExperimentInfo]
+
+
+IN_EXPERIMENT = ("false when the user's namespace bucket is outside the experiment's range: "
+                 "served by control, flagged holdout, not counted")
+
+
+class ExperimentAssignment(BaseModel):
+    """A user's place in one experiment."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    experiment: str
+    in_experiment: bool = Field(description=IN_EXPERIMENT)
+    arm: str = Field(description="the arm serving the user (control in the holdout and "
+                                 "outside the namespace range)")
+    bucket: int
+    holdout: bool
+    forced: bool
+    canary: bool
+    model_version: str
+    namespace: str | None = Field(None, description="null: the experiment takes every user")
+    namespace_bucket: int | None = None
 
 
 class AssignmentResponse(BaseModel):
@@ -229,3 +260,8 @@ class AssignmentResponse(BaseModel):
     forced: bool
     canary: bool = Field(False, description="served by the arm's canary bundle")
     model_version: str
+    in_experiment: bool = Field(True, description=IN_EXPERIMENT)
+    namespace: str | None = None
+    namespace_bucket: int | None = None
+    experiments: list[ExperimentAssignment] = Field(
+        default_factory=list, description="the user in every experiment, in config order")

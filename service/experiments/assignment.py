@@ -26,6 +26,21 @@ canary bundle when, with the same hash over another text,
     fmix64(FNV-1a-64(f"{salt}:canary:{A}:{user_id}")) mod 10000 < round(SHARE * 10000)
 
 a choice per user independent of the arm assignment; raising SHARE only adds users.
+
+Namespaces (mutually exclusive experiments, as GrowthBook's): an experiment may take the range
+[start, end) of a namespace, fractions of its buckets. The namespace bucket hashes the same way
+with the namespace's own salt, `namespace:{name}`:
+
+    fmix64(FNV-1a-64(f"namespace:{name}:{user_id}")) mod 10000
+
+and the experiment owns the namespace buckets [floor(start * 10000 + 1/2), floor(end * 10000
++ 1/2)) (start and end exact as written). A user whose namespace bucket lies outside is not in
+the experiment: served by control, flagged holdout (so not counted) and `in_experiment` false.
+Inside, arms split the user with the experiment's salt exactly as above. Disjoint ranges of one
+namespace never share a user; namespaces of different names hash independently of each other
+and of every experiment's salt (config.py refuses an experiment salt equal to a namespace's),
+so their experiments are orthogonal. Forced users win over the
+namespace too. An experiment without a namespace takes every user, as before.
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -91,6 +106,11 @@ def buckets(salt: str, user_ids: Sequence[str] | np.ndarray) -> np.ndarray:
     return (fmix64_array(fnv1a64(keys)) % np.uint64(BUCKETS)).astype(np.int64)
 
 
+def namespace_salt(name: str) -> str:
+    """The salt of a namespace's buckets."""
+    return f"namespace:{name}"
+
+
 def _exact(value: float) -> Fraction:
     return Fraction(repr(value))  # 0.1 stays 1/10, so 0.1 + 0.2 is exactly 3/10
 
@@ -115,14 +135,46 @@ def bucket_ends(weights: Sequence[float], holdout: float = 0.0) -> list[int]:
     return ends
 
 
+def range_buckets(start: float, end: float) -> tuple[int, int]:
+    """[start, end) of a namespace range's buckets, from its fractions."""
+    return _half_up(_exact(start) * BUCKETS), _half_up(_exact(end) * BUCKETS)
+
+
+@dataclass(frozen=True)
+class NamespaceRange:
+    """The namespace buckets [start, end) an experiment takes."""
+
+    name: str
+    start: int
+    end: int
+
+    @property
+    def salt(self) -> str:
+        return namespace_salt(self.name)
+
+    def bucket(self, user_id: str) -> int:
+        return bucket(self.salt, user_id)
+
+    def holds(self, namespace_bucket: int) -> bool:
+        return self.start <= namespace_bucket < self.end
+
+    def outside(self, user_ids: Sequence[str]) -> np.ndarray:
+        """True for the users whose namespace bucket lies outside the range."""
+        b = buckets(self.salt, user_ids)
+        return (b < self.start) | (b >= self.end)
+
+
 @dataclass(frozen=True)
 class Assignment:
     experiment: str
     arm: str
     bucket: int
-    holdout: bool = False
+    holdout: bool = False  # served by control, not counted (holdout or outside the namespace)
     forced: bool = False
     canary: bool = False  # served by the arm's canary bundle
+    namespace: str | None = None
+    namespace_bucket: int | None = None
+    in_experiment: bool = True  # false outside the experiment's namespace range
 
 
 @dataclass
@@ -135,6 +187,7 @@ class Splitter:
     ends: list[int]
     control: str
     forced: dict[str, str] = field(default_factory=dict)
+    namespace: NamespaceRange | None = None
 
     @property
     def holdout_from(self) -> int:
@@ -151,6 +204,17 @@ class Splitter:
         return self.arms[i] if i < len(self.arms) else None
 
     def assign(self, user_id: str) -> Assignment:
+        a = self._assign_arm(user_id)
+        space = self.namespace
+        if space is None:
+            return a
+        nb = space.bucket(user_id)
+        a = replace(a, namespace=space.name, namespace_bucket=nb)
+        if a.forced or space.holds(nb):
+            return a
+        return replace(a, arm=self.control, holdout=True, in_experiment=False)
+
+    def _assign_arm(self, user_id: str) -> Assignment:
         b = bucket(self.salt, user_id)
         forced = self.forced.get(user_id)
         if forced is not None:
@@ -161,10 +225,13 @@ class Splitter:
         return Assignment(self.experiment, arm, b)
 
     def arms_of(self, user_ids: Sequence[str]) -> np.ndarray:
-        """Arm names of many users (forced ones included); "" marks the holdout."""
+        """Arm names of many users (forced ones included); "" marks the holdout and the users
+        outside the namespace range."""
         index = np.searchsorted(np.asarray(self.ends), buckets(self.salt, user_ids),
                                 side="right")
         names = np.array([*self.arms, ""], dtype=object)[index]
+        if self.namespace is not None:
+            names[self.namespace.outside(user_ids)] = ""
         for i, user in enumerate(user_ids):
             if user in self.forced:
                 names[i] = self.forced[user]

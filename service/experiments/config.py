@@ -8,10 +8,19 @@
           - {name: control, weight: 0.9, bundle: lr-1a2b3c, control: true}
           - {name: deepfm, weight: 0.1, bundle: deepfm-4d5e6f}
         forced: {qa-user-1: deepfm}   # optional QA allowlist: user id -> arm
+        namespace: {name: ranking, range: [0, 0.5]}   # optional: see below
 
 Weights are fractions of the users outside the holdout and add up to 1 (within 1e-6). Bundles
 are names in the registry, checked when the file is loaded. The first experiment is the default
 of requests that name none. Errors name the field, e.g. `experiments.0.arms`.
+
+A namespace makes experiments mutually exclusive: `range: [start, end]` is the half-open share
+[start, end) of the namespace's users the experiment takes, 0 <= start < end <= 1 (it must hold
+at least one of the 10,000 buckets). Ranges of one namespace must not overlap; the error names
+both experiments and the overlap. Users outside the range are not in the experiment: a score
+request naming it serves them the control arm's model, flagged holdout (not counted). An
+experiment's salt must differ from every namespace's salt (`namespace:{name}`), or its arms
+would not be independent of that namespace. Hashing: assignment.py.
 """
 
 from __future__ import annotations
@@ -33,12 +42,16 @@ from pydantic import (
 )
 
 from service.experiments.assignment import (
+    BUCKETS,
     Assignment,
+    NamespaceRange,
     Splitter,
     bucket_ends,
     canary_bucket,
     canary_cutoff,
     canary_share_ok,
+    namespace_salt,
+    range_buckets,
 )
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -78,6 +91,33 @@ class ArmConfig(BaseModel):
         return value
 
 
+class NamespaceConfig(BaseModel):
+    model_config = STRICT
+
+    name: Name
+    range: tuple[float, float] = Field(
+        description="[start, end): the half-open share of the namespace's users taken, "
+                    "0 <= start < end <= 1")
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        start, end = value
+        if not 0 <= start < 1:
+            raise ValueError(f"range start {start:g} must be in [0, 1)")
+        if not 0 < end <= 1:
+            raise ValueError(f"range end {end:g} must be in (0, 1]")
+        if start >= end:
+            raise ValueError(f"range start {start:g} must be below its end {end:g}")
+        first, stop = range_buckets(start, end)
+        if first >= stop:
+            raise ValueError(f"range {_span(start, end)} holds none of the {BUCKETS} buckets")
+        return value
+
+    def buckets(self) -> NamespaceRange:
+        return NamespaceRange(self.name, *range_buckets(*self.range))
+
+
 class ExperimentConfig(BaseModel):
     model_config = STRICT
 
@@ -86,6 +126,8 @@ class ExperimentConfig(BaseModel):
     arms: list[ArmConfig] = Field(min_length=1)
     holdout: float = Field(0.0, ge=0, lt=1, description="share of users held out")
     forced: dict[str, str] = Field(default_factory=dict, description="user id -> arm, for QA")
+    namespace: NamespaceConfig | None = Field(
+        None, description="the namespace range taken; none: every user")
 
     @field_validator("salt")
     @classmethod
@@ -125,7 +167,8 @@ class ExperimentConfig(BaseModel):
     def splitter(self) -> Splitter:
         return Splitter(self.name, self.salt, [a.name for a in self.arms],
                         bucket_ends([a.weight for a in self.arms], self.holdout),
-                        self.control_arm().name, dict(self.forced))
+                        self.control_arm().name, dict(self.forced),
+                        self.namespace.buckets() if self.namespace else None)
 
 
 class ExperimentsFile(BaseModel):
@@ -139,6 +182,14 @@ class ExperimentsFile(BaseModel):
         duplicates = _duplicates([e.name for e in experiments])
         if duplicates:
             raise ValueError(f"duplicate experiment names {duplicates}")
+        return experiments
+
+    @field_validator("experiments")
+    @classmethod
+    def _namespaces(cls, experiments: list[ExperimentConfig]) -> list[ExperimentConfig]:
+        problems = [*_namespace_overlaps(experiments), *_namespace_salts(experiments)]
+        if problems:
+            raise ValueError("; ".join(problems))
         return experiments
 
 
@@ -186,7 +237,13 @@ class ExperimentSet:
 
     def assign(self, experiment: str | None, user_id: str) -> tuple[Assignment, str]:
         """The user's assignment and the key of the model that serves it."""
-        split = self.splitter(experiment)
+        return self._serve(self.splitter(experiment), user_id)
+
+    def assign_all(self, user_id: str) -> list[tuple[Assignment, str]]:
+        """The user's assignment in every experiment (config order), each with its model key."""
+        return [self._serve(split, user_id) for split in self.splitters.values()]
+
+    def _serve(self, split: Splitter, user_id: str) -> tuple[Assignment, str]:
         a = split.assign(user_id)
         canary = self.canaries.get((a.experiment, a.arm)) if self.canaries else None
         if (canary is not None and not a.holdout
@@ -258,6 +315,35 @@ def arm_canaries(config: ExperimentsFile, state: dict[str, dict[str, dict[str, A
             if bundle != a.bundle:
                 canaries[e.name, a.name] = Canary(bundle, float(share))
     return canaries
+
+
+def _namespace_overlaps(experiments: list[ExperimentConfig]) -> list[str]:
+    """Each pair of experiments whose ranges of one namespace overlap, named."""
+    spaced = [(i, e, e.namespace) for i, e in enumerate(experiments) if e.namespace]
+    problems = []
+    for k, (i, a, na) in enumerate(spaced):
+        for j, b, nb in spaced[k + 1:]:
+            start, end = max(na.range[0], nb.range[0]), min(na.range[1], nb.range[1])
+            if na.name == nb.name and start < end:
+                problems.append(
+                    f"experiments {a.name!r} (experiments.{i}, range {_span(*na.range)}) and "
+                    f"{b.name!r} (experiments.{j}, range {_span(*nb.range)}) overlap in "
+                    f"namespace {na.name!r} on {_span(start, end)}: ranges of one namespace "
+                    "must not overlap")
+    return problems
+
+
+def _span(start: float, end: float) -> str:
+    return f"[{start:g}, {end:g})"
+
+
+def _namespace_salts(experiments: list[ExperimentConfig]) -> list[str]:
+    """Experiments hashing with a namespace's salt: their arms would follow its buckets."""
+    salts = {namespace_salt(e.namespace.name): e.namespace.name
+             for e in experiments if e.namespace}
+    return [f"experiment {e.name!r} (experiments.{i}) has the salt {e.salt!r} of namespace "
+            f"{salts[e.salt]!r}; choose another salt" for i, e in enumerate(experiments)
+            if e.salt in salts]
 
 
 def _duplicates(names: list[str]) -> list[str]:

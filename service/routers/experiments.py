@@ -7,8 +7,9 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service.errors import InvalidBody, NotFound
-from service.experiments.assignment import BUCKETS
+from service.experiments.assignment import BUCKETS, Assignment
 from service.experiments.config import (
+    ExperimentConfig,
     ExperimentConfigError,
     ExperimentSet,
     UnknownExperiment,
@@ -23,8 +24,10 @@ from service.schemas import (
     AssignmentResponse,
     CanaryInfo,
     ErrorResponse,
+    ExperimentAssignment,
     ExperimentInfo,
     ExperimentsResponse,
+    NamespaceInfo,
 )
 
 router = APIRouter(tags=["experiments"])
@@ -44,16 +47,25 @@ async def list_experiments(request: Request) -> Response:
             responses={404: {"model": ErrorResponse}})
 async def assignment(request: Request, user_id: str = Query(min_length=1, max_length=256),
                      experiment: str | None = Query(None)) -> Response:
-    """The bucket and arm of one user (forced assignments, the holdout and canaries included)."""
+    """The bucket and arm of one user in the named (or default) experiment (forced
+    assignments, the holdout, namespaces and canaries included), and `experiments`: the user
+    in every experiment."""
     state = request.app.state
+    experiments = state.routing.experiments
     try:
-        a, key = state.routing.experiments.assign(experiment, user_id)
+        named = _placed(state.models, *experiments.assign(experiment, user_id))
     except UnknownExperiment as exc:
         raise NotFound(["query", "experiment"], str(exc)) from None
-    body = AssignmentResponse(experiment=a.experiment, user_id=user_id, bucket=a.bucket,
-                              arm=a.arm, holdout=a.holdout, forced=a.forced, canary=a.canary,
-                              model_version=state.models.get(key).version)
-    return _json(body)
+    every = [_placed(state.models, a, key) for a, key in experiments.assign_all(user_id)]
+    return _json(AssignmentResponse(user_id=user_id, **named.model_dump(), experiments=every))
+
+
+def _placed(models: ModelRegistry, a: Assignment, key: str) -> ExperimentAssignment:
+    return ExperimentAssignment(
+        experiment=a.experiment, in_experiment=a.in_experiment, arm=a.arm, bucket=a.bucket,
+        holdout=a.holdout, forced=a.forced, canary=a.canary,
+        model_version=models.get(key).version, namespace=a.namespace,
+        namespace_bucket=a.namespace_bucket)
 
 
 @router.put("/admin/experiments", response_model=ExperimentsResponse,
@@ -89,8 +101,17 @@ def describe(experiments: ExperimentSet, models: ModelRegistry) -> ExperimentsRe
                         canary=_canary(experiments, models, e.name, a.name)) for a in e.arms]
         holdout = [split.holdout_from, BUCKETS] if split.holdout_from < BUCKETS else None
         infos.append(ExperimentInfo(name=e.name, salt=e.salt, holdout=e.holdout,
-                                    holdout_buckets=holdout, arms=arms, forced=e.forced))
+                                    holdout_buckets=holdout, arms=arms, forced=e.forced,
+                                    namespace=_namespace(e)))
     return ExperimentsResponse(buckets=BUCKETS, default=experiments.default, experiments=infos)
+
+
+def _namespace(e: ExperimentConfig) -> NamespaceInfo | None:
+    if e.namespace is None:
+        return None
+    space = e.namespace.buckets()
+    return NamespaceInfo(name=space.name, salt=space.salt, range=list(e.namespace.range),
+                         buckets=[space.start, space.end])
 
 
 def _canary(experiments: ExperimentSet, models: ModelRegistry, experiment: str, arm: str
