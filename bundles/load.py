@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from bundles.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from bundles.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, content_version, sha256_file
 from ctrserve.errors import UserError
 from features import FeatureEncoder
 
@@ -43,7 +43,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def verify_files(path: str | Path) -> Manifest:
-    """Check the manifest, the model hash and the parity record without starting a session."""
+    """Check the manifest, the model hash, the version it derives and the parity record,
+    without starting a session."""
     path = Path(path)
     manifest = read_manifest(path)
     model = path / MODEL_FILE
@@ -53,6 +54,12 @@ def verify_files(path: str | Path) -> Manifest:
     if actual != manifest.sha256:
         raise BundleError(f"{model}: sha256 {actual[:12]}… does not match the manifest's "
                           f"{manifest.sha256[:12]}…; the bundle was modified or corrupted")
+    # the version is derived from the content: a model altered together with its recorded
+    # hash must not be served under the genuine version
+    derived = content_version(actual, manifest.encoder)
+    if derived != manifest.version:
+        raise BundleError(f"{path / MANIFEST_FILE}: version {manifest.version} is not the one "
+                          f"its model and encoder derive ({derived}); the bundle was modified")
     parity = manifest.parity
     if not parity.max_abs_diff <= parity.tolerance:
         raise BundleError(f"{path / MANIFEST_FILE}: parity {parity.max_abs_diff:.2e} exceeds "

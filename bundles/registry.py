@@ -29,3 +29,24 @@ def install(staged: Path, registry: Path, manifest: Manifest) -> Path:
 
 def list_bundles(registry: Path) -> list[Path]:
     return sorted(p for p in registry.iterdir() if (p / "manifest.json").exists())
+
+
+def registry_entry(registry: Path, name: str) -> Path | None:
+    """The bundle directory `name` of the registry, or None when `name` is not a plain name
+    there or leads outside it (a symlink to elsewhere: every scorer would refuse it)."""
+    path = registry / name
+    if Path(name).name != name or not path.is_dir():
+        return None
+    return path if path.resolve().is_relative_to(registry.resolve()) else None
+
+
+def known_bundles(registry: Path, shown: int = 12) -> str:
+    """The registry's bundle names for an error message: "a, b, c (and 4 more)"."""
+    try:
+        names = [p.name for p in list_bundles(registry)]
+    except OSError:
+        return f"none: {registry} cannot be read"
+    if not names:
+        return f"none: {registry} holds no bundle"
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[-shown:]) + more

@@ -326,9 +326,20 @@ def drain_events(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.chunk < 1:
         raise UserError("--chunk must be at least 1")
-    if args.follow:
-        return _with_redis(args, lambda client: _follow(client, args))
-    return _with_redis(args, lambda client: drain(client, args.out, args.chunk, args.limit))
+
+    def work(client: Any) -> dict[str, Any]:
+        try:
+            if args.follow:
+                return _follow(client, args)
+            return drain(client, args.out, args.chunk, args.limit)
+        except OSError as exc:
+            # a read-only or full disk: one line instead of a traceback; nothing is lost, as a
+            # stream is trimmed only up to what a synced file holds
+            raise UserError(f"cannot write the logs under {args.out}: "
+                            f"{exc.strerror or exc} ({exc.filename or 'no file'}); entries "
+                            "not yet written stay in Redis for the next run") from None
+
+    return _with_redis(args, work)
 
 
 def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -356,6 +367,90 @@ def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     follow(client, args.out, args.interval, args.chunk, lambda: bool(stopping), report)
     return totals
+
+
+# ---- analysis of the Parquet logs (DuckDB) -------------------------------------------------
+def _open_logs(args: argparse.Namespace, experiment: str | None) -> tuple[Any, str]:
+    """DuckDB over the drained logs of --logs, and the experiment (the only one by default)."""
+    try:
+        from service.experiments.warehouse import experiments, open_logs
+    except ModuleNotFoundError as exc:
+        if exc.name != "duckdb":
+            raise
+        raise UserError("DuckDB is not installed: pip install 'ctrserve[analysis]'") from None
+    if not args.logs.is_dir():
+        raise UserError(f"--logs: {args.logs} is not a directory (ctrserve drain-events writes "
+                        "one)")
+    if args.top < 1 or (args.catalogue_size is not None and args.catalogue_size < 1):
+        raise UserError("--top and --catalogue-size must be at least 1")
+    con = open_logs(args.logs)
+    known = experiments(con)
+    if experiment is None and len(known) == 1:
+        experiment = known[0]
+    if experiment not in known:
+        which = f"experiment {experiment!r}" if experiment else "a single experiment"
+        raise UserError(f"--logs: {args.logs} holds no rows of {which}; it holds "
+                        f"{', '.join(known) or 'none'}")
+    return con, experiment
+
+
+def _list_metrics(con: Any, args: argparse.Namespace, experiment: str) -> dict[str, Any]:
+    from service.experiments.list_metrics import list_metrics
+
+    try:
+        return list_metrics(con, experiment, args.top, args.catalogue_size)
+    except ValueError as exc:
+        raise UserError(f"--catalogue-size: {exc}") from None
+
+
+def _analysis_config(args: argparse.Namespace) -> dict[str, Any]:
+    """{"control", "weights"} of --experiment: from --experiments FILE, else from Redis."""
+    from service.counts import experiment_configs, load_config
+    from service.experiments.config import ExperimentConfigError, load_experiments
+
+    if args.experiments_file:
+        try:
+            config = experiment_configs(load_experiments(args.experiments_file, None)).get(
+                args.experiment)
+        except ExperimentConfigError as exc:
+            raise UserError(f"{args.experiments_file}: {exc}") from None
+    else:
+        config = _with_redis(args, lambda client: load_config(client, args.experiment))
+    if config is None:
+        raise UserError(f"no experiment {args.experiment!r} is known (give --experiments FILE, "
+                        "or serve it once)")
+    return config
+
+
+def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
+    """The A/B report of `ctrserve report` from the Parquet logs, with the list metrics."""
+    from service.counts import format_full_report
+    from service.experiments.list_metrics import format_list_metrics
+    from service.experiments.warehouse import build_report, dead_letters
+
+    con, experiment = _open_logs(args, args.experiment)
+    config = _analysis_config(args)
+    rep = build_report(con, experiment, config["control"], config["weights"])
+    rep["list_metrics"] = _list_metrics(con, args, experiment)
+    dead = dead_letters(args.logs, experiment, list(config["weights"]))
+    rep["source"] = {"logs": str(args.logs), "engine": "duckdb", "dead_letters": dead}
+    if args.json:
+        return rep
+    parts = [f"From the Parquet logs in {args.logs} (DuckDB; the counts equal the online "
+             "counters' on the same traffic)", format_full_report(rep),
+             format_list_metrics(rep["list_metrics"])]
+    if dead["events"]:
+        parts.append(f"!!! {dead['events']} accepted event(s) of {experiment} are dead letters "
+                     f"in {args.logs / 'dead-letter'}: counted online, missing here !!!")
+    return "\n\n".join(parts)
+
+
+def list_metrics(args: argparse.Namespace) -> dict[str, Any] | str:
+    from service.experiments.list_metrics import format_list_metrics
+
+    con, experiment = _open_logs(args, args.experiment)
+    metrics = _list_metrics(con, args, experiment)
+    return metrics if args.json else format_list_metrics(metrics)
 
 
 # ---- deployments ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from bundles import BundleError
 from bundles.load import verify_files
+from bundles.registry import known_bundles, registry_entry
 from ctrserve.errors import UserError
 from service.experiments.assignment import canary_share_ok
 
@@ -127,9 +128,11 @@ def _text(value: bytes | str | None) -> str | None:
 
 def check_bundle(registry: Path, bundle: str) -> None:
     """The bundle is a name in the registry whose files pass verification."""
-    path = registry / bundle
-    if Path(bundle).name != bundle or not path.is_dir():
-        raise DeploymentError(f"{bundle}: no such bundle in the registry {registry}")
+    path = registry_entry(registry, bundle)
+    if path is None:
+        raise DeploymentError(f"{bundle}: no such bundle in the registry {registry} (a name "
+                              f"there, not leading outside it); bundles: "
+                              f"{known_bundles(registry)}")
     try:
         verify_files(path)
     except BundleError as exc:

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bundles import Bundle, BundleError, load_bundle
+from bundles.registry import known_bundles
 from service.batcher import Batcher, Runner
 from service.encoding import RequestEncoder
 from service.errors import NotReady
@@ -63,7 +64,8 @@ def resolve_bundle(registry: Path, name: str, inside_registry: bool) -> Path:
     """A bundle name in the registry, or a path (inside the registry when `inside_registry`)."""
     path = registry / name if (registry / name).is_dir() else Path(name)
     if not path.is_dir():
-        raise BundleError(f"{name}: no such bundle in {registry} and no such directory")
+        raise BundleError(f"{name}: no such bundle in {registry} and no such directory; "
+                          f"bundles: {known_bundles(registry)}")
     if inside_registry and not path.resolve().is_relative_to(registry.resolve()):
         raise BundleError(f"{name}: not inside the registry {registry}")
     return path

@@ -87,6 +87,26 @@ class Routing:
                 await self._replace(new)
             return new is not None
 
+    async def swap(self, experiment: str, arm: str, bundle: str) -> tuple[str, str]:
+        """Serve `bundle` for `arm` of `experiment` (POST /admin/swap): the experiment set
+        changes with the model, so what is listed is what is served; canaries stay. Returns
+        the (old, new) model versions. Raises UnknownArm, BundleError or
+        ExperimentConfigError, and then nothing changes."""
+        async with self._lock:
+            current = self.experiments
+            arms = [a.name for e in current.config.experiments if e.name == experiment
+                    for a in e.arms]
+            if arm not in arms:
+                raise UnknownArm(f"unknown arm {arm!r}; the arms of experiment "
+                                 f"{experiment!r} are {arms}")
+            old = self.models.get(current.key(experiment, arm)).version
+            state, canaries = {experiment: {arm: bundle}}, canary_state(current)
+            if self.settings.experiments_file is None:
+                await self._follow_single(state, canaries)
+            elif (new := overlay(current, state, canaries, self.settings.registry)) is not None:
+                await self._replace(new)
+            return old, self.models.get(self.experiments.key(experiment, arm)).version
+
     async def _follow_single(self, state: DeployState, canaries: CanaryState) -> bool:
         s, current = self.settings, self.experiments
         if current is None:
@@ -166,6 +186,15 @@ def arm_weights(experiments: ExperimentSet) -> dict[tuple[str, str, str], float]
     """{(experiment, arm, control "true"/"false"): weight} of every configured arm."""
     return {(e.name, a.name, str(a.control).lower()): a.weight
             for e in experiments.config.experiments for a in e.arms}
+
+
+class UnknownArm(LookupError):
+    pass
+
+
+def canary_state(experiments: ExperimentSet) -> CanaryState:
+    return {e: {a: {"bundle": c.bundle, "share": c.share}}
+            for (e, a), c in experiments.canaries.items()}
 
 
 def overlay(experiments: ExperimentSet, state: DeployState, canaries: CanaryState,

@@ -102,3 +102,17 @@ def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_url, t
     totals = json.loads(stdout)
     assert (totals["events"], totals["served"]) == (3, 3) and totals["passes"] >= 1
     assert "drained" in stderr
+
+
+def test_a_drain_that_cannot_write_exits_2_in_one_line_and_keeps_the_entries(client, redis_url,
+                                                                              tmp_path):
+    client.xadd(log_key("dl", "a", "events"), event("kept"))
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "log"  # mkdir fails as on a read-only mount (tests run as root)
+    proc = subprocess.run([sys.executable, "-m", "ctrserve", "drain-events", "--out", str(out)],
+                          env={**os.environ, "REDIS_URL": redis_url}, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "cannot write the logs" in proc.stderr and "stay in Redis" in proc.stderr
+    assert client.xlen(log_key("dl", "a", "events")) == 1

@@ -41,6 +41,7 @@ from pydantic import (
     field_validator,
 )
 
+from bundles.registry import known_bundles, registry_entry
 from service.experiments.assignment import (
     BUCKETS,
     Assignment,
@@ -84,10 +85,10 @@ class ArmConfig(BaseModel):
     @classmethod
     def _in_registry(cls, value: str, info: ValidationInfo) -> str:
         registry = (info.context or {}).get("registry")
-        if registry is not None and (Path(value).name != value
-                                     or not (Path(registry) / value).is_dir()):
+        if registry is not None and registry_entry(Path(registry), value) is None:
             raise ValueError(f"unknown bundle {value!r}: not a bundle name in the registry "
-                             f"{registry}")
+                             f"{registry} (or it leads outside it); bundles: "
+                             f"{known_bundles(Path(registry))}")
         return value
 
 
@@ -223,6 +224,10 @@ class ExperimentSet:
         self._arm_keys = {(e.name, a.name): self.keys[a.bundle]
                           for e in config.experiments for a in e.arms}
 
+    def key(self, experiment: str, arm: str) -> str:
+        """The key of the model that serves `arm` of `experiment` (its canary aside)."""
+        return self._arm_keys[experiment, arm]
+
     def bundles(self) -> list[str]:
         """Distinct bundle names of all arms, in config order, then those of the canaries."""
         arms = [a.bundle for e in self.config.experiments for a in e.arms]
@@ -270,6 +275,9 @@ def parse_text(text: str | bytes, fmt: str = "yaml") -> Any:
         return json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ExperimentConfigError([{"loc": [], "msg": f"not valid {fmt.upper()}: {exc}",
+                                      "type": "syntax"}]) from None
+    except RecursionError:  # a config is a few levels deep; thousands are an attack or a bug
+        raise ExperimentConfigError([{"loc": [], "msg": f"{fmt.upper()} nested too deeply",
                                       "type": "syntax"}]) from None
 
 

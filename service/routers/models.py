@@ -12,7 +12,10 @@ from starlette.responses import Response
 from bundles import BundleError
 from service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
 from service.errors import validation_items as _items
+from service.experiments.config import ExperimentConfigError, ExperimentSet
 from service.models import resolve_bundle
+from service.routers.score import read_body
+from service.routing import UnknownArm
 from service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
 
 router = APIRouter(tags=["models"])
@@ -35,28 +38,39 @@ async def models(request: Request) -> Response:
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/SwapRequest"}}}}})
 async def swap(request: Request, x_api_key: str | None = Header(None)) -> Response:
-    """Verify, load and warm a bundle of the registry, then swap it in atomically."""
+    """Verify, load and warm a bundle of the registry, then serve it for an arm of the default
+    experiment (`arm`: an arm name; default the only arm), atomically; /v1/experiments lists
+    what is served. A body over max_body_bytes is a 413 before it is read in full."""
     settings = request.app.state.settings
     authorize(settings.admin_api_key, x_api_key)
+    body = await read_body(request, settings.max_body_bytes)
     try:
-        req = SwapRequest.model_validate_json(await request.body())
+        req = SwapRequest.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidBody(_items(exc)) from None
-    arm = req.arm or settings.arm
-    registry = request.app.state.models
-    if arm not in registry.models:
-        raise NotFound(["body", "arm"], f"unknown arm {arm!r}; arms: {sorted(registry.models)}")
+    routing = request.app.state.routing
+    experiment = routing.experiments.default
+    arm = req.arm or only_arm(routing.experiments, experiment)
     started = time.perf_counter()
     try:
         path = resolve_bundle(settings.registry, req.bundle, inside_registry=True)
-        old, new = await registry.load(arm, path)
-    except BundleError as exc:
+        old, new = await routing.swap(experiment, arm, req.bundle)
+    except UnknownArm as exc:
+        raise NotFound(["body", "arm"], str(exc)) from None
+    except (BundleError, ExperimentConfigError) as exc:
         raise InvalidInput(["body", "bundle"], f"refused, the old model keeps serving: "
                                                f"{exc}") from None
-    reply = SwapResponse(arm=arm, from_version=old.version if old else "",
-                         to_version=new.version, bundle=str(path),
+    reply = SwapResponse(arm=arm, from_version=old, to_version=new, bundle=str(path),
                          seconds=round(time.perf_counter() - started, 3))
     return Response(reply.model_dump_json(), media_type="application/json")
+
+
+def only_arm(experiments: ExperimentSet, experiment: str) -> str:
+    arms = [a.name for a in experiments.by_name[experiment].arms]
+    if len(arms) != 1:
+        raise InvalidInput(["body", "arm"], f"experiment {experiment!r} has several arms: "
+                                            f"name one of {arms}")
+    return arms[0]
 
 
 def authorize(expected: str | None, given: str | None) -> None:
