@@ -79,6 +79,9 @@ class Metrics:
                                 "non-holdout users of each served arm; control: its control "
                                 "arm", ["experiment", "arm", "control"], registry=r,
                                 multiprocess_mode="livemax")
+        self.missing_fields = Counter("ctrserve_missing_fields", "score requests in which a "
+                                      "model field had no value (encoded as unknown)",
+                                      ["field"], registry=r)
         # the logs (event_log.py): bounded streams, drained by `ctrserve drain-events --follow`
         self.serve_log_dropped = Counter("ctrserve_serve_log_dropped", "served requests not "
                                          "logged: their arm's serve stream was full", registry=r)

@@ -127,6 +127,9 @@ class ScoreResponse(BaseModel):
     ts: float = Field(description="epoch seconds the request is dated by (the scorer's clock, "
                       "or the request's own ts under clock=client): its A/B day, and the start "
                       "of its attribution window")
+    missing_fields: list[str] = Field(
+        default_factory=list, description="the model's per-request fields that neither the "
+        "request nor the user's record gave, encoded as unknown (strict_fields: a 422 instead)")
     attribution: str | None = Field(
         None, description="signed token proving request, user, arm, model and the items "
         "returned; events about this request carry it back as `attribution` (null with "

@@ -59,7 +59,7 @@ class Scorer:
                  signer: Signer | None = None, admission: AdaptiveLimit | None = None):
         self.settings, self.models, self.store, self.routing = settings, models, store, routing
         self.serve_log, self.signer, self.admission = serve_log, signer, admission
-        self._candidates = metrics.candidates
+        self._candidates, self._missing = metrics.candidates, metrics.missing_fields
         self._deadline_s = settings.request_deadline_ms / 1000
         self._client_clock = settings.clock == "client"
 
@@ -101,6 +101,7 @@ class Scorer:
         """Probabilities, and the shared field values they were computed from."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
+        self._check_missing(plan, values)
         shared = enc.shared(values)
         ids = [c["item_id"] for c in req.candidates]
         feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
@@ -115,6 +116,19 @@ class Scorer:
             return await future, values
         finally:
             timer.cancel()
+
+    def _check_missing(self, plan: FieldPlan, values: dict[str, Any]) -> None:
+        """Shared fields without a value: a 422 under strict_fields, else counted (and listed
+        in the reply by _reply)."""
+        missing = [f for f in plan.shared if values.get(f) is None]
+        if not missing:
+            return
+        if self.settings.strict_fields:
+            raise InvalidInput(["body", "context"], f"model fields {missing} have no value: "
+                               "give them in context or user_features, or load the user's "
+                               "record (strict_fields is on)")
+        for name in missing:
+            self._missing.labels(name).inc()
 
     def _expire(self, future: asyncio.Future) -> None:
         if not future.done():
@@ -178,6 +192,7 @@ class Scorer:
             "positions": positions,
             "ts": ts,
             "attribution": attribution,
+            "missing_fields": [f for f in model.plan.shared if values.get(f) is None],
         })
 
 

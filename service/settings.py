@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     position_field: str | None = Field("slot", description="filled with the 1-based "
                                                            "candidate position when absent")
     fill_clock: bool = Field(True, description="fill absent hour/weekday from the UTC clock")
+    strict_fields: bool = Field(False, description="a model field that neither the request "
+                                "nor the feature store gives is a 422 naming it (off: it is "
+                                "encoded as unknown, listed in the reply's missing_fields and "
+                                "counted in ctrserve_missing_fields_total)")
     item_cache_ttl_s: float = Field(60.0, gt=0, description="bounded staleness of item records")
     item_cache_max_items: int = Field(200_000, ge=1)
     shared_cache_max_rows: int = Field(65_536, ge=1, description="encoded user+context rows")
