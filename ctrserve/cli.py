@@ -269,6 +269,34 @@ def _drain_parser(sub) -> None:
     p.set_defaults(func=commands.drain_events)
 
 
+def _log_analysis_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logs", type=Path, required=True, metavar="DIR",
+                   help="the drain-events directory (DIR/day=YYYY-MM-DD/*.parquet)")
+    p.add_argument("--top", type=int, default=10, metavar="L",
+                   help="list metrics over the first L items of each user's last list")
+    p.add_argument("--catalogue-size", type=int, metavar="N",
+                   help="items in the catalogue, for coverage@L (default: the distinct items "
+                        "served in the logs' period)")
+    p.add_argument("--json", action="store_true", help="JSON instead of tables")
+
+
+def _analysis_parsers(sub) -> None:
+    p = sub.add_parser("analyze", help="the A/B report and list metrics from the Parquet logs, "
+                                       "with DuckDB (the counts equal `ctrserve report`'s)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--experiments", type=Path, dest="experiments_file", metavar="FILE",
+                   help="arms and weights from this config (default: the scorer's last one, "
+                        "read from Redis)")
+    _redis_flags(p)
+    _log_analysis_flags(p)
+    p.set_defaults(func=commands.analyze)
+    p = sub.add_parser("list-metrics", help="personalization@L, coverage@L and popularity@L "
+                                            "per arm and day, from the Parquet logs (DuckDB)")
+    p.add_argument("--experiment", help="default: the only experiment in the logs")
+    _log_analysis_flags(p)
+    p.set_defaults(func=commands.list_metrics)
+
+
 def _deploy_parsers(sub) -> None:
     p = sub.add_parser("deploy", help="make an arm serve a bundle of the registry (every "
                                       "scorer follows within seconds)")
@@ -352,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_synth_parser, _train_parser, _compare_parser, _scaling_parser, _export_parser,
                 _abundance_parser, _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
-                _simulate_parser, _report_parser, _drain_parser, _deploy_parsers,
+                _simulate_parser, _report_parser, _drain_parser, _analysis_parsers,
+                _deploy_parsers,
                 _retrain_parser):
         add(sub)
     return parser

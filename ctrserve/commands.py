@@ -142,7 +142,8 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
             "parity_max_abs_diff": m.parity.max_abs_diff, "sha256": m.sha256, "ok": True}
 
 
-def demo(args: argparse.Namespace) -> dict[str, Any]:
+def demo(args: argparse.Namespace) -> None:
+    """The demo prints its own tables and next steps; its results are in OUT/demo.json."""
     from ctrserve.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
@@ -151,7 +152,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
                      ab_requests_per_day=args.ab_requests_per_day,
                      retrain=not args.no_retrain, port=args.port, once=args.once,
                      progress=not args.no_progress)
-    return run_demo(cfg)
+    run_demo(cfg)
 
 
 # ---- the scorer ----------------------------------------------------------------------------
@@ -194,6 +195,7 @@ def serve(args: argparse.Namespace) -> None:
         from service.feature_store import synth_files
 
         synth_files(settings.load_features)
+    _check_port(settings.host, settings.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if settings.workers > 1:
         from service.workers import serve_workers
@@ -201,6 +203,23 @@ def serve(args: argparse.Namespace) -> None:
         serve_workers(settings, settings.workers, args.log_level)
     else:
         serve(settings)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port already listened on is a one-line error with the way out, before any loading."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise UserError(f"port {port} on {host} is in use (another scorer, or the demo?); "
+                            "give another with --port N (or CTRSERVE_PORT)") from None
 
 
 def _check_experiments(settings: Any) -> None:
@@ -299,6 +318,30 @@ def _with_redis(args: argparse.Namespace, work: Any) -> Any:
             client.close()
 
 
+def redis_where(args: argparse.Namespace) -> str:
+    """The Redis a command reads, in words: REDIS_URL, or the registry's embedded one."""
+    settings = _settings(registry=getattr(args, "registry", None),
+                         redis_db=getattr(args, "redis_db", None))
+    if settings.redis_url:
+        return f"the Redis at {settings.redis_url}"
+    return (f"the embedded Redis of the registry {settings.registry} "
+            f"({settings.embedded_redis_db()})")
+
+
+def known_experiments_text(client: Any) -> str:
+    from service.keys import config_key
+
+    prefix = config_key("")
+    names = sorted(k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*"))
+    return f"experiments there: {names}" if names else "it holds no experiment (serve one once)"
+
+
+def unknown_experiment(args: argparse.Namespace, client: Any) -> str:
+    return (f"no experiment {args.experiment!r} in {redis_where(args)}; "
+            f"{known_experiments_text(client)} (or give --experiments FILE, or --registry / "
+            "REDIS_URL for another store)")
+
+
 def report(args: argparse.Namespace) -> dict[str, Any] | str:
     from service.counts import build_report, experiment_configs, format_full_report, load_config
     from service.experiments.config import ExperimentConfigError, load_experiments
@@ -313,8 +356,7 @@ def report(args: argparse.Namespace) -> dict[str, Any] | str:
         else:
             config = load_config(client, args.experiment)
         if config is None:
-            raise UserError(f"no experiment {args.experiment!r} is known (give --experiments "
-                            "FILE, or serve it once)")
+            raise UserError(unknown_experiment(args, client))
         return build_report(client, args.experiment, config["control"], config["weights"])
 
     rep = _with_redis(args, work)
@@ -394,11 +436,12 @@ def _open_logs(args: argparse.Namespace, experiment: str | None) -> tuple[Any, s
     return con, experiment
 
 
-def _list_metrics(con: Any, args: argparse.Namespace, experiment: str) -> dict[str, Any]:
+def _list_metrics(con: Any, args: argparse.Namespace, experiment: str,
+                  arms: list[str] | None = None) -> dict[str, Any]:
     from service.experiments.list_metrics import list_metrics
 
     try:
-        return list_metrics(con, experiment, args.top, args.catalogue_size)
+        return list_metrics(con, experiment, args.top, args.catalogue_size, arms or ())
     except ValueError as exc:
         raise UserError(f"--catalogue-size: {exc}") from None
 
@@ -415,10 +458,12 @@ def _analysis_config(args: argparse.Namespace) -> dict[str, Any]:
         except ExperimentConfigError as exc:
             raise UserError(f"{args.experiments_file}: {exc}") from None
     else:
-        config = _with_redis(args, lambda client: load_config(client, args.experiment))
+        config = _with_redis(args, lambda client: load_config(client, args.experiment)
+                             or unknown_experiment(args, client))
+    if isinstance(config, str):
+        raise UserError(config)
     if config is None:
-        raise UserError(f"no experiment {args.experiment!r} is known (give --experiments FILE, "
-                        "or serve it once)")
+        raise UserError(f"no experiment {args.experiment!r} in {args.experiments_file}")
     return config
 
 
@@ -431,7 +476,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
     con, experiment = _open_logs(args, args.experiment)
     config = _analysis_config(args)
     rep = build_report(con, experiment, config["control"], config["weights"])
-    rep["list_metrics"] = _list_metrics(con, args, experiment)
+    rep["list_metrics"] = _list_metrics(con, args, experiment, list(rep["total"]["arms"]))
     dead = dead_letters(args.logs, experiment, list(config["weights"]))
     rep["source"] = {"logs": str(args.logs), "engine": "duckdb", "dead_letters": dead}
     if args.json:
@@ -530,7 +575,8 @@ def retrain(args: argparse.Namespace) -> dict[str, Any]:
     def every(client: Any) -> dict[str, Any]:
         arms = arms_of(client, args.experiment)
         if not arms:
-            raise UserError(f"--experiment {args.experiment}: no arms in the deployment state")
+            raise UserError(f"--experiment {args.experiment}: no arms in the deployment state "
+                            f"of {redis_where(args)}; {known_experiments_text(client)}")
         runs, failed = [], []
         for arm in arms:
             try:
