@@ -107,11 +107,32 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
         _say(cfg, format_full_report(report))
         result = {"experiments": str(experiments), "days": days, "report": report}
         _write_json(cfg.out / "ab_test.json", result)
-        _say(cfg, f"dashboard: {url}/dashboard/ranker   report: {url}/v1/experiments/ranker/"
-                  f"report   scorer log: {scorer.log}")
+        _say(cfg, f"results: {cfg.out / 'demo.json'}, {cfg.out / 'ab_test.json'}; scorer log: "
+                  f"{scorer.log}")
         if not cfg.once:
+            _say(cfg, next_steps(cfg, url))
             scorer.serve_until_interrupted()
+    if cfg.once:
+        _say(cfg, serve_again(cfg, experiments))
     return result
+
+
+def next_steps(cfg: DemoConfig, url: str) -> str:
+    registry = "" if cfg.out == Path("demo") else f" --registry {cfg.out / 'registry'}"
+    return "\n".join([
+        f"open the dashboard: {url}/dashboard/ranker   (API docs: {url}/docs)",
+        "try next, in another terminal (source .venv/bin/activate first):",
+        f"  ctrserve report --experiment ranker{registry}",
+        f"  curl -s {url}/v1/experiments/ranker/report",
+        f"  curl -s {url}/v1/models"])
+
+
+def serve_again(cfg: DemoConfig, experiments: Path) -> str:
+    """--once: the scorer has stopped; the command that serves the demo's arms again."""
+    return ("the scorer has stopped (--once). To serve the demo's arms again:\n"
+            f"  ctrserve serve --registry {cfg.out / 'registry'} --experiments {experiments} "
+            f"--features {cfg.out / 'data'}\n"
+            "then open http://127.0.0.1:8000/dashboard/ranker")
 
 
 def experiments_yaml(bundles: dict[str, str]) -> str:
@@ -131,7 +152,7 @@ class _Scorer:
     proc: subprocess.Popen
 
     def serve_until_interrupted(self) -> None:
-        print(f"serving at {self.url} until Ctrl-C (--once exits here)", flush=True)
+        print(f"serving at {self.url} until Ctrl-C", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             self.proc.wait()
 

@@ -474,7 +474,7 @@ def _progress(cfg: SimConfig) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=cfg.days * cfg.requests_per_day, desc="simulated requests", unit="req",
-                file=sys.stderr)
+                file=sys.stderr, disable=None)  # None: no bar where stderr is not a terminal
 
 
 def default_start_day(world_dir: Path) -> dt.date:

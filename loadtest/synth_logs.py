@@ -71,7 +71,8 @@ def write_synthetic_logs(
     rows_per_day: dict[str, int] = {}
     positives = 0
     files = []
-    for i in tqdm(range(days), desc="synthetic days", unit="day", disable=not progress):
+    for i in tqdm(range(days), desc="synthetic days", unit="day",
+                  disable=None if progress else True):  # None: no bar off a terminal
         day = start_day + dt.timedelta(days=i)
         table = day_table(world, users, apps, day, impressions_per_day, day_rng(seed, i))
         path = imp_dir / day_file_name(day)

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
                                       protected_namespaces=())
 
     # ---- what to serve ------------------------------------------------------------------
-    registry: Path = Field(Path("registry"), description="registry directory of bundles")
+    registry: Path = Field(default_factory=lambda: default_registry(),
+                           description="registry directory of bundles (default: ./registry, "
+                                       "or the demo's ./demo/registry when only that exists)")
     bundle: str = Field("", description="bundle to serve: a name in the registry or a path")
     experiments_file: Path | None = Field(None, description="experiments config (YAML or "
                                                             "JSON); unset: one arm, `bundle`")
@@ -176,6 +178,14 @@ class Settings(BaseSettings):
 
     def embedded_redis_db(self) -> Path:
         return self.redis_db or self.registry / ".redis" / "ctrserve.rdb"
+
+
+def default_registry() -> Path:
+    """./registry; where only the demo's ./demo/registry exists (make demo writes it), that
+    one, so that after the demo every command finds its bundles and Redis without flags."""
+    if not Path("registry").is_dir() and Path("demo", "registry").is_dir():
+        return Path("demo", "registry")
+    return Path("registry")
 
 
 def _provider(name: str) -> str:

@@ -156,8 +156,9 @@ class _Trainer:
         self.model.train()
         total, steps, samples = 0.0, 0, 0
         start = time.perf_counter()
-        bar = tqdm(stream, desc=f"epoch {epoch}", unit="batch", disable=not progress,
-                   leave=False)
+        # disable=None: no bar where stderr is not a terminal (a log file gets no bar lines)
+        bar = tqdm(stream, desc=f"epoch {epoch}", unit="batch",
+                   disable=None if progress else True, leave=False)
         for inputs, labels in bar:
             loss = self.step(inputs, labels)
             total, steps = total + loss, steps + 1
