@@ -137,17 +137,21 @@ def format_decision(arm: str, d: dict[str, Any]) -> str:
     return f"  retrain {arm}: {auc} -> {d['decision']}{why}"
 
 
+RETRAIN_HEAD = "retrain: new vs old AUC"
+
+
 def format_days(records: list[dict[str, Any]], control: str) -> str:
     """A table per day: each arm's online CTR (observed, true) and its retrain decision."""
     arms = list(records[0]["arms"]) if records else []
-    head = f"{'day':<11}" + "".join(f"{a + ' CTR':>14}{'true':>8}{'retrain':>22}" for a in arms)
+    head = f"{'day':<11}" + "".join(f"{a + ' CTR':>14}{'true':>8}{RETRAIN_HEAD:>30}"
+                                    for a in arms)
     lines = [head, "-" * len(head)]
     for r in records:
         cells = []
         for arm in arms:
             a, d = r["arms"].get(arm, {}), r.get("retrains", {}).get(arm)
             cells.append(f"{a.get('ctr') or 0:>14.4f}{a.get('true_ctr') or 0:>8.4f}"
-                         f"{_short(d):>22}")
+                         f"{_short(d):>30}")
         lines.append(f"{r['day']:<11}" + "".join(cells))
     lines.append(_uplift_line(records, arms, control))
     return "\n".join(lines)
@@ -158,7 +162,7 @@ def _short(d: dict[str, Any] | None) -> str:
         return "-"
     if d.get("challenger_auc") is None:
         return d["decision"]
-    return f"{d['decision']} {d['challenger_auc']:.3f}/{d['champion_auc']:.3f}"
+    return f"{d['decision']} {d['challenger_auc']:.3f} vs {d['champion_auc']:.3f}"
 
 
 def _uplift_line(records: list[dict[str, Any]], arms: list[str], control: str) -> str:

@@ -274,7 +274,7 @@ class _Run:
         if self.staged is not None:
             metrics["challenger"] = bundle_metrics(self.challenger, test, label)
         self.record["metrics"] = metrics
-        for who, m in metrics.items():
+        for who, m in sorted(metrics.items()):  # challenger, then champion: as in the tables
             self.say(f"evaluate: {who:<10} AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
                      f"calibration {m['calibration']:.3f}  ({m['rows']} rows)")
         return metrics
