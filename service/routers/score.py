@@ -1,9 +1,9 @@
 """POST /v1/score: the raw body goes straight to pydantic and the reply is bytes.
 
 FastAPI's default path (json.loads, then validation, then jsonable_encoder and json.dumps)
-costs about 1.2 ms per request more at 100 candidates; see DESIGN.md "Performance". Even its
-request layer (dependency solving, endpoint wrapping) cost a fifth of the throughput at 10
-candidates (2,450 against 3,000 requests/s, 16 concurrent), so `fast_route`, a plain
+costs about 1.2 ms per request more at 100 candidates; see docs/architecture.md, "Performance".
+Even its request layer (dependency solving, endpoint wrapping) cost a fifth of the throughput at
+10 candidates (2,450 against 3,000 requests/s, 16 concurrent), so `fast_route`, a plain
 Starlette route placed first, serves the path, and the FastAPI route only documents it.
 """
 
