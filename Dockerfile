@@ -1,4 +1,4 @@
-# ctrserve images (README.md "Running it in containers").
+# ctrserve images (docs/operations.md "Running it in containers").
 #
 #   docker build --target serve   -t ctrserve-serve .    # the scorer: no torch
 #   docker build --target trainer -t ctrserve-trainer .  # torch (CPU) + the train extra
@@ -60,7 +60,7 @@ COPY . .
 RUN pip install --no-deps . && rm -rf build
 USER ctrserve
 WORKDIR /data
-# Every setting is a CTRSERVE_* variable (README "The scorer"; REDIS_URL too). The scorer
+# Every setting is a CTRSERVE_* variable (docs/operations.md "Settings"; REDIS_URL too). The scorer
 # needs a bundle or an experiments file: CTRSERVE_BUNDLE or CTRSERVE_EXPERIMENTS_FILE.
 ENV CTRSERVE_HOST=0.0.0.0 \
     CTRSERVE_PORT=8000 \

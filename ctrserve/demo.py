@@ -1,4 +1,4 @@
-"""The README's main job on the embedded default: synthesize, train, export, then serve LR
+"""The main job (`make demo`) on the embedded default: synthesize, train, export, then serve LR
 (control), DeepFM and APG-DeepFM as A/B arms to simulated users for several days with the daily
 retrain of every arm between the days, and print the per-day table and the per-arm report.
 """
@@ -208,7 +208,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 
 def _train_config(cfg: DemoConfig):
     from training.train import TrainConfig
 
-    # the settings of the README's model comparison on this world (lr and L2 chosen there)
+    # the settings of the model comparison on this world (docs/training.md, "Results")
     return TrainConfig(epochs=cfg.epochs, seed=cfg.seed, learning_rate=3e-3, l2_embedding=1e-3)
 
 

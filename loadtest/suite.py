@@ -1,7 +1,7 @@
 """The benchmark suite: the scorer against its in-process limit, training against the peers.
 
     python -m loadtest.suite --registry demo/registry [--features demo/data] [--quick]
-        [--parts serving,training] [--out bench-out/suite] [--readme README.md] [--render-only]
+        [--parts serving,training] [--out bench-out/suite] [--readme docs/benchmarks.md] [--render-only]
 
 Runs loadtest/bench_serving.py (OUT/serving.json), loadtest/bench_overload.py
 (OUT/overload.json: open loop past saturation, admission on and off), loadtest/bench_workers.py
@@ -11,8 +11,8 @@ needs $CTR_DATA_DIR, and the peers' environment from loadtest/peers/setup.sh for
 DeepCTR-Torch), then writes OUT/suite.json (the results and their targets) and OUT/suite.md
 (their tables). `--readme FILE` puts
 suite.md, with the command that made it, between the `<!-- suite:begin -->` and
-`<!-- suite:end -->` lines of FILE: the README's performance figures come from here.
-`--render-only` rebuilds suite.md (and the README block) from the JSON files of an earlier run.
+`<!-- suite:end -->` lines of FILE: docs/benchmarks.md's performance figures come from here.
+`--render-only` rebuilds suite.md (and that block) from the JSON files of an earlier run.
 `--quick` only checks that the commands work (short cells, one seed, a few thousand rows); its
 figures mean nothing, so it refuses `--readme`.
 """

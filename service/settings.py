@@ -1,6 +1,6 @@
 """Scorer settings: flags or environment variables prefixed CTRSERVE_ (REDIS_URL also works).
 
-Defaults and the measurement behind each are listed in README.md ("The scorer").
+Defaults and the measurement behind each are listed in docs/operations.md ("Settings").
 """
 
 from __future__ import annotations
