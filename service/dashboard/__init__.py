@@ -1,7 +1,9 @@
 """The built-in A/B dashboard: one HTML page per experiment, served by the scorer itself.
 
-Design choice: the charts are inline SVG rendered on the server, in Python, by `svg.py`; the
-page (`page.py`) is plain HTML with inline CSS and no JavaScript. Why:
+Design choice: the charts are inline SVG rendered on the server, in Python, by `svg.py`, on
+the experiment's own days as `timeline.py` lays them out (with the deployments placed on the
+clock the counts use); the page (`page.py`) is plain HTML with inline CSS and no JavaScript.
+Why:
 
 - nothing to build or fetch: no npm step, no CDN, so the page works offline, inside a
   firewalled cluster and from a laptop tunnelled to one replica;

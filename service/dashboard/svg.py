@@ -2,9 +2,14 @@
 
 `line_chart` draws, per series, the band between each point's `lo` and `hi`, the line through
 its values, and a dot with an error bar for every point (so a single day still shows its
-interval); a gap (value None) breaks the line and the band. Vertical markers (deployments) are
-dashed lines labelled at the top. The y axis starts at 0; bounds below it are drawn at 0.
-Every point carries `data-series`, `data-x` and `data-value`, and a `<title>` tooltip.
+interval). A point with value None breaks the line and the band (the page puts one in every
+run of missing days), and so does a `small` point (too few users to trust): it is drawn
+hollow, without band or error bar, and does not set the y scale, so one noisy day cannot squash
+the others into the bottom of the chart; a small point above the scale sits on the top edge as
+a hollow triangle. Shaded spans mark stretches of the x axis without data; vertical markers
+(deployments) are dashed lines labelled at the top. The y axis starts at 0; bounds below it are
+drawn at 0. Every point carries `data-series`, `data-x` and `data-value`, and a `<title>`
+tooltip; every line `data-keys`, the keys of the points it joins; the chart `data-y-max`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from html import escape
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 WIDTH, HEIGHT = 880, 280
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 44, 36
+LABEL_ROOM = 130  # px: a marker closer than this to the right edge is labelled on its left
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Point:
     hi: float | None = None
     key: str = ""  # for data-x: the day, for instance
     tooltip: str = ""
+    small: bool = False  # below the minimum sample: hollow, no band, not in the y scale
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,16 @@ class Series:
 class Marker:
     x: float
     label: str
+    tooltip: str = ""
+
+
+@dataclass(frozen=True)
+class Shade:
+    """A span [x0, x1] of the x axis drawn grey, for instance days without data."""
+
+    x0: float
+    x1: float
+    label: str  # lines separated by "\n"
     tooltip: str = ""
 
 
@@ -72,25 +89,48 @@ def nice_ticks(top: float, count: int = 4) -> list[float]:
 
 def line_chart(title: str, series: list[Series], x_range: tuple[float, float],
                x_ticks: list[tuple[float, str]], y_format: Callable[[float], str],
-               markers: list[Marker] | None = None, chart_id: str = "") -> str:
+               markers: list[Marker] | None = None, chart_id: str = "",
+               shades: list[Shade] | None = None) -> str:
     """The chart as one `<svg>` element."""
-    ticks = nice_ticks(_top(series))
+    ticks = nice_ticks(y_top(series))
     scale = Scale(x_range[0], x_range[1], ticks[-1])
-    parts = [_frame(scale, ticks, x_ticks, y_format), *_markers(scale, markers or [])]
+    parts = [*_shades(scale, shades or []), _frame(scale, ticks, x_ticks, y_format),
+             *_markers(scale, markers or [])]
     for s in series:
         parts += [*_bands(scale, s), *_lines(scale, s), *_dots(scale, s)]
     parts.append(_legend(series))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
             f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}" '
-            f'class="chart" data-chart="{escape(chart_id)}"><title>{escape(title)}</title>'
+            f'class="chart" data-chart="{escape(chart_id)}" data-y-max="{ticks[-1]!r}">'
+            f'<title>{escape(title)}</title>'
             f'<text x="{LEFT}" y="16" class="chart-title">{escape(title)}</text>'
             + "".join(parts) + "</svg>")
 
 
-def _top(series: list[Series]) -> float:
-    values = [v for s in series for p in s.points for v in (p.value, p.hi)
+def y_top(series: list[Series]) -> float:
+    """5% above the highest value or upper bound of the points that are not small (of all
+    points when every one is small: then there is nothing better to scale by)."""
+    points = [p for s in series for p in s.points]
+    full = [p for p in points if not p.small]
+    values = [v for p in (full or points) for v in (p.value, p.hi)
               if v is not None and math.isfinite(v)]
     return max(values, default=0.0) * 1.05
+
+
+def _shades(scale: Scale, shades: list[Shade]) -> list[str]:
+    out = []
+    for s in shades:
+        x0, x1 = scale.px(s.x0), scale.px(s.x1)
+        mid = (x0 + x1) / 2
+        lines = "".join(f'<tspan x="{mid:.1f}" dy="{12 * (i > 0)}">{escape(t)}</tspan>'
+                        for i, t in enumerate(s.label.split("\n")))
+        out.append(f'<g class="gap" data-x0="{s.x0!r}" data-x1="{s.x1!r}">'
+                   f'<title>{escape(s.tooltip)}</title>'
+                   f'<rect x="{x0:.1f}" y="{TOP}" width="{x1 - x0:.1f}" '
+                   f'height="{HEIGHT - TOP - BOTTOM}" fill="#ececec"/>'
+                   f'<text y="{TOP + 24}" text-anchor="middle" class="tick gap-label">'
+                   f'{lines}</text></g>')
+    return out
 
 
 def _frame(scale: Scale, ticks: list[float], x_ticks: list[tuple[float, str]],
@@ -125,9 +165,13 @@ def _runs(points: list[Point], ok: Callable[[Point], bool]) -> Iterator[list[Poi
         yield run
 
 
+def _banded(p: Point) -> bool:
+    return not p.small and p.lo is not None and p.hi is not None
+
+
 def _bands(scale: Scale, s: Series) -> list[str]:
     out = []
-    for run in _runs(s.points, lambda p: p.lo is not None and p.hi is not None):
+    for run in _runs(s.points, _banded):
         if len(run) < 2:
             continue
         upper = [f"{scale.px(p.x):.1f},{scale.py(p.hi):.1f}" for p in run]
@@ -140,29 +184,38 @@ def _bands(scale: Scale, s: Series) -> list[str]:
 
 def _lines(scale: Scale, s: Series) -> list[str]:
     out = []
-    for run in _runs(s.points, lambda p: p.value is not None):
+    for run in _runs(s.points, lambda p: p.value is not None and not p.small):
         if len(run) < 2:
             continue
         coords = " ".join(f"{scale.px(p.x):.1f},{scale.py(p.value):.1f}" for p in run)
+        keys = " ".join(p.key for p in run)
         out.append(f'<polyline points="{coords}" fill="none" stroke="{s.color}" '
-                   f'stroke-width="2" class="line" data-series="{escape(s.name)}"/>')
+                   f'stroke-width="2" class="line" data-series="{escape(s.name)}" '
+                   f'data-keys="{escape(keys)}"/>')
     return out
 
 
 def _dots(scale: Scale, s: Series) -> list[str]:
-    out = []
-    for p in s.points:
-        if p.value is None:
-            continue
-        x = scale.px(p.x)
-        if p.lo is not None and p.hi is not None:
-            out.append(f'<line x1="{x:.1f}" y1="{scale.py(p.lo):.1f}" x2="{x:.1f}" '
-                       f'y2="{scale.py(p.hi):.1f}" stroke="{s.color}" class="errorbar"/>')
-        out.append(f'<circle cx="{x:.1f}" cy="{scale.py(p.value):.1f}" r="3.5" '
-                   f'fill="{s.color}" class="point" data-series="{escape(s.name)}" '
-                   f'data-x="{escape(p.key)}" data-value="{p.value!r}">'
-                   f'<title>{escape(p.tooltip)}</title></circle>')
-    return out
+    return [_dot(scale, s, p) for p in s.points if p.value is not None]
+
+
+def _dot(scale: Scale, s: Series, p: Point) -> str:
+    x, y = scale.px(p.x), scale.py(p.value)
+    attrs = (f'class="point{" small" * p.small}" data-series="{escape(s.name)}" '
+             f'data-x="{escape(p.key)}" data-value="{p.value!r}"')
+    title = f"<title>{escape(p.tooltip)}</title>"
+    if p.small and p.value > scale.y1:
+        return (f'<path d="M{x:.1f},{y:.1f} l-5,9 h10 z" fill="#fff" stroke="{s.color}" '
+                f'stroke-width="1.5" {attrs} data-offscale="true">{title}</path>')
+    if p.small:
+        return (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#fff" stroke="{s.color}" '
+                f'stroke-width="1.5" {attrs}>{title}</circle>')
+    bar = ""
+    if p.lo is not None and p.hi is not None:
+        bar = (f'<line x1="{x:.1f}" y1="{scale.py(p.lo):.1f}" x2="{x:.1f}" '
+               f'y2="{scale.py(p.hi):.1f}" stroke="{s.color}" class="errorbar"/>')
+    return (f'{bar}<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{s.color}" {attrs}>'
+            f"{title}</circle>")
 
 
 def _markers(scale: Scale, markers: list[Marker]) -> list[str]:
@@ -172,12 +225,14 @@ def _markers(scale: Scale, markers: list[Marker]) -> list[str]:
             continue
         x = scale.px(m.x)
         label_y = TOP - 4 + 10 * (i % 2)
-        out.append(f'<g class="marker" data-label="{escape(m.label)}">'
+        left = x > WIDTH - RIGHT - LABEL_ROOM
+        text_x, anchor = (x - 3, "end") if left else (x + 3, "start")
+        out.append(f'<g class="marker" data-label="{escape(m.label)}" data-x="{m.x!r}">'
                    f'<title>{escape(m.tooltip)}</title>'
                    f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}" '
                    'stroke="#555" stroke-dasharray="4 3"/>'
-                   f'<text x="{x + 3:.1f}" y="{label_y}" class="marker-label">'
-                   f'{escape(m.label)}</text></g>')
+                   f'<text x="{text_x:.1f}" y="{label_y}" text-anchor="{anchor}" '
+                   f'class="marker-label">{escape(m.label)}</text></g>')
     return out
 
 

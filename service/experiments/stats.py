@@ -464,7 +464,8 @@ def format_report(rep: Mapping[str, Any], title: str | None = None) -> str:
     """A readable text table of a `report(...)` dict, the decision per treatment arm (on the
     always-valid intervals) and the sample-ratio verdict below it."""
     level = f"{rep['confidence']:.0%}"
-    header = ["arm", "users", "impressions", "downloads", f"CTR [{level} CI]", f"CVR [{level} CI]",
+    header = ["arm", "users", "impressions", "downloads", f"CTR [{level} CI]",
+              f"CVR (downloads per user) [{level} CI]",
               "CTR uplift [CI]", "p", "always-valid CI", "CVR uplift [CI]", "p", "always-valid CI"]
     rows = [header] + [_arm_row(name, entry) for name, entry in rep["arms"].items()]
     lines = [title] if title else []

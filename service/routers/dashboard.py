@@ -2,12 +2,16 @@
 (its A/B dashboard as one HTML page; see service/dashboard/).
 
 The report and the deployment history are read like `GET /v1/experiments/{name}/report` reads
-its report: blocking redis-py calls in a worker thread, off the event loop.
+its report: blocking redis-py calls in a worker thread, off the event loop. With the same
+thread, the retrain records of the registry, which place the deployments of `ctrserve retrain`
+on the clients' days under clock=client (service/dashboard/timeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,6 +21,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from service.counts import build_report, experiment_configs
 from service.dashboard.page import experiment_page, index_page, not_found_page
+from service.dashboard.timeline import serving_days
 from service.deployments import history
 from service.errors import NotReady
 from service.redis_server import RedisHandle
@@ -27,6 +32,7 @@ router = APIRouter(tags=["dashboard"])
 HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                       "img-src data:; frame-ancestors 'none'",
            "Cache-Control": "no-store"}
+RETRAIN_DIR = ".retrain"  # training/retrain.py's records: REGISTRY/.retrain/<E>--<arm>--<day>.json
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
@@ -41,8 +47,10 @@ async def dashboard_index(request: Request) -> Response:
 @router.get("/dashboard/{experiment}", response_class=HTMLResponse,
             responses={404: {"description": "unknown experiment (an HTML page naming it)"}})
 async def experiment_dashboard(request: Request, experiment: str) -> Response:
-    """Daily CTR and CVR charts with 95% bands, totals with uplift and the sample-ratio check,
-    the model each arm serves, and the deployment history of one experiment."""
+    """The verdict per treatment arm (always-valid intervals), the sample-ratio check, totals
+    with uplift, daily CTR and CVR (downloads per user) charts with 95% bands on the
+    experiment's days, the per-day figures, the model each arm serves, and the deployment
+    history of one experiment."""
     state = request.app.state
     config = experiment_configs(state.routing.experiments).get(experiment)
     if config is None:
@@ -50,24 +58,44 @@ async def experiment_dashboard(request: Request, experiment: str) -> Response:
                             headers=HEADERS)
     described = describe(state.routing.experiments, state.models)
     serving = next(e for e in described.experiments if e.name == experiment)
+    settings = state.settings
+    # only under clock=client do the retrain records place deployments (timeline.py)
+    registry = settings.registry if settings.clock == "client" else None
     try:
-        rep, records = await asyncio.to_thread(_read, state.redis, experiment, config)
+        rep, records, retrains = await asyncio.to_thread(_read, state.redis, experiment, config,
+                                                         registry)
     except redis.RedisError as exc:
         raise NotReady(["redis"], f"counts unavailable: {exc}",
-                       {"Retry-After": str(state.settings.retry_after_s)}) from None
-    return HTMLResponse(experiment_page(rep, serving.model_dump(), records), headers=HEADERS)
+                       {"Retry-After": str(settings.retry_after_s)}) from None
+    page = experiment_page(rep, serving.model_dump(), records, clock=settings.clock,
+                           serving_days=serving_days(retrains, experiment))
+    return HTMLResponse(page, headers=HEADERS)
 
 
 def _names(request: Request) -> list[str]:
     return [e.name for e in request.app.state.routing.experiments.config.experiments]
 
 
-def _read(handle: RedisHandle, name: str, config: dict[str, Any]
-          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The experiment's report (the JSON report's own function) and deployment history."""
+def _read(handle: RedisHandle, name: str, config: dict[str, Any], registry: Path | None
+          ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The experiment's report (the JSON report's own function), deployment history and, given
+    a registry, retrain records."""
+    retrains = [] if registry is None else _retrain_records(registry, name)
     client = handle.sync_client()
     try:
         return (build_report(client, name, config["control"], config["weights"]),
-                history(client, name))
+                history(client, name), retrains)
     finally:
         client.close()
+
+
+def _retrain_records(registry: Path, name: str) -> list[dict[str, Any]]:
+    """The experiment's retrain records; one being written or unreadable is skipped (its
+    deployment then has no marker, which the history says)."""
+    records = []
+    for path in sorted((registry / RETRAIN_DIR).glob(f"{name}--*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
