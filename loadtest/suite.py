@@ -1,7 +1,8 @@
 """The benchmark suite: the scorer against its in-process limit, training against the peers.
 
     python -m loadtest.suite --registry demo/registry [--features demo/data] [--quick]
-        [--parts serving,training] [--out bench-out/suite] [--readme docs/benchmarks.md] [--render-only]
+        [--parts serving,overload,workers,training] [--out bench-out/suite]
+        [--readme docs/benchmarks.md] [--render-only]
 
 Runs loadtest/bench_serving.py (OUT/serving.json), loadtest/bench_overload.py
 (OUT/overload.json: open loop past saturation, admission on and off), loadtest/bench_workers.py

@@ -1,9 +1,9 @@
 """Admission control: admit a score request or shed it before its body is read.
 
 Past saturation, a request shed after parsing, feature reads and encoding costs most of a
-request; goodput then collapses (issue 13: 23% of saturation at 2x offered load). This gate
-runs first, on the raw ASGI scope, and answers a prebuilt 503 with Retry-After without reading
-the body (a few tens of microseconds).
+request; goodput then collapses (issue 13: 23% of saturation at 2x offered load). The score
+endpoint (service/score_endpoint.py) asks this limit first, on the raw ASGI scope, and answers
+a prebuilt 503 with Retry-After without reading the body.
 
 The limit on admitted requests in flight adapts to their measured latency, in the style of TCP
 and Netflix's concurrency-limits (a latency target instead of packet loss): each admitted
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import time
 from typing import Any
-
-from prometheus_client import Counter, Gauge
 
 from service.errors import error_body
 
@@ -72,30 +70,3 @@ class AdaptiveLimit:
                 self.limit = max(float(self.minimum), self.limit * self.DECAY)
         elif busy:
             self.limit = min(float(self.maximum), self.limit + self.GROWTH)
-
-
-class AdmissionMiddleware:
-    """Gates POST `path`; every other request passes straight through."""
-
-    def __init__(self, app: Any, limit: AdaptiveLimit, shed: Counter, gauge: Gauge,
-                 retry_after_s: int, path: str = "/v1/score"):
-        self.app, self.limit, self.shed, self.gauge, self.path = app, limit, shed, gauge, path
-        self.headers = [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(SHED_BODY)).encode()),
-                        (b"retry-after", str(retry_after_s).encode())]
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        if not self.limit.try_acquire():
-            self.shed.inc()
-            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-            await send({"type": "http.response.body", "body": SHED_BODY})
-            return
-        started = time.monotonic()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.limit.release(time.monotonic() - started)
-            self.gauge.set(self.limit.limit)

@@ -152,12 +152,30 @@ def _drop(gauge: Gauge, *labels: str) -> None:
     gauge.remove(*labels)
 
 
-class MetricsMiddleware:
-    """Counts and times every HTTP request by endpoint (known paths, else "other") and status."""
+class RequestRecorder:
+    """ctrserve_requests_total and ctrserve_request_latency_seconds by endpoint (known paths,
+    else "other") and status, with the labelled children cached."""
 
-    def __init__(self, app: Any, metrics: Metrics, endpoints: set[str]):
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+    def __init__(self, metrics: Metrics, endpoints: set[str]):
+        self.metrics, self.endpoints = metrics, endpoints
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def record(self, path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in self.endpoints else "other"
+        children = self._children.get((endpoint, status))
+        if children is None:
+            children = (self.metrics.requests.labels(endpoint, str(status)),
+                        self.metrics.latency.labels(endpoint, str(status)))
+            self._children[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by endpoint and status."""
+
+    def __init__(self, app: Any, recorder: RequestRecorder):
+        self.app, self.recorder = app, recorder
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -175,14 +193,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self._record(scope["path"], status, time.perf_counter() - started)
-
-    def _record(self, path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in self.endpoints else "other"
-        children = self._children.get((endpoint, status))
-        if children is None:
-            children = (self.metrics.requests.labels(endpoint, str(status)),
-                        self.metrics.latency.labels(endpoint, str(status)))
-            self._children[(endpoint, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+            self.recorder.record(scope["path"], status, time.perf_counter() - started)

@@ -384,7 +384,8 @@ def test_grafana_provisioning() -> None:
     for var in dashboard["templating"]["list"]:
         assert var["datasource"]["uid"] == source["uid"]
     titles = " | ".join(p["title"] for p in panels).lower()
-    for needed in ("ctr per arm", "cvr (downloads per user) per arm", "uplift over control", "traffic per arm",
+    for needed in ("ctr per arm", "cvr (downloads per user) per arm", "uplift over control",
+                   "traffic per arm",
                    "latency quantiles", "batch size", "queue depth", "model versions"):
         assert needed in titles, needed
     exprs = " ".join(expr for _, expr in _dashboard_exprs())
