@@ -1,9 +1,17 @@
-"""Declarations of raw fields: what kind each is and how it is to be encoded."""
+"""Declarations of raw fields: what kind each is and how it is to be encoded.
+
+`FieldSpec` is a pydantic dataclass, so one definition gives its keys, types, defaults,
+constraints and descriptions to the Python API, to dataset spec files
+(training/data/spec.py) and to their JSON Schema.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ctrserve.errors import UserError
 
@@ -17,7 +25,7 @@ class SpecError(UserError):
     """A dataset or field declaration that cannot be used."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class FieldSpec:
     """One raw input field.
 
@@ -26,41 +34,101 @@ class FieldSpec:
     numeric: a float per row, NaN or None for missing, transformed by `transform`.
     """
 
-    name: str
-    kind: FieldKind
-    min_count: int = 1
-    hash_buckets: int | None = None
-    max_len: int = 8
-    separator: str | None = None
-    transform: NumericTransform = "standard"
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise SpecError("field name must not be empty")
-        if self.kind not in KINDS:
-            raise SpecError(f"field {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-        if self.min_count < 1:
-            raise SpecError(f"field {self.name!r}: min_count must be >= 1, got {self.min_count}")
-        if self.hash_buckets is not None and self.hash_buckets < 1:
-            raise SpecError(f"field {self.name!r}: hash_buckets must be >= 1")
-        if self.max_len < 1:
-            raise SpecError(f"field {self.name!r}: max_len must be >= 1, got {self.max_len}")
-        if self.transform not in TRANSFORMS:
-            raise SpecError(
-                f"field {self.name!r}: transform {self.transform!r} is not one of {TRANSFORMS}"
-            )
+    name: str = Field(min_length=1, description="The column that holds the field; also the "
+                      "field's name in scoring requests.")
+    kind: FieldKind = Field(description="categorical: one token per row; multi: a list of "
+                            "tokens per row; numeric: one number per row (blank = missing).")
+    min_count: int = Field(1, ge=1, description="categorical and multi: tokens seen fewer "
+                           "times than this in the train split map to the OOV slot.")
+    hash_buckets: int | None = Field(None, ge=1, description="categorical and multi: hash "
+                                     "tokens into this many buckets instead of fitting a "
+                                     "vocabulary (for fields with millions of values).")
+    max_len: int = Field(8, ge=1, description="multi: tokens kept per row (the first max_len; "
+                         "shorter rows are padded).")
+    separator: str | None = Field(None, min_length=1, description="multi: splits a text cell "
+                                  "into tokens (default: whitespace); not used when the column "
+                                  "already holds lists (Parquet list<string>).")
+    transform: NumericTransform = Field("standard", description="numeric: none; log "
+                                        "(sign(x) log(1+|x|)); standard (minus the train mean, "
+                                        "over the train std); log_standard (log, then "
+                                        "standard). Missing values become 0 after it.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FieldSpec:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SpecError(f"field {data.get('name')!r}: unknown keys {sorted(unknown)}")
-        if "name" not in data or "kind" not in data:
-            raise SpecError(f"field declaration {data!r} needs 'name' and 'kind'")
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise SpecError(f"field declaration {data!r}: expected a mapping")
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise SpecError(f"field {data.get('name')!r}: {error_text(exc)}") from None
+
+
+# Keys that only make sense for some kinds: a spec file giving one elsewhere is refused.
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "min_count": ("categorical", "multi"),
+    "hash_buckets": ("categorical", "multi"),
+    "max_len": ("multi",),
+    "separator": ("multi",),
+    "transform": ("numeric",),
+}
+
+
+def error_text(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
+    """A pydantic error as `key.path: problem (got value)`; several joined by '; '."""
+    return "; ".join(_one_error(err, prefix) for err in exc.errors())
+
+
+def key_path(loc: tuple[str | int, ...]) -> str:
+    """('fields', 3, 'transform') -> 'fields[3].transform'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class KeyProblem(ValueError):
+    """Raised inside validators to name the key (relative to the validated object) at fault."""
+
+    def __init__(self, key: tuple[str | int, ...], problem: str):
+        super().__init__(problem)
+        self.key, self.problem = key, problem
+
+
+def _one_error(err: dict[str, Any], prefix: tuple[str | int, ...]) -> str:
+    loc = (*prefix, *err["loc"])
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, KeyProblem):
+        return f"{key_path((*loc, *cause.key)) or 'spec'}: {cause.problem}"
+    kind, ctx, msg = err["type"], err.get("ctx", {}), err["msg"]
+    if kind == "missing":
+        msg = "required"
+    elif kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        msg = "unknown key"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    else:
+        msg = _PHRASES[kind].format(**ctx) if kind in _PHRASES else msg[:1].lower() + msg[1:]
+        if not isinstance(err.get("input"), dict | list):
+            msg += f", got {err.get('input')!r}"
+    return f"{key_path(loc) or 'spec'}: {msg}"
+
+
+_PHRASES = {
+    "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than": "must be < {lt}",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} character(s)",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+}
 
 
 @dataclass(frozen=True)

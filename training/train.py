@@ -8,6 +8,7 @@ import platform
 import random
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from features import FeatureEncoder
 from models import CTRModel, ModelConfig, build_model
 from training.abundance import write_abundance
 from training.batches import BatchStream, Encoded, encode_split
+from training.data.inspect import inspect_source
 from training.data.source import DataSource, checked_chunks
 from training.distributed import World, init_world, leave, scaled_lr, wrap
 from training.evaluate import evaluate
@@ -84,6 +86,7 @@ class WarmStart:
 def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
            world: World, progress: bool, warm: WarmStart | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
+    report = _data_report(source) if world.is_main else None
     encoder, positive_rate = _fit_encoder(source, warm.encoder if warm else None)
     model = build_model(model_config, encoder.layout())
     model.set_prior(positive_rate)
@@ -115,10 +118,25 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
     model.load_state_dict(best_state)
     info = _run_info(source, model_config, cfg, world, curve, model, valid, test)
     info["warm_start"] = warm_info
+    if report is not None:
+        info["inspect"] = {k: v for k, v in report.items() if k != "data"}  # data: info's own
     if world.is_main:
         write_run(out, info, curve, encoder, model.cpu(), test)
         write_abundance(out, model, encoder.layout())
     return info
+
+
+_REPORTS: weakref.WeakKeyDictionary[DataSource, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _data_report(source: DataSource) -> dict[str, Any]:
+    """`ctrserve inspect`'s numbers for run.json, its warnings on stderr before training.
+    Once per source: compare and scaling train one source many times."""
+    if source not in _REPORTS:
+        _REPORTS[source] = report = inspect_source(source)
+        for warning in report["warnings"]:
+            print(f"warning: data: {warning}", file=sys.stderr, flush=True)
+    return _REPORTS[source]
 
 
 def _fit_encoder(source: DataSource, fitted: FeatureEncoder | None = None

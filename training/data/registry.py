@@ -6,11 +6,12 @@ from pathlib import Path
 
 from training.data.source import DataError, DataSource
 
-KINDS = ("synth", "movielens", "frappe", "criteo")
+KINDS = ("synth", "movielens", "frappe", "criteo", "libfm")
 
 
 def open_source(arg: str) -> DataSource:
-    """`synth:DIR`, `movielens:DIR`, `frappe:DIR`, `criteo:PATH`, or a .yaml/.json spec file.
+    """`synth:DIR`, `movielens:DIR`, `frappe:DIR`, `criteo:PATH`, `libfm:PATH`, or a .yaml/.json
+    spec file (training/data/spec.py).
 
     An empty path after the colon means $CTR_DATA_DIR's default folder for that dataset.
     """
@@ -39,4 +40,8 @@ def open_source(arg: str) -> DataSource:
         from training.data.criteo import CriteoSource
 
         return CriteoSource(path or None)
+    if kind == "libfm":
+        from training.data.tabular import libfm_source
+
+        return libfm_source(path)
     raise DataError(f"data source {arg!r}: unknown kind {kind!r}; expected one of {KINDS}")

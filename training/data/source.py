@@ -51,6 +51,10 @@ class DataSource(ABC):
         """Provenance recorded in run manifests (source, files, data window)."""
         return {"source": self.name}
 
+    def warnings(self) -> list[str]:
+        """Problems noticed in the files read so far (unnamed columns, ...), for `inspect`."""
+        return []
+
 
 def checked_chunks(source: DataSource, split: str) -> Iterator[Chunk]:
     """The chunks of a split, validated: columns present, label 0/1, split not empty."""
@@ -91,7 +95,7 @@ def data_root(path: str | None, default_subdir: str) -> Path:
         raise DataError(f"no path given for {default_subdir} and {DATA_DIR_ENV} is not set")
     if not root.exists():
         raise DataError(f"{root}: no such file or directory")
-    return root
+    return root.absolute()  # run records name the data wherever they are read from
 
 
 def temporal_split(table: pa.Table, time_column: str, fractions=(0.8, 0.1)) -> dict[str, pa.Table]:
