@@ -44,10 +44,13 @@ def _synth_parser(sub) -> None:
     p.set_defaults(func=commands.synth)
 
 
+DATA_HELP = ("synth:DIR, movielens:DIR, frappe:DIR, criteo:PATH, libfm:PATH or a dataset "
+             "spec file (.yaml/.json); an empty DIR means $CTR_DATA_DIR's folder for that "
+             "dataset")
+
+
 def _model_and_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="SOURCE",
-                   help="synth:DIR, movielens:DIR, frappe:DIR, criteo:PATH or a spec file "
-                        "(an empty DIR means $CTR_DATA_DIR's folder for that dataset)")
+    p.add_argument("--data", required=True, metavar="SOURCE", help=DATA_HELP)
     m = p.add_argument_group("model")
     m.add_argument("--embedding-dim", type=int, default=16)
     m.add_argument("--mlp", type=_ints, default=(400, 400, 400), help="hidden sizes, e.g. 400,400")
@@ -89,6 +92,14 @@ def _train_parser(sub) -> None:
                         "pre-training: train --model fm first)")
     _model_and_training_flags(p)
     p.set_defaults(func=commands.train)
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="rows and click rate per split, per field cardinality "
+                                       "and unseen-in-train rates, and warnings")
+    p.add_argument("--data", required=True, metavar="SOURCE", help=DATA_HELP)
+    p.add_argument("--json", action="store_true", help="the report as JSON instead of tables")
+    p.set_defaults(func=commands.inspect)
 
 
 def _compare_parser(sub) -> None:
@@ -287,6 +298,12 @@ def _analysis_parsers(sub) -> None:
     p.add_argument("--experiments", type=Path, dest="experiments_file", metavar="FILE",
                    help="arms and weights from this config (default: the scorer's last one, "
                         "read from Redis)")
+    p.add_argument("--pre-days", type=int, default=7, metavar="N",
+                   help="CUPED: adjust the total's uplifts for each user's activity in the N "
+                        "days before the start (default 7; 0: no CUPED)")
+    p.add_argument("--start", metavar="YYYY-MM-DD",
+                   help="the experiment's first day, for CUPED's pre-period (default: its "
+                        "first served day in the logs)")
     _redis_flags(p)
     _log_analysis_flags(p)
     p.set_defaults(func=commands.analyze)
@@ -377,7 +394,8 @@ def _retrain_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_synth_parser, _train_parser, _compare_parser, _scaling_parser, _export_parser,
+    for add in (_synth_parser, _train_parser, _inspect_parser, _compare_parser, _scaling_parser,
+                _export_parser,
                 _abundance_parser, _verify_parser,
                 _demo_parser, _serve_parser, _load_features_parser, _swap_parser,
                 _simulate_parser, _report_parser, _drain_parser, _analysis_parsers,

@@ -71,6 +71,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "train_samples_per_second": round(info["train_samples_per_second"])}
 
 
+def inspect(args: argparse.Namespace) -> dict[str, Any] | str:
+    """`ctrserve inspect`: the data report (training/data/inspect.py), as tables or JSON."""
+    from training.data import open_source
+    from training.data.inspect import format_report, inspect_source
+
+    report = inspect_source(open_source(args.data))
+    return report if args.json else format_report(report)
+
+
 def _embedding_start(run_dir: Any) -> Any:
     """`--init-embeddings RUN`: start from that run's encoder and embedding table."""
     from training.train import WarmStart
@@ -471,11 +480,20 @@ def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
     """The A/B report of `ctrserve report` from the Parquet logs, with the list metrics."""
     from service.counts import format_full_report
     from service.experiments.list_metrics import format_list_metrics
-    from service.experiments.warehouse import build_report, dead_letters
+    from service.experiments.warehouse import (
+        PrePeriodError,
+        build_report,
+        dead_letters,
+        format_cuped_window,
+    )
 
     con, experiment = _open_logs(args, args.experiment)
     config = _analysis_config(args)
-    rep = build_report(con, experiment, config["control"], config["weights"])
+    try:
+        rep = build_report(con, experiment, config["control"], config["weights"],
+                           pre_days=args.pre_days, start=args.start)
+    except PrePeriodError as exc:
+        raise UserError(f"--pre-days/--start: {exc}") from None
     rep["list_metrics"] = _list_metrics(con, args, experiment, list(rep["total"]["arms"]))
     dead = dead_letters(args.logs, experiment, list(config["weights"]))
     rep["source"] = {"logs": str(args.logs), "engine": "duckdb", "dead_letters": dead}
@@ -483,6 +501,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
         return rep
     parts = [f"From the Parquet logs in {args.logs} (DuckDB; the counts equal the online "
              "counters' on the same traffic)", format_full_report(rep),
+             *([format_cuped_window(rep["cuped"])] if "cuped" in rep else []),
              format_list_metrics(rep["list_metrics"])]
     if dead["events"]:
         parts.append(f"!!! {dead['events']} accepted event(s) of {experiment} are dead letters "

@@ -1,5 +1,6 @@
 """The coverage harness (loadtest/ab_coverage.py) in small: bounds on the A/B statistics that fail
-when the always-valid interval stops being valid under daily looks, or stops being needed."""
+when the always-valid interval stops being valid under daily looks, or stops being needed, and
+when CUPED stops covering the truth or stops reducing the variance."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from loadtest import ab_coverage
-from loadtest.ab_coverage import Config, run, user_sums
+from loadtest.ab_coverage import Config, World, arm_stats, run, user_grams, user_vectors
+from service.experiments.cuped import CupedStats
 from service.experiments.stats import ArmStats
 
 EXPERIMENTS = 200  # of each kind; a 5% rate has a Monte Carlo standard error of 1.5 points
@@ -51,24 +53,73 @@ def test_srm_check_rarely_false_alarms(result) -> None:
     assert result["srm"]["any_look"] <= 0.04  # true rate 0.7% (14 correlated looks at 0.1%)
 
 
+@pytest.mark.parametrize("metric", ["ctr", "cvr"])
+def test_cuped_covers_the_truth_and_reduces_the_variance(result, metric) -> None:
+    by = result["results"][metric]
+    cuped, plain, red = by["cuped"], by["fixed"], by["variance_reduction"]
+    print(metric, "coverage at the end: plain", plain["coverage_end"], "CUPED",
+          cuped["coverage_end"], "variance reduction reported", red["reported_end"],
+          "measured", red["measured_end"])
+    assert cuped["coverage_end"] >= 0.92 and cuped["coverage_min_look"] >= 0.90
+    assert cuped["fpr"]["end"] <= 0.10 and cuped["aa_coverage_min_look"] >= 0.90
+    seq = by["cuped_sequential"]
+    assert seq["coverage_min_look"] >= 0.92 and seq["fpr"]["any_look"] <= 0.08
+    # 30% new users, the rest with a pre-period of the same propensity and activity: ~45%
+    assert 0.3 <= red["reported_end"] <= 0.6
+    assert min(red["reported_by_look"]) > 0.3
+    assert abs(red["measured_end"] - red["reported_end"]) < 0.12  # 200 experiments: noisy
+    assert cuped["power"]["end"] > plain["power"]["end"] + 0.1
+    est = by["estimate_end"]  # unbiased: the mean of 200 estimates, se about 0.5 points
+    assert abs(est["cuped_mean"] - est["true"]) < 0.015
+    assert abs(est["cuped_mean"] - est["plain_mean"]) < 0.015
+
+
+def test_cuped_without_any_pre_period_is_the_plain_estimate() -> None:
+    res = run(Config(experiments=40, days=3, seed=3, world=World(new_share=1.0)))
+    for metric in ("ctr", "cvr"):
+        by = res["results"][metric]
+        assert by["variance_reduction"]["reported_by_look"] == [0.0, 0.0, 0.0]
+        assert by["variance_reduction"]["measured_end"] == pytest.approx(0.0, abs=1e-9)
+        assert by["cuped"]["coverage_by_look"] == by["fixed"]["coverage_by_look"]
+        assert by["cuped_sequential"]["coverage_by_look"] == \
+            by["sequential"]["coverage_by_look"]
+
+
 def test_targets_are_reported(result) -> None:
     targets = result["targets"]
-    assert set(targets) == {f"{m}_sequential_{t}" for m in ("ctr", "cvr")
-                            for t in ("fpr_daily_looks", "coverage_every_look")}
-    assert all(t["met"] == (t["value"] <= 0.05 if "fpr" in name else t["value"] >= 0.95)
+    assert set(targets) == {f"{m}_{i}_{t}" for m in ("ctr", "cvr")
+                            for i in ("sequential", "cuped_sequential")
+                            for t in ("fpr_daily_looks", "coverage_every_look")} | {
+        f"{m}_cuped_coverage_end" for m in ("ctr", "cvr")}
+    assert all(t["met"] == (t["value"] <= 0.05 if "fpr" in name else t["value"] >= t["limit"])
                for name, t in targets.items())
+    assert {t["limit"] for name, t in targets.items() if "every_look" in name} == {0.95}
+    assert targets["ctr_cuped_coverage_end"]["limit"] == 0.9192  # 95% less 2 MC se at 200
     assert result["seconds"] < 20
 
 
-def test_user_sums_are_from_user_arrays() -> None:
+def test_true_uplift_accounts_for_the_clipping_at_one() -> None:
+    rng = np.random.default_rng(2)
+    world = World(control_beta=(0.5, 1.5))  # mean 25%, a fat right tail: clipping matters
+    p0 = rng.beta(*world.control_beta, 2_000_000)
+    for uplift in (0.1, 1.0, -0.3):
+        mc = np.minimum(p0 * (1 + uplift), 1).mean() / p0.mean() - 1
+        assert world.true_uplift(uplift) == pytest.approx(mc, abs=2e-3)
+    assert world.true_uplift(1.0) < 0.9 and World().true_uplift(0.1) == pytest.approx(0.1)
+
+
+def test_user_grams_are_the_sums_of_the_report() -> None:
     rng = np.random.default_rng(1)
-    x = rng.geometric(0.05, (3, 50))
-    y = rng.binomial(x, 0.05)
     mask = rng.random((3, 50)) < 0.5
-    sums = user_sums(x, y, mask)
+    w = user_vectors(rng, World(), 0.1, mask)
+    grams = user_grams(w, mask)
     for row in range(3):
-        expected = ArmStats.from_user_arrays(x[row][mask[row]], y[row][mask[row]])
-        assert ArmStats(*sums[row].tolist()) == expected
+        x, y, pre_x, pre_y, has_pre = (w[row][mask[row]][:, k].astype(int) for k in range(1, 6))
+        assert CupedStats.from_gram(grams[row].astype(int)) == \
+            CupedStats.from_user_arrays(x, y, pre_x, pre_y, has_pre)
+        assert arm_stats(grams[row]) == ArmStats.from_user_arrays(x, y)
+    assert set(np.unique(w[..., 5])) <= {0.0, 1.0}
+    assert np.all((w[..., 3] > 0) == (w[..., 5] == 1))  # a pre-period has an impression
 
 
 def test_cli_writes_json_and_prints_the_table(tmp_path, capsys) -> None:
@@ -77,6 +128,7 @@ def test_cli_writes_json_and_prints_the_table(tmp_path, capsys) -> None:
     assert ab_coverage.main(argv) == 0
     printed = capsys.readouterr().out
     assert "sequential" in printed and "FPR 3 looks" in printed and str(out) in printed
+    assert "cuped sequential" in printed and "day 3" in printed
     first = json.loads(out.read_text())
     assert first["config"]["experiments"] == 20 and first["config"]["tuned_for_units"] == 2400
     assert len(first["results"]["ctr"]["fixed"]["coverage_by_look"]) == 3

@@ -34,7 +34,9 @@ import numpy as np
 from scipy import special
 from scipy import stats as sps
 
+from service.experiments import cuped as cuped_math
 from service.experiments import sequential
+from service.experiments.cuped import CupedStats
 
 CONFIDENCE = 0.95
 SRM_ALPHA = 0.001  # GrowthBook's and Statsig's threshold: a real mismatch, not bad luck
@@ -49,6 +51,10 @@ METHODS = {
                   "(Howard et al. 2021) on the delta-method estimate, valid at every look; "
                   "decisions use it",
 }
+METHOD_CUPED = ("CUPED (Deng et al. 2013): t_adj/c_adj - 1, m_adj = m - theta'(Z_arm - Z_pooled) "
+                "with Z per user = pre-period impressions, downloads and whether the user has a "
+                "pre-period; theta the regression of the metric's per-user (delta-method "
+                "linearised for CTR) values on Z, pooled over both arms; delta method on the log")
 DECISION_BASIS = "always-valid (sequential) interval of the uplift, valid at every daily look"
 BETTER, WORSE, KEEP_RUNNING = "treatment better", "treatment worse", "keep running"
 
@@ -178,6 +184,27 @@ class SequentialUplift:
 
 
 @dataclass(frozen=True)
+class CupedUplift:
+    """The CUPED-adjusted uplift of one metric (see `service.experiments.cuped`).
+
+    `uplift` is adjusted, `unadjusted` the plain uplift of the same users (the report's when the
+    CUPED sums cover the report's users), `variance_reduction` = 1 − var(adjusted log
+    ratio)/var(plain log ratio), `theta` the fitted coefficients by covariate, `units` the users
+    of both arms and `users_with_pre_period` those of them with a pre-period. `pre_period` is the
+    same metric's uplift over the pre-period, a balance check: the arms were alike before the
+    start, so it should be near 0 with an unremarkable p-value.
+    """
+
+    uplift: Uplift
+    unadjusted: Uplift
+    variance_reduction: float
+    theta: dict[str, float]
+    units: int
+    users_with_pre_period: int
+    pre_period: Uplift
+
+
+@dataclass(frozen=True)
 class SampleRatioCheck:
     """Chi-square goodness of fit of users per arm against the configured weights."""
 
@@ -270,7 +297,14 @@ def relative_uplift(
     if not (t > 0 and c > 0 and math.isfinite(treatment.se) and math.isfinite(control.se)):
         return Uplift(NAN, NAN, NAN, NAN, NAN)
     log_ratio = math.log(t) - math.log(c)
-    se = math.hypot(treatment.se / t, control.se / c)
+    return log_uplift(log_ratio, math.hypot(treatment.se / t, control.se / c), confidence)
+
+
+def log_uplift(log_ratio: float, se: float, confidence: float = CONFIDENCE) -> Uplift:
+    """The `Uplift` of an estimate of log(t/c) with standard error `se` (see `relative_uplift`);
+    NaN when either is not finite."""
+    if not (math.isfinite(log_ratio) and math.isfinite(se)):
+        return Uplift(NAN, NAN, NAN, NAN, NAN)
     half = z_value(confidence) * se
     p_value = math.erfc(abs(log_ratio) / se / math.sqrt(2.0)) if se > 0 else NAN  # 2·(1 − Φ)
     return Uplift(
@@ -346,6 +380,45 @@ def cvr_uplift_sequential(
                              treatment.users + control.users, confidence, planned_units)
 
 
+def cuped_uplift(
+    treatment: CupedStats, control: CupedStats, metric: cuped_math.Metric,
+    confidence: float = CONFIDENCE,
+) -> CupedUplift:
+    """The CUPED-adjusted relative uplift of `metric` ("ctr" or "cvr"), from each arm's sums of
+    in-experiment and pre-period activity per user."""
+    fit = cuped_math.fit(treatment.gram(), control.gram(), metric)
+    plain = ctr_uplift if metric == "ctr" else cvr_uplift
+    return CupedUplift(
+        uplift=log_uplift(float(fit.log_ratio), float(fit.se_log), confidence),
+        unadjusted=log_uplift(float(fit.plain_log_ratio), float(fit.plain_se_log), confidence),
+        variance_reduction=float(fit.variance_reduction),
+        theta=dict(zip(cuped_math.COVARIATE_NAMES, map(float, fit.theta), strict=True)),
+        units=treatment.users + control.users,
+        users_with_pre_period=treatment.has_pre + control.has_pre,
+        pre_period=plain(pre_period_stats(treatment), pre_period_stats(control), confidence),
+    )
+
+
+def ctr_uplift_cuped(
+    treatment: CupedStats, control: CupedStats, confidence: float = CONFIDENCE
+) -> CupedUplift:
+    """CUPED-adjusted relative CTR uplift (see `cuped_uplift`)."""
+    return cuped_uplift(treatment, control, "ctr", confidence)
+
+
+def cvr_uplift_cuped(
+    treatment: CupedStats, control: CupedStats, confidence: float = CONFIDENCE
+) -> CupedUplift:
+    """CUPED-adjusted relative CVR uplift (see `cuped_uplift`)."""
+    return cuped_uplift(treatment, control, "cvr", confidence)
+
+
+def pre_period_stats(arm: CupedStats) -> ArmStats:
+    """The arm's pre-period activity as `ArmStats` (users without a pre-period count 0)."""
+    return ArmStats(arm.users, arm.pre_x, arm.pre_y, arm.pre_x_pre_x, arm.pre_y_pre_y,
+                    arm.pre_x_pre_y)
+
+
 def sample_ratio_check(
     users: Mapping[str, int], weights: Mapping[str, float], alpha: float = SRM_ALPHA
 ) -> SampleRatioCheck:
@@ -394,6 +467,7 @@ def report(
     weights: Mapping[str, float],
     confidence: float = CONFIDENCE,
     planned_units: float = sequential.PLANNED_UNITS,
+    cuped: Mapping[str, CupedStats] | None = None,
 ) -> dict[str, Any]:
     """The statistics of one period (a day or the total) as plain JSON-able data.
 
@@ -406,13 +480,19 @@ def report(
     `planned_units` (users of a treatment and the control at the planned end) tunes the
     sequential interval. Control first, then the others in the given order. Undefined numbers
     are None (strict JSON has no NaN).
+
+    With `cuped` ({arm: CupedStats} of the same users with their pre-period; an arm missing
+    from it has none), every treatment's "ctr" and "cvr" uplift also holds "cuped": {value, lo,
+    hi, p_value, se_log, "sequential": {...}, variance_reduction, units, users_with_pre_period,
+    theta: {covariate: θ}, "unadjusted": {...}, "pre_period": {...}} (`cuped_uplift`), and
+    "methods" gains "cuped". The decision stays on the plain always-valid interval.
     """
     if control not in arms:
         raise ValueError(f"control arm {control!r} is not among the arms {sorted(arms)}")
     order = [control, *(a for a in arms if a != control)]
     srm = sample_ratio_check({a: arms[a].user_count for a in order}, weights)
     seq = {"planned_units": planned_units, "basis": DECISION_BASIS}
-    return {
+    rep = {
         "control": control,
         "confidence": confidence,
         "methods": dict(METHODS),
@@ -421,6 +501,30 @@ def report(
         "arms": {a: _arm_entry(arms[a], arms[control], a == control, confidence, planned_units)
                  for a in order},
     }
+    if cuped is not None:
+        _add_cuped(rep, cuped, confidence, planned_units)
+    return rep
+
+
+def _add_cuped(rep: dict[str, Any], cuped: Mapping[str, CupedStats], confidence: float,
+               planned_units: float) -> None:
+    rep["methods"]["cuped"] = METHOD_CUPED
+    control = cuped.get(rep["control"], CupedStats.empty())
+    for name, entry in rep["arms"].items():
+        if entry["uplift"] is None:
+            continue
+        arm = cuped.get(name, CupedStats.empty())
+        for metric in ("ctr", "cvr"):
+            fit = cuped_uplift(arm, control, metric, confidence)
+            entry["uplift"][metric]["cuped"] = _cuped_entry(fit, confidence, planned_units)
+
+
+def _cuped_entry(fit: CupedUplift, confidence: float, planned_units: float) -> dict[str, Any]:
+    seq = sequential_uplift(fit.uplift, fit.units, confidence, planned_units)
+    return _json({**asdict(fit.uplift), "sequential": asdict(seq),
+                  "variance_reduction": fit.variance_reduction, "units": fit.units,
+                  "users_with_pre_period": fit.users_with_pre_period, "theta": fit.theta,
+                  "unadjusted": asdict(fit.unadjusted), "pre_period": asdict(fit.pre_period)})
 
 
 def _arm_entry(arm: ArmStats, control: ArmStats, is_control: bool, confidence: float,
@@ -471,6 +575,7 @@ def format_report(rep: Mapping[str, Any], title: str | None = None) -> str:
     lines = [title] if title else []
     lines += _table(rows)
     lines += _decision_lines(rep)
+    lines += _cuped_lines(rep)
     lines.append(_srm_line(rep["srm"]))
     return "\n".join(lines)
 
@@ -498,6 +603,29 @@ def _decision_lines(rep: Mapping[str, Any]) -> list[str]:
     return [f"Decision on the always-valid {level} intervals (valid at every look, tuned for "
             f"{planned:,.0f} users; the fixed-horizon CI and p hold only read once at a planned "
             "end):", *(f"  {line}" for line in lines)]
+
+
+def _cuped_lines(rep: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, entry in rep["arms"].items():
+        fits = {m: (entry["uplift"] or {}).get(m, {}).get("cuped") for m in ("ctr", "cvr")}
+        if not all(fits.values()):
+            continue
+        parts = [f"{m.upper()} {_interval(fit, lambda v: f'{v:+.2%}')}, always-valid "
+                 f"{_bounds(fit['sequential'], lambda v: f'{v:+.2%}')}, variance "
+                 f"{_reduction(fit['variance_reduction'])}" for m, fit in fits.items()]
+        users = fits["ctr"]
+        lines.append(f"  {name} vs {rep['control']}: {'; '.join(parts)} "
+                     f"({users['users_with_pre_period']:,} of {users['units']:,} users with a "
+                     "pre-period)")
+    if not lines:
+        return []
+    return ["CUPED, adjusted for the users' activity before the start (variance: change against "
+            "the plain uplift's):", *lines]
+
+
+def _reduction(value: float | None) -> str:
+    return "n/a" if value is None else f"{-value:+.1%}"
 
 
 def _bounds(est: Mapping[str, Any], fmt: Any) -> str:

@@ -8,6 +8,11 @@ each arm's user-level sums per day and over the whole experiment (each user once
 the shape of counts.build_report and, on the same traffic, its counts: the event log holds the
 accepted events only, and the SQL applies the rules the counters apply (its header lists them).
 
+With a pre-period (`pre_days`), the total also carries CUPED (service/experiments/cuped.py):
+`sql/cuped_sums.sql` joins each counted user's activity on the `pre_days` days before the
+experiment's start (its first served day in the logs, or `start`) to their in-experiment sums.
+The online counters keep per-user history for a few days only, so CUPED is here alone.
+
 The one way the two can differ: an accepted event the drainer could not write (a dead letter,
 `DIR/dead-letter/events-<E>-<A>.jsonl`) is counted online and missing here; `dead_letters`
 counts them, and the report carries the count.
@@ -19,12 +24,14 @@ imports this module.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from service.event_log import SCHEMAS
+from service.experiments.cuped import SUM_NAMES, CupedStats
 from service.experiments.stats import ArmStats, report
 from service.keys import TOTAL
 
@@ -85,21 +92,86 @@ def arm_sums(con: duckdb.DuckDBPyConnection, experiment: str
 
 
 def build_report(con: duckdb.DuckDBPyConnection, experiment: str, control: str,
-                 weights: Mapping[str, float]) -> dict[str, Any]:
+                 weights: Mapping[str, float], pre_days: int | None = None,
+                 start: str | None = None) -> dict[str, Any]:
     """{"experiment", "control", "weights", "days": {day: report}, "total": report}: what
     counts.build_report gives from Redis, from the logs. Arms outside `weights` are left out,
-    as there; a day counts when one of the arms has events."""
+    as there; a day counts when one of the arms has events.
+
+    With `pre_days` > 0, the total's uplifts also carry "cuped" (stats.report), fitted on the
+    users counted from `start` (default: `first_day`) with their activity on the `pre_days`
+    days before it, and the result gains "cuped": `cuped_window`'s days with the users per arm
+    and how many of them have a pre-period."""
     arms = [control, *(a for a in weights if a != control)]
     sums = arm_sums(con, experiment)
     total = sums.pop(TOTAL, {})
 
-    def period(by_arm: Mapping[str, ArmStats]) -> dict[str, Any]:
-        return report({a: by_arm.get(a, ArmStats.empty()) for a in arms}, control, weights)
+    def period(by_arm: Mapping[str, ArmStats], **extra: Any) -> dict[str, Any]:
+        return report({a: by_arm.get(a, ArmStats.empty()) for a in arms}, control, weights,
+                      **extra)
 
     days = {day: period(by_arm) for day, by_arm in sorted(sums.items())
             if any(a in by_arm for a in arms)}
-    return {"experiment": experiment, "control": control, "weights": dict(weights),
-            "days": days, "total": period(total)}
+    out = {"experiment": experiment, "control": control, "weights": dict(weights),
+           "days": days, "total": period(total)}
+    if pre_days:
+        window = cuped_window(con, experiment, pre_days, start)
+        by_arm = cuped_sums(con, experiment, window["start"], window["pre_start"])
+        out["total"] = period(total, cuped=by_arm)
+        out["cuped"] = {**window, "arms": {
+            a: {"users": by_arm.get(a, CupedStats.empty()).users,
+                "users_with_pre_period": by_arm.get(a, CupedStats.empty()).has_pre}
+            for a in arms}}
+    return out
+
+
+class PrePeriodError(ValueError):
+    """The pre-period of CUPED cannot be set: a bad start day or length."""
+
+
+def first_day(con: duckdb.DuckDBPyConnection, experiment: str) -> str | None:
+    """The experiment's first served day: its first day in the serve log, else (older logs
+    without serve entries) in the event log; None without rows."""
+    for view in ("serve_log", "event_log"):
+        day = con.execute(f"SELECT MIN(day) FROM {view} WHERE experiment = $experiment",
+                          {"experiment": experiment}).fetchone()[0]
+        if day is not None:
+            return day
+    return None
+
+
+def cuped_window(con: duckdb.DuckDBPyConnection, experiment: str, pre_days: int,
+                 start: str | None = None) -> dict[str, Any]:
+    """{"start", "pre_start", "pre_end", "pre_days"}: the experiment's start (`start`, a
+    YYYY-MM-DD day, else `first_day`) and its pre-period, the days [pre_start, pre_end]
+    before it. `PrePeriodError` for a malformed `start`, a negative `pre_days` or no start."""
+    if pre_days < 0:
+        raise PrePeriodError(f"the pre-period must be 0 days or more, got {pre_days}")
+    day = start if start is not None else first_day(con, experiment)
+    if day is None:
+        raise PrePeriodError(f"no rows of experiment {experiment!r}, so no start")
+    try:
+        first = date.fromisoformat(day)
+    except ValueError:
+        raise PrePeriodError(f"not a day YYYY-MM-DD: {day!r}") from None
+    return {"start": first.isoformat(), "pre_start": (first - timedelta(pre_days)).isoformat(),
+            "pre_end": (first - timedelta(1)).isoformat(), "pre_days": pre_days}
+
+
+def cuped_sums(con: duckdb.DuckDBPyConnection, experiment: str, start: str, pre_start: str
+               ) -> dict[str, CupedStats]:
+    """{arm: CupedStats} of the users counted from `start`, with their activity on the days
+    [pre_start, start) (sql/cuped_sums.sql)."""
+    rows = query(con, "cuped_sums", experiment=experiment, start=start, pre_start=pre_start)
+    return {row["arm"]: CupedStats(*(int(row[k]) for k in SUM_NAMES)) for row in rows}
+
+
+def format_cuped_window(window: Mapping[str, Any]) -> str:
+    """One line naming the experiment's start and its pre-period."""
+    return (f"CUPED pre-period: {window['pre_start']} to {window['pre_end']} ({window['pre_days']} "
+            f"day(s) before the start {window['start']}); users with a pre-period: " + ", ".join(
+                f"{a} {v['users_with_pre_period']:,} of {v['users']:,}"
+                for a, v in window["arms"].items()))
 
 
 def dead_letters(logs: Path, experiment: str, arms: list[str]) -> dict[str, int]:
