@@ -21,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ctrserve.errors import UserError
+from features.tables import csv_header, explain_csv_error, unnamed_columns
 
 PREFIX = "ctrserve:fs:"
 META_KEY = PREFIX + "meta"
@@ -121,14 +122,28 @@ def read_table(path: Path) -> pa.Table:
         raise FeatureStoreError(f"{path}: not found")
     try:
         if path.suffix == ".csv":
-            import pyarrow.csv as pacsv
+            table = _read_csv(path)
+        else:
+            import pyarrow.parquet as pq
 
-            return pacsv.read_csv(path)
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path)
+            table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise FeatureStoreError(f"{path}: cannot be read ({exc})") from None
+    unnamed = unnamed_columns(table.column_names)
+    if unnamed:
+        raise FeatureStoreError(f"{path}: column(s) {unnamed} have no name (a pandas index "
+                                "written with the data?): write it without the index "
+                                "(index=False) or name the column")
+    return table
+
+
+def _read_csv(path: Path) -> pa.Table:
+    import pyarrow.csv as pacsv
+
+    try:
+        return pacsv.read_csv(path)
+    except pa.ArrowInvalid as exc:  # the column's name and the row, not pyarrow's "#0"
+        raise FeatureStoreError(explain_csv_error(path, str(exc), csv_header(path))) from None
 
 
 def load_records(client: redis.Redis, table: pa.Table, kind: str, id_field: str | None,

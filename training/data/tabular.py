@@ -37,6 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from features import DatasetSpec, FieldSpec
+from features.tables import UNNAMED, csv_header, explain_csv_error
 from training.data import libfm
 from training.data.source import (
     SPLITS,
@@ -51,11 +52,6 @@ from training.data.spec import DatasetSpecFile, SplitFiles, SplitRule, load_spec
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BLOCK_SIZE = 16 << 20
 PARQUET_BATCH_ROWS = 256 * 1024
-# Names pandas gives an index column written with the data (to_csv, to_parquet).
-UNNAMED = re.compile(r"^(|Unnamed: \d+|__index_level_\d+__)$")
-CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+): "
-                        r"invalid value '(.*)'$", re.S)
-CELL_COUNT = re.compile(r"Expected (\d+) columns, got (\d+): (.*)$", re.S)
 SPLIT_WORDS = {"train": {"train", "training"}, "valid": {"valid", "validation", "val", "dev"},
                "test": {"test", "testing"}}
 
@@ -203,7 +199,8 @@ class TabularSource(DataSource):
                 yield f"{path} (rows {offset + 1}-{offset + batch.num_rows})", pa.table(batch)
                 offset += batch.num_rows
         except pa.ArrowInvalid as exc:
-            raise _csv_error(path, str(exc), header, options, self.columns is None) from None
+            raise DataError(explain_csv_error(path, str(exc), header, options,
+                                              self.columns is None)) from None
         except OSError as exc:
             raise DataError(f"{path}: {exc}") from None
 
@@ -393,51 +390,9 @@ def _rule_record(rule: SplitRule, whole: bool) -> dict[str, Any]:
 
 def _header(path: Path, delimiter: str) -> list[str]:
     try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            return next(csv.reader(f, delimiter=delimiter), [])
+        return csv_header(path, delimiter)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read its header line ({exc})") from None
-
-
-def _csv_error(path: Path, message: str, header: list[str], options: dict[str, Any],
-               has_header: bool) -> DataError:
-    """pyarrow's CSV error, with the column's name and the row when they can be found."""
-    conversion = CONVERSION.search(message)
-    if conversion:
-        index, to, value = int(conversion[1]), conversion[2], conversion[3]
-        name = header[index] if index < len(header) else f"#{index}"
-        row = _row_of(path, name, value, options)
-        where = f"row {row} (line {row + has_header})" if row else "a row"
-        what = "a number" if to in ("double", "float") else "an integer"
-        return DataError(f"{path}: column {name!r}, {where}: {value!r} is not {what}")
-    cells = CELL_COUNT.search(message)
-    if cells:
-        line = _line_of(path, cells[3].rstrip("\r\n"))
-        at = f"line {line}" if line else "a line"
-        return DataError(f"{path}: {at} has {cells[2]} cell(s), the header {cells[1]}: "
-                         f"{cells[3].strip()!r}")
-    return DataError(f"{path}: {message}")
-
-
-def _row_of(path: Path, name: str, value: str, options: dict[str, Any]) -> int | None:
-    """The 1-based data row where `name` first holds `value`, read again as text."""
-    convert = pacsv.ConvertOptions(column_types={name: pa.string()}, include_columns=[name],
-                                   strings_can_be_null=False)
-    offset = 0
-    try:
-        for batch in pacsv.open_csv(path, convert_options=convert, **options):
-            hit = pc.index(batch.column(0), value).as_py()
-            if hit >= 0:
-                return offset + hit + 1
-            offset += batch.num_rows
-    except (pa.ArrowInvalid, OSError):
-        return None
-    return None
-
-
-def _line_of(path: Path, text: str) -> int | None:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        return next((n for n, line in enumerate(f, 1) if line.rstrip("\r\n") == text), None)
 
 
 def _label_int64(table: pa.Table, label: str, where: str) -> pa.Table:
