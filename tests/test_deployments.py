@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,25 +27,34 @@ BODY = {"user_id": "u1", "context": {"hour": 9, "weekday": 2},
         "candidates": [{"item_id": f"a{i:04d}"} for i in range(1, 9)]}
 
 
-@pytest.fixture(scope="module")
-def world(bundles, synth_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deploy")
-    registry = copy_registry(bundles, tmp / "registry", broken=True)
+def start_world(tmp: Path, bundles: dict, synth_dir: Path, salt: str, arms: list[dict],
+                models: tuple[str, ...], deploy_poll_s: float) -> Iterator[dict]:
+    """A fresh world for one test: a registry of copies of the fixture bundles (and a broken
+    DeepFM copy), its own embedded Redis holding the feature records and nothing deployed yet,
+    and a scorer serving the experiment `ranker` with `arms`."""
+    registry = copy_registry(bundles, tmp / "registry", models, broken=True)
     db = tmp / "store.rdb"
     redis_server = start_embedded(db)
-    load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
-    config = {"experiments": [{"name": "ranker", "salt": "r1", "arms": [
-        {"name": "main", "weight": 1.0, "bundle": bundles["lr"].name, "control": True}]}]}
-    (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
-    settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
-                        redis_url=embedded_url(redis_server), deploy_poll_s=0.2,
-                        max_candidates=50, queue_capacity_rows=1024, warmup_rounds=1)
     try:
+        load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
+        config = {"experiments": [{"name": "ranker", "salt": salt, "arms": arms}]}
+        (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
+        settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
+                            redis_url=embedded_url(redis_server), deploy_poll_s=deploy_poll_s,
+                            max_candidates=50, queue_capacity_rows=1024, warmup_rounds=1)
         with LiveServer(settings) as live:
             yield {"server": live, "registry": registry, "db": db, "redis": redis_server,
                    "settings": settings}
     finally:
         stop_embedded(redis_server)
+
+
+@pytest.fixture
+def world(bundles, synth_dir, tmp_path):
+    """One arm, `main`, serving LR; no deployment history."""
+    yield from start_world(tmp_path, bundles, synth_dir, "r1", [
+        {"name": "main", "weight": 1.0, "bundle": bundles["lr"].name, "control": True}],
+        ("lr", "deepfm"), deploy_poll_s=0.2)
 
 
 def version(registry: Path, name: str) -> str:
@@ -83,31 +93,35 @@ class Traffic:
         for t in self.threads:
             t.join(30)
 
-    def wait_for(self, served: str, timeout_s: float = 10.0) -> float:
-        """Seconds until a request was answered by `served`."""
+    def wait_for(self, served: str, count: int = 15, timeout_s: float = 60.0) -> None:
+        """Until `count` requests sent from now on were answered by `served` (the deadline is
+        generous: the scorer polls the state every 0.2 s, but the cores are shared)."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if any(v == served and t > start for t, _, v in self.results[-20:]):
-                return time.monotonic() - start
-            time.sleep(0.05)
-        raise AssertionError(f"{served} not served within {timeout_s} s")
+        while sum(1 for t, _, v in list(self.results) if v == served and t > start) < count:
+            assert time.monotonic() - start < timeout_s, f"{served} not served in {timeout_s} s"
+            time.sleep(0.02)
+
+    def wait_count(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until `count` requests were answered (whatever by)."""
+        start = time.monotonic()
+        while len(self.results) < count:
+            assert time.monotonic() - start < timeout_s, f"{count} requests not in {timeout_s} s"
+            time.sleep(0.02)
 
 
 def test_deploy_and_rollback_under_traffic_fail_no_request(world, bundles, capsys):
     url, registry = world["server"].url, world["registry"]
     lr, deepfm = bundles["lr"].name, bundles["deepfm"].name
     with Traffic(url) as traffic:
-        time.sleep(0.3)
+        traffic.wait_count(25)  # traffic on the first bundle
         assert cli(world, "deploy", "--experiment", "ranker", "--arm", "main", "--bundle",
                    deepfm, "--why", "better AUC") == 0
         record = json.loads(capsys.readouterr().out)
         assert (record["from"], record["to"], record["kind"]) == (lr, deepfm, "deploy")
-        assert traffic.wait_for(version(registry, deepfm)) < 5
-        time.sleep(0.3)
+        traffic.wait_for(version(registry, deepfm))
         assert cli(world, "rollback", "--experiment", "ranker", "--arm", "main", "--why",
                    "CTR dropped") == 0
-        assert traffic.wait_for(version(registry, lr)) < 5
-        time.sleep(0.3)
+        traffic.wait_for(version(registry, lr))
     statuses = [s for _, s, _ in traffic.results]
     assert len(statuses) > 50 and set(statuses) == {200}
     assert {v for _, _, v in traffic.results} == {version(registry, lr),
@@ -136,6 +150,11 @@ def test_a_bundle_failing_verification_is_refused_and_nothing_changes(world, cap
 
 def test_history_records_who_when_from_to_why_in_order(world, bundles, capsys):
     lr, deepfm = bundles["lr"].name, bundles["deepfm"].name
+    assert cli(world, "deploy", "--experiment", "ranker", "--arm", "main", "--bundle",
+               deepfm, "--why", "better AUC") == 0
+    assert cli(world, "rollback", "--experiment", "ranker", "--arm", "main", "--why",
+               "CTR dropped") == 0
+    capsys.readouterr()
     assert cli(world, "deployments", "--experiment", "ranker", "--json") == 0
     records = json.loads(capsys.readouterr().out)
     assert [(r["kind"], r["from"], r["to"], r["why"]) for r in records] == [
@@ -156,7 +175,7 @@ def test_a_bundle_that_fails_to_load_keeps_the_old_one_serving(world, bundles):
     client.hset(state_key("ranker"), "main", "deepfm-broken")
     client.incr(VERSION_KEY)
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not (error := httpx.get(url + "/v1/models").json()["deployment"]["error"]):
             assert time.monotonic() < deadline, "the refusal never showed"
             time.sleep(0.1)
@@ -185,29 +204,18 @@ USERS = [f"canary-user-{i:03d}" for i in range(400)]
 SALT = "c1"
 
 
-@pytest.fixture(scope="module")
-def canary_world(bundles, synth_dir, tmp_path_factory):
-    """Two arms (control: LR, deepfm: DeepFM) whose deepfm arm gets FM canaries."""
-    tmp = tmp_path_factory.mktemp("canary")
-    registry = copy_registry(bundles, tmp / "registry", ("lr", "deepfm", "fm"), broken=True)
-    db = tmp / "store.rdb"
-    redis_server = start_embedded(db)
-    load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
-    config = {"experiments": [{"name": "ranker", "salt": SALT, "arms": [
-        {"name": "control", "weight": 0.5, "bundle": bundles["lr"].name, "control": True},
-        {"name": "deepfm", "weight": 0.5, "bundle": bundles["deepfm"].name}]}]}
-    (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
-    settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
-                        redis_url=embedded_url(redis_server), deploy_poll_s=0.1,
-                        max_candidates=50, queue_capacity_rows=1024, warmup_rounds=1)
+@pytest.fixture
+def canary_world(bundles, synth_dir, tmp_path):
+    """Two arms (control: LR, deepfm: DeepFM) whose deepfm arm gets FM canaries; no canary
+    and no deployment history yet."""
     names = {m: bundles[m].name for m in ("lr", "deepfm", "fm")}
-    try:
-        with LiveServer(settings) as live:
-            yield {"server": live, "registry": registry, "db": db, "redis": redis_server,
-                   "settings": settings, "names": names,
-                   "versions": {m: version(registry, n) for m, n in names.items()}}
-    finally:
-        stop_embedded(redis_server)
+    for world in start_world(tmp_path, bundles, synth_dir, SALT, [
+            {"name": "control", "weight": 0.5, "bundle": names["lr"],
+             "control": True},
+            {"name": "deepfm", "weight": 0.5, "bundle": names["deepfm"]}],
+            ("lr", "deepfm", "fm"), deploy_poll_s=0.1):
+        yield {**world, "names": names,
+               "versions": {m: version(world["registry"], n) for m, n in names.items()}}
 
 
 def applied(world: dict, url: str | None = None) -> dict:
@@ -245,6 +253,15 @@ def canary_cli(world: dict, *args: str) -> int:
     return cli(world, *args[:1], "--experiment", "ranker", "--arm", "deepfm", *args[1:])
 
 
+def with_canary(world: dict, capsys, *shares: float) -> None:
+    """Deploy the FM canary to the deepfm arm at each share in turn; wait until applied."""
+    for share in shares:
+        assert canary_cli(world, "deploy", "--bundle", world["names"]["fm"], "--canary",
+                          str(share)) == 0
+    applied(world)
+    capsys.readouterr()
+
+
 def test_a_canary_serves_its_share_of_the_arm_stably_and_is_attributed(canary_world, capsys):
     world, url = canary_world, canary_world["server"].url
     fm, deepfm, v = world["names"]["fm"], world["names"]["deepfm"], world["versions"]
@@ -279,7 +296,9 @@ def test_a_canary_serves_its_share_of_the_arm_stably_and_is_attributed(canary_wo
 
 def test_raising_the_share_keeps_the_earlier_canary_users(canary_world, capsys):
     world, url, fm = canary_world, canary_world["server"].url, canary_world["names"]["fm"]
+    with_canary(world, capsys, 0.3)
     before = canary_users(world, scored(url, USERS))
+    assert before
     assert canary_cli(world, "deploy", "--bundle", fm, "--canary", "0.6") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["share"] == 0.6 and record["replaced"] == {"bundle": fm, "share": 0.3}
@@ -293,6 +312,7 @@ def test_raising_the_share_keeps_the_earlier_canary_users(canary_world, capsys):
 def test_promote_serves_the_canary_to_the_whole_arm_and_rollback_returns(canary_world, capsys):
     world, url, v = canary_world, canary_world["server"].url, canary_world["versions"]
     fm, deepfm = world["names"]["fm"], world["names"]["deepfm"]
+    with_canary(world, capsys, 0.3, 0.6)
     assert canary_cli(world, "promote", "--why", "canary looks fine") == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["kind"], record["from"], record["to"], record["share"]) == (

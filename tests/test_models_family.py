@@ -14,6 +14,7 @@ from models.ccpm import KMaxPooling
 from models.ffm import FFMInteraction
 from models.kpnn import KernelProduct
 from tests.conftest import train_cli
+from tests.model_checks import PARITY, independent_parity
 
 FAMILY_MODELS = ("fnn", "ffm", "ccpm", "kpnn", "pin", "kfm", "nifm")
 
@@ -55,6 +56,8 @@ def test_family_model_trains_exports_and_verifies(synth_dir, tmp_path, model):
     assert m.model_type == model
     assert all(t.shape[0] == "batch" for t in m.inputs), "dynamic batch axis"
     assert m.parity.rows >= 1000 and m.parity.max_abs_diff <= 1e-5
+    # recomputed here, not read from the exporter's record: ONNX against the run's weights
+    assert independent_parity(run, bundle_dir, synth_dir) <= PARITY
     auc = json.loads((Path(run) / "run.json").read_text())["metrics"]["test"]["auc"]
     print(f"{model}: test auc {auc:.4f}, parity {m.parity.max_abs_diff:.2e}")
     assert auc > 0.55

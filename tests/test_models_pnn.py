@@ -12,6 +12,7 @@ from bundles import load_bundle
 from ctrserve.cli import main
 from models.product import InnerProduct, OuterProduct
 from tests.conftest import train_cli
+from tests.model_checks import PARITY, independent_parity
 
 PNN_MODELS = ("ipnn", "opnn", "pnn-star", "deepfm-ipnn", "deepfm-opnn", "deepfm-pnn-star")
 
@@ -52,6 +53,8 @@ def test_pnn_model_trains_exports_and_verifies(synth_dir, tmp_path, model):
     assert m.model_type == model
     assert all(t.shape[0] == "batch" for t in m.inputs), "dynamic batch axis"
     assert m.parity.rows >= 1000 and m.parity.max_abs_diff <= 1e-5
+    # recomputed here, not read from the exporter's record: ONNX against the run's weights
+    assert independent_parity(run, bundle_dir, synth_dir) <= PARITY
     auc = json.loads((Path(run) / "run.json").read_text())["metrics"]["test"]["auc"]
     print(f"{model}: test auc {auc:.4f}, parity {m.parity.max_abs_diff:.2e}")
     assert auc > 0.55

@@ -13,6 +13,7 @@ import torch
 from ctrserve.cli import main
 from models import ModelConfig, build_model
 from tests.conftest import SMALL_MODEL_FLAGS, train_cli
+from tests.model_checks import PARITY, independent_parity
 from training.abundance import ABUNDANCE_FILE, information_abundance
 
 LAYOUT = {"categorical": [("a", 5), ("b", 7)], "multi": [("m", 4)], "numeric": ["x"]}
@@ -29,7 +30,7 @@ def multi_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @pytest.mark.parametrize("model", ["deepfm", "ipnn"])
-def test_two_sets_train_export_verify(multi_runs, tmp_path, capsys, model):
+def test_two_sets_train_export_verify(multi_runs, synth_dir, tmp_path, capsys, model):
     run = multi_runs[model]
     info = json.loads((run / "run.json").read_text())
     assert info["model"]["embedding_sets"] == 2
@@ -45,6 +46,8 @@ def test_two_sets_train_export_verify(multi_runs, tmp_path, capsys, model):
     assert main(["verify", str(bundle)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["parity"]["max_abs_diff"] <= 1e-5
+    # recomputed here, not read from the exporter's record: ONNX against the run's weights
+    assert independent_parity(run, bundle, synth_dir) <= PARITY
     assert manifest["hyperparameters"]["model"]["embedding_sets"] == 2
     summary = manifest["abundance"]
     assert summary["embedding_sets"] == 2 and summary["mean"] == abundance["mean"]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import yaml
 
 from ctrserve.cli import main
@@ -25,37 +30,59 @@ from service.settings import Settings
 from tests.serving import LiveServer, World, copy_registry
 from training.data.events import EventLogSource, event_day
 from training.data.source import DataError
-from training.retrain import arm_lock
+from training.retrain import Gate, arm_lock
 
 DAYS, PER_DAY = 3, 150
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",
          "0.2,5"]
 
 
+def settings_for(registry: Path, redis_server) -> Settings:
+    return Settings(registry=registry, experiments_file=registry.parent / "experiments.yaml",
+                    redis_url=embedded_url(redis_server), deploy_poll_s=0.2, clock="client",
+                    max_candidates=100, warmup_rounds=1)
+
+
 @pytest.fixture(scope="module")
-def world(bundles, synth_dir, tmp_path_factory):
+def logged(bundles, synth_dir, tmp_path_factory) -> dict:
+    """Built once, never changed: DAYS simulated days against a scorer with two arms (lr,
+    deepfm), drained into an event log. Kept as files: the registry, the Redis store (saved
+    when its server stopped) and the event log; `world` gives each test its own copy."""
     tmp = tmp_path_factory.mktemp("retrain")
     registry = copy_registry(bundles, tmp / "registry")
-    db = tmp / "store.rdb"
-    redis_server = start_embedded(db)
-    load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
     config = {"experiments": [{"name": "ranker", "salt": "rt-1", "arms": [
         {"name": "lr", "weight": 0.5, "bundle": bundles["lr"].name, "control": True},
         {"name": "deepfm", "weight": 0.5, "bundle": bundles["deepfm"].name}]}]}
     (tmp / "experiments.yaml").write_text(yaml.safe_dump(config))
-    settings = Settings(registry=registry, experiments_file=tmp / "experiments.yaml",
-                        redis_url=embedded_url(redis_server), deploy_poll_s=0.2, clock="client",
-                        max_candidates=100, warmup_rounds=1)
+    db = tmp / "redis" / "store.rdb"
+    redis_server = start_embedded(db)
     try:
-        with LiveServer(settings) as live:
+        load_tables(redis_server, synth_dir / "users.parquet", synth_dir / "apps.parquet")
+        with LiveServer(settings_for(registry, redis_server)) as live:
             cfg = SimConfig(url=live.url, days=DAYS, requests_per_day=PER_DAY,
                             candidates=(20, 30), top_k=10, concurrency=8, seed=5,
                             duplicate_rate=0.02, event_batch=40, max_seconds=60)
             summary = simulate(synth_dir, cfg)
-            w = {"server": live, "registry": registry, "db": db, "redis": redis_server,
-                 "events": tmp / "events", "summary": summary, "tmp": tmp}
-            assert cli(w, "drain-events", "--out", str(w["events"])) == 0
-            yield w
+        w = {"registry": registry, "db": db, "events": tmp / "events", "summary": summary,
+             "tmp": tmp}
+        assert cli(w, "drain-events", "--out", str(w["events"])) == 0
+    finally:
+        stop_embedded(redis_server)  # SHUTDOWN SAVE: the store is all in its files now
+    return w
+
+
+@pytest.fixture
+def world(logged, tmp_path) -> Iterator[dict]:
+    """A copy of `logged` of the test's own (registry, Redis store, event log) and a scorer
+    on it: what one test deploys, drains or records is seen by no other."""
+    shutil.copytree(logged["tmp"], tmp_path / "world")
+    tmp = tmp_path / "world"
+    registry, db = tmp / "registry", tmp / "redis" / "store.rdb"
+    redis_server = start_embedded(db)
+    try:
+        with LiveServer(settings_for(registry, redis_server)) as live:
+            yield {"server": live, "registry": registry, "db": db, "redis": redis_server,
+                   "events": tmp / "events", "summary": logged["summary"], "tmp": tmp}
     finally:
         stop_embedded(redis_server)
 
@@ -79,12 +106,12 @@ def served_version(url: str, arm_bundle_version: str, timeout_s: float = 10) -> 
     return False
 
 
-def test_event_log_source_rows_labels_and_days(world, bundles, synth_dir):
+def test_event_log_source_rows_labels_and_days(logged, bundles, synth_dir):
     spec = json.loads((bundles["lr"] / "manifest.json").read_text())["encoder"]["dataset"]
-    source = EventLogSource(world["events"], 7, spec, experiment="ranker",
+    source = EventLogSource(logged["events"], 7, spec, experiment="ranker",
                             item_records=World(synth_dir).apps)
     assert [len(source.days[s]) for s in ("train", "valid", "test")] == [DAYS - 2, 1, 1]
-    summary = world["summary"]
+    summary = logged["summary"]
     rows = sum(c.table.num_rows for s in ("train", "valid", "test") for c in source.chunks(s))
     positives = sum(int(pa.compute.sum(c.table.column("label")).as_py() or 0)
                     for s in ("train", "valid", "test") for c in source.chunks(s))
@@ -96,19 +123,19 @@ def test_event_log_source_rows_labels_and_days(world, bundles, synth_dir):
     assert test.column("category").null_count == 0  # item records joined
     assert source.last_day.isoformat() == max(summary["days"])
     with pytest.raises(DataError, match="no such event log"):
-        EventLogSource(world["tmp"] / "nothing", 7, spec)
+        EventLogSource(logged["tmp"] / "nothing", 7, spec)
     assert event_day("2026-01-05T23:59:59+00:00").isoformat() == "2026-01-05"
     assert event_day(1767600000).isoformat() == "2026-01-05"
 
 
-def test_event_log_rows_do_not_depend_on_the_order_events_arrived(world, bundles, synth_dir,
+def test_event_log_rows_do_not_depend_on_the_order_events_arrived(logged, bundles, synth_dir,
                                                                    tmp_path):
     """Concurrent clients log in a different order each run; the training rows must not."""
     import pyarrow.parquet as pq
 
     shuffled = tmp_path / "events"
     rng = np.random.default_rng(0)
-    for path in sorted(world["events"].glob("day=*/*.parquet")):
+    for path in sorted(logged["events"].glob("day=*/*.parquet")):
         table = pq.read_table(path)
         target = shuffled / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +143,7 @@ def test_event_log_rows_do_not_depend_on_the_order_events_arrived(world, bundles
     spec = json.loads((bundles["lr"] / "manifest.json").read_text())["encoder"]["dataset"]
     apps = World(synth_dir).apps
     sources = [EventLogSource(root, 7, spec, experiment="ranker", item_records=apps)
-               for root in (world["events"], shuffled)]
+               for root in (logged["events"], shuffled)]
     for split in ("train", "valid", "test"):
         a, b = ([c.table for c in source.chunks(split)] for source in sources)
         assert len(a) == len(b) and all(x.equals(y) for x, y in zip(a, b, strict=True))
@@ -143,12 +170,18 @@ def test_retrain_deploys_a_challenger_and_the_scorer_serves_it(world, bundles, c
 
 
 def test_the_same_retrain_twice_does_not_train_or_deploy_twice(world, capsys):
+    assert retrain_cli(world, "lr", *LOOSE) == 0  # the first run: trained, deployed
+    first = json.loads(capsys.readouterr().out)
+    assert first["decision"] == "deployed", first
     history = world["redis"].llen(HISTORY_KEY)
     assert retrain_cli(world, "lr", *LOOSE) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["skipped"] is True
+    again = json.loads(captured.out)
+    assert again["skipped"] is True and again["key"] == first["key"]
     assert "already ran" in captured.err and "train:" not in captured.err
     assert world["redis"].llen(HISTORY_KEY) == history
+    assert world["redis"].hget(state_key("ranker"), "lr").decode() == first["challenger"][
+        "bundle"]
 
 
 def test_a_challenger_on_shuffled_labels_is_rejected_and_the_champion_keeps_serving(
@@ -182,14 +215,14 @@ def positives(source: EventLogSource) -> int:
                for s in ("train", "valid", "test") for c in source.chunks(s))
 
 
-def test_downloads_label_impressions_only_within_the_attribution_window(world, bundles):
+def test_downloads_label_impressions_only_within_the_attribution_window(logged, bundles):
     # the simulator reports a download 9 s + 5 s per slot after its impression
     def labelled(window):
-        return positives(EventLogSource(world["events"], 7, spec_of(bundles["lr"]),
+        return positives(EventLogSource(logged["events"], 7, spec_of(bundles["lr"]),
                                         experiment="ranker", attribution_window_s=window))
 
     everything = labelled(None)
-    assert everything == sum(a["downloads"] for a in world["summary"]["arms"].values())
+    assert everything == sum(a["downloads"] for a in logged["summary"]["arms"].values())
     assert labelled(5) == 0
     assert 0 < labelled(12) < everything  # only the downloads in the first slot
 
@@ -230,7 +263,7 @@ def report_impressions(url: str) -> int:
 
 
 def test_every_arm_retrains_and_swaps_under_live_traffic_with_no_failed_request(
-        world, bundles, synth_dir, capsys):
+        world, trained_runs, synth_dir, capsys):
     simulate_day(world, synth_dir, DAYS)  # a fourth day, then drain it
     assert cli(world, "drain-events", "--out", str(world["events"])) == 0
     client, url = world["redis"], world["server"].url
@@ -246,15 +279,23 @@ def test_every_arm_retrains_and_swaps_under_live_traffic_with_no_failed_request(
         out = json.loads(capsys.readouterr().out)
         new = {r["arm"]: r["challenger"]["version"] for r in out["runs"]}
         for version in new.values():
-            assert served_version(url, version)
-        time.sleep(1.5)  # traffic on the new versions too
+            assert served_version(url, version, timeout_s=60)
+        # traffic on the new versions too: a simulated day that was answered by them
+        deadline = time.monotonic() + 120
+        while not all(v in traffic.versions(arm) for arm, v in new.items()):
+            assert time.monotonic() < deadline and traffic.is_alive(), "no traffic on them"
+            time.sleep(0.1)
     finally:
         traffic.stop.set()
         traffic.join(timeout=120)
     assert code == 0
     assert [r["decision"] for r in out["runs"]] == ["deployed", "deployed"], out
     for r in out["runs"]:
-        assert r["train"]["warm_start"]["loaded"] > 0
+        # a strict warm start: the challenger (the champion's model type, hyper-parameters and
+        # encoder) starts from every one of the champion's weights, embedding tables included
+        champion_state = torch.load(trained_runs[r["arm"]] / "model.pt", weights_only=True)
+        assert r["train"]["warm_start"]["fresh"] == [], r["train"]["warm_start"]
+        assert r["train"]["warm_start"]["loaded"] == len(champion_state)
         assert r["data"]["base"]["rows"] == 20000
         assert r["data"]["splits"]["valid"]["days"] == 1
         assert client.hget(state_key("ranker"), r["arm"]).decode() != before[r["arm"]]
@@ -267,20 +308,21 @@ def test_every_arm_retrains_and_swaps_under_live_traffic_with_no_failed_request(
 
 
 def test_an_interrupted_retrain_leaves_nothing_half_deployed(world, synth_dir, capsys):
-    assert cli(world, "drain-events", "--out", str(world["events"])) == 0  # a newer last day
     client, registry = world["redis"], world["registry"]
     serving = client.hget(state_key("ranker"), "deepfm")
     history = client.llen(HISTORY_KEY)
-    bundles_before = sorted(p.name for p in registry.iterdir())
+    # the run's record folder (.retrain) is the only thing an interrupted run adds
+    bundles_before = sorted({*(p.name for p in registry.iterdir()), ".retrain"})
     cmd = [sys.executable, "-m", "ctrserve", "retrain", "--experiment", "ranker", "--arm",
            "deepfm", "--events", str(world["events"]), "--epochs", "20", "--registry",
            str(registry), "--redis-db", str(world["db"]), *LOOSE]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if "train:" in line:
-            time.sleep(1.0)
-            proc.kill()
+        if "train:" in line:  # said once the run's record names the step (20 epochs follow)
             break
+    records = sorted((registry / ".retrain").glob("ranker--deepfm--*.json"))
+    assert [json.loads(r.read_text())["step"] for r in records] == ["train"]
+    proc.kill()
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert client.hget(state_key("ranker"), "deepfm") == serving
@@ -305,3 +347,46 @@ def test_an_interrupted_retrain_leaves_nothing_half_deployed(world, synth_dir, c
     assert canary(client, "ranker", "deepfm") == {"bundle": record["challenger"]["bundle"],
                                                   "share": 0.5}
     assert "as a canary to 50%" in captured.err
+
+
+def constant_run(run: Path, out: Path) -> Path:
+    """A copy of a trained run with every weight but the biases zeroed: the model scores every
+    row alike, so it ranks at chance, the champion that any real retrain clearly beats."""
+    shutil.copytree(run, out)
+    state = torch.load(out / "model.pt", weights_only=True)
+    torch.save({k: v if k.endswith("bias") else torch.zeros_like(v) for k, v in state.items()},
+               out / "model.pt")
+    return out
+
+
+def test_the_default_gate_deploys_a_clearly_better_challenger(world, trained_runs, synth_dir,
+                                                               tmp_path, capsys):
+    """The gate at its defaults (no tolerance loosened) passes a challenger that is clearly
+    better than the champion. Realistic volume: three days of 1,000 requests (10,000
+    impressions each) served by the champion train (one day), validate and test it, so that
+    its calibration is measured on a held-out day of the traffic it was trained on."""
+    client, url = world["redis"], world["server"].url
+    assert main(["export", str(constant_run(trained_runs["lr"], tmp_path / "constant")),
+                 "--registry", str(world["registry"])]) == 0
+    champion = Path(capsys.readouterr().out.strip()).name
+    assert cli(world, "deploy", "--experiment", "ranker", "--arm", "lr", "--bundle", champion,
+               "--why", "a champion at chance") == 0
+    # the champion serves the arm before its days begin
+    constant = json.loads((world["registry"] / champion / "manifest.json").read_text())
+    assert served_version(url, constant["version"], timeout_s=60)
+    for index in range(DAYS, DAYS + 3):
+        simulate_day(world, synth_dir, index, requests=1000)
+    assert cli(world, "drain-events", "--out", str(world["events"])) == 0
+    capsys.readouterr()
+    assert retrain_cli(world, "lr", "--window-days", "3") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["options"]["gate"] == json.loads(json.dumps(dataclasses.asdict(Gate())))
+    assert record["champion"]["bundle"] == champion
+    challenger, held = record["metrics"]["challenger"], record["metrics"]["champion"]
+    assert held["auc"] == pytest.approx(0.5) and held["rows"] == 10_000
+    assert record["data"]["splits"]["train"]["rows"] == 10_000
+    assert challenger["auc"] > held["auc"] + 0.05 and challenger["logloss"] < held["logloss"]
+    assert record["gate"] == {"passed": True, "reasons": []}, record["metrics"]
+    assert record["decision"] == "deployed"
+    assert client.hget(state_key("ranker"), "lr").decode() == record["challenger"]["bundle"]
+    assert served_version(url, record["challenger"]["version"], timeout_s=60)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from ctrserve.cli import main
 from service.feature_store import item_key, load_tables
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
+from tests.serve_process import ServeProcess
 from tests.serving import LiveServer, World, copy_registry, direct_scores, metric_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,8 +144,12 @@ def test_item_records_refresh_after_the_cache_ttl(scorer, world, redis_url):
     changed = {**record, "category": "finance", "popularity": "very_high", "size_mb": 900.0}
     client.set(item_key(app_id), json.dumps(changed))
     try:
-        time.sleep(0.4)  # the scorer's item_cache_ttl_s is 0.3 s
-        after = httpx.post(scorer.url + "/v1/score", json=body).json()["scores"][0]
+        # the scorer's item_cache_ttl_s is 0.3 s: the new record is read within a few polls
+        deadline = time.monotonic() + 30
+        while (after := httpx.post(scorer.url + "/v1/score", json=body).json()["scores"][0]
+               ) == before:
+            assert time.monotonic() < deadline, "the changed item record was never read"
+            time.sleep(0.05)
     finally:
         client.set(item_key(app_id), json.dumps(record))
     rows = world.rows(body)
@@ -295,25 +299,52 @@ def test_metrics_export_arm_weights_and_queue_capacity(registry, synth_dir, tmp_
 
 
 # ---- overload and deadlines ------------------------------------------------------------------
+async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float,
+                          timeout_s: float = 30) -> None:
+    """Poll GET /metrics until the sample `name` (summed over its labels) equals `value`."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := metric_value((await client.get("/metrics")).text, name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {seen}, never {value}"
+        await asyncio.sleep(0.02)
+
+
 def test_overload_sheds_503_with_retry_after_then_recovers(registry, redis_url, world):
-    # One request of 60 rows waits 300 ms for company; a second one does not fit the 100-row
-    # queue, so every request that arrives meanwhile is shed at once instead of waiting.
+    # A request of 60 rows waits in its batch window (a minute) for company, holding 60 rows
+    # of the 100-row queue; another one of 60 rows does not fit, so each that arrives meanwhile
+    # is shed at once (503) instead of waiting. A request of 40 rows fits, fills the batch to
+    # its 100-row budget and runs it at once: the held request is answered with it.
     settings = settings_for(registry, redis_url, queue_capacity_rows=MAX_CANDIDATES,
-                            batch_max_rows=MAX_CANDIDATES, batch_max_delay_ms=300,
-                            retry_after_s=2)
-    apps = sorted(world.apps)[:60]
-    body = {"user_id": sorted(world.users)[0], "candidates": [{"item_id": a} for a in apps]}
+                            batch_max_rows=MAX_CANDIDATES, batch_max_delay_ms=60_000,
+                            request_deadline_ms=120_000, retry_after_s=2)
+    apps, user = sorted(world.apps), sorted(world.users)[0]
+    held = {"user_id": user, "candidates": [{"item_id": a} for a in apps[:60]]}
+    closer = {"user_id": user, "candidates": [{"item_id": a} for a in apps[60:100]]}
+    full = {"user_id": user, "candidates": [{"item_id": a} for a in apps[:MAX_CANDIDATES]]}
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            first = asyncio.create_task(client.post("/v1/score", json=held))
+            await wait_for_metric(client, "ctrserve_queue_depth_rows", 60)  # it is held
+            shed = await asyncio.gather(*(client.post("/v1/score", json=held)
+                                          for _ in range(15)))
+            held_meanwhile = not first.done()
+            closing = await client.post("/v1/score", json=closer)
+            return await first, shed, held_meanwhile, closing
+
     with LiveServer(settings) as server:
-        started = time.monotonic()
-        replies = asyncio.run(post_all(server.url, [body] * 16, concurrency=16))
-        codes = [r.status_code for r in replies]
-        assert set(codes) == {200, 503}, codes
-        shed = [r for r in replies if r.status_code == 503]
+        first, shed, held_meanwhile, closing = asyncio.run(run())
+        assert [r.status_code for r in shed] == [503] * 15
+        assert held_meanwhile, "the shed requests were answered at once, not queued"
         assert all(r.headers["retry-after"] == "2" for r in shed)
         assert all(r.json()["detail"][0]["loc"] == ["queue"] for r in shed)
-        assert time.monotonic() - started < 5, "shedding answers at once, it does not queue"
-        assert metric_value(httpx.get(server.url + "/metrics").text, "ctrserve_shed_total") > 0
-        later = [httpx.post(server.url + "/v1/score", json=body, timeout=10) for _ in range(3)]
+        assert (first.status_code, closing.status_code) == (200, 200), (first.text,
+                                                                       closing.text)
+        assert len(first.json()["scores"]) == 60 and len(closing.json()["scores"]) == 40
+        text = httpx.get(server.url + "/metrics").text
+        assert metric_value(text, "ctrserve_shed_total") == 15
+        assert metric_value(text, "ctrserve_queue_depth_rows") == 0
+        # the queue takes requests again: a full batch (100 rows) runs without waiting
+        later = [httpx.post(server.url + "/v1/score", json=full, timeout=30) for _ in range(3)]
         assert [r.status_code for r in later] == [200] * 3
 
 
@@ -326,6 +357,14 @@ def test_request_past_its_deadline_is_a_504(registry, redis_url):
 
 
 # ---- hot swap --------------------------------------------------------------------------------
+async def until(condition, what: str, timeout_s: float = 60) -> None:
+    """Wait (on the event loop) until `condition()` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
 def test_hot_swap_under_traffic_fails_no_request(scorer, registry, world):
     url = scorer.url
     bodies = requests_for(world, 16, seed=3)
@@ -341,15 +380,18 @@ def test_hot_swap_under_traffic_fails_no_request(scorer, registry, world):
             results.append((sent, r.status_code, version))
             i += 4
 
+    def sent_after(moment: float) -> int:
+        return sum(1 for sent, _, _ in results if sent > moment)
+
     async def run() -> dict:
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             workers = [asyncio.create_task(traffic(stop, client, i)) for i in range(4)]
-            await asyncio.sleep(0.3)
+            await until(lambda: len(results) >= 20, "traffic before the swap")
             reply = await asyncio.to_thread(
                 main, ["swap", "--url", url, "--bundle", new_name, "--api-key", API_KEY])
             swapped_at.append(time.monotonic())
-            await asyncio.sleep(0.3)
+            await until(lambda: sent_after(swapped_at[0]) >= 20, "traffic after the swap")
             stop.set()
             await asyncio.gather(*workers)
             return reply
@@ -387,52 +429,28 @@ def test_swap_refuses_a_bad_bundle_and_keeps_serving(scorer, registry):
 
 
 # ---- the command line, shutdown and the serving install ----------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("server not ready in time")
-
-
 def test_cli_serve_drains_in_flight_requests_on_sigterm(registry, redis_url):
-    port = _free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "CTRSERVE_BATCH_MAX_DELAY_MS": "400"}
-    cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry), "--bundle",
-           bundle_name(registry, "lr"), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, proc)
+    # a 5 s batch window: the six requests wait in it, unanswered, when SIGTERM arrives (the
+    # queue depth says so); the scorer answers them before it exits
+    env = {**os.environ, "REDIS_URL": redis_url, "CTRSERVE_BATCH_MAX_DELAY_MS": "5000",
+           "CTRSERVE_REQUEST_DEADLINE_MS": "30000"}
+    with ServeProcess(["--registry", str(registry), "--bundle", bundle_name(registry, "lr"),
+                       "--log-level", "warning"], env) as server:
+        url = server.wait_ready()
 
         async def in_flight_then_term() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 tasks = [asyncio.create_task(client.post("/v1/score", content=_body()))
                          for _ in range(6)]
-                await asyncio.sleep(0.15)  # all six wait in the batch window now
-                proc.send_signal(signal.SIGTERM)
+                # all six (one row each) wait in the batch window now
+                await wait_for_metric(client, "ctrserve_queue_depth_rows", 6)
+                assert not any(t.done() for t in tasks)
+                server.proc.send_signal(signal.SIGTERM)
                 return [r.status_code for r in await asyncio.gather(*tasks)]
 
         assert asyncio.run(in_flight_then_term()) == [200] * 6
         # uvicorn re-raises the SIGTERM it handled once shutdown is complete
-        assert proc.wait(30) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)
 
 
 def test_cli_serve_refuses_a_bad_bundle_in_one_line(registry, capsys):
