@@ -48,7 +48,7 @@ REFUSED = {"", "sh", "shell", "console", "zsh"}
 FLAGS = {"norun", "error"}
 # Lower bounds: the examples these pages hold when this test was written. Raise them when you
 # add examples; a drop means an example was deleted or lost its tag.
-MIN_BLOCKS, MIN_COMMANDS, MIN_ERRORS, MIN_URLS = 12, 21, 4, 3
+MIN_BLOCKS, MIN_COMMANDS, MIN_ERRORS, MIN_URLS = 16, 32, 4, 3
 COMMAND = re.compile(r"(?<![\w./-])(?:curl|ctrserve) ")
 REJECTED = re.compile(r'"status"\s*:\s*"rejected"')
 URL = re.compile(r"https?://(?:127\.0\.0\.1|localhost):8000(/[^\s`)\"'<>]*)?")
