@@ -50,13 +50,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     source = SyntheticSource(str(data_dir))
     rows = []
     for name in cfg.models:
-        _say(cfg, f"== training {name} ==")
+        _say(f"== training {name} ==")
         run_dir = cfg.out / "runs" / name
         info = train(source, ModelConfig(name=name), _train_config(cfg), run_dir,
                      progress=cfg.progress)
         bundle = export_run(run_dir, cfg.out / "registry")
         rows.append(_row(name, info, bundle))
-    _say(cfg, format_table(rows))
+    _say(format_table(rows))
     result: dict[str, Any] = {"data": str(data_dir), "models": rows}
     bundles = {r["model"]: Path(r["bundle"]).name for r in rows}
     ab_test = bool(cfg.ab_days and "lr" in bundles and len(bundles) > 1)
@@ -87,7 +87,7 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
     experiments = cfg.out / "experiments.yaml"
     experiments.write_text(experiments_yaml(bundles))
     arms = ", ".join(bundles)
-    _say(cfg, f"== A/B test: {arms} (lr is the control), {cfg.ab_days} day(s) of "
+    _say(f"== A/B test: {arms} (lr is the control), {cfg.ab_days} day(s) of "
               f"{cfg.ab_requests_per_day} requests" + (", daily retrains" if cfg.retrain else ""))
     retrain = RetrainOptions(warm_start=True, base_data=f"synth:{cfg.out / 'data'}",
                              base_rows=50_000, epochs=2) if cfg.retrain else None
@@ -99,21 +99,21 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
                                    registry=cfg.out / "registry", events_dir=cfg.out / "events",
                                    days=cfg.ab_days, requests_per_day=cfg.ab_requests_per_day,
                                    seed=cfg.seed, retrain=retrain), client,
-                            lambda line: _say(cfg, line))
+                            _say)
         finally:
             stop_embedded(embedded)  # leaves the scorer's server running
         report = httpx.get(f"{url}/v1/experiments/ranker/report", timeout=30).json()
-        _say(cfg, format_days(days, control="lr"))
-        _say(cfg, format_full_report(report))
+        _say(format_days(days, control="lr"))
+        _say(format_full_report(report))
         result = {"experiments": str(experiments), "days": days, "report": report}
         _write_json(cfg.out / "ab_test.json", result)
-        _say(cfg, f"results: {cfg.out / 'demo.json'}, {cfg.out / 'ab_test.json'}; scorer log: "
+        _say(f"results: {cfg.out / 'demo.json'}, {cfg.out / 'ab_test.json'}; scorer log: "
                   f"{scorer.log}")
         if not cfg.once:
-            _say(cfg, next_steps(cfg, url))
+            _say(next_steps(cfg, url))
             scorer.serve_until_interrupted()
     if cfg.once:
-        _say(cfg, serve_again(cfg, experiments))
+        _say(serve_again(cfg, experiments))
     return result
 
 
@@ -234,6 +234,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _say(cfg: DemoConfig, text: str) -> None:
-    if cfg.progress:
-        print(text, flush=True)
+def _say(text: str) -> None:
+    """The demo's tables and next steps (--no-progress turns off only the progress bars)."""
+    print(text, flush=True)

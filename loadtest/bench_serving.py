@@ -21,10 +21,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -132,14 +132,13 @@ class Server:
     def __init__(self, name: str, registry: Path, bundle: str, features: Path, workdir: Path,
                  extra: list[str], env_extra: dict[str, str] | None = None):
         self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""  # known once the server says where it listens (wait_ready)
         self.log = workdir / f"server-{name}.log"
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         env["CTRSERVE_REDIS_DB"] = str(workdir / f"redis-{name}" / "store.rdb")
         env.update(env_extra or {})
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
-               "--bundle", bundle, "--port", str(self.port), "--features", str(features),
+               "--bundle", bundle, "--port", "0", "--features", str(features),
                "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=self.log.open("w"))
@@ -151,6 +150,10 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"server {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            self.url = self.url or started_url(self.log) or ""
+            if not self.url:
+                time.sleep(0.1)
+                continue
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as reply:
                     if reply.status == 200:
@@ -210,10 +213,18 @@ class Server:
                 self.proc.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# uvicorn's start-up line (logged at INFO whatever --log-level says), or with --workers the
+# parent's "ctrserve running on ..." line
+RUNNING = re.compile(r"running on (http://[\d.]+:\d+)")
+
+
+def started_url(log: Path) -> str | None:
+    """Where a scorer started with `--port 0` listens, from its log: the server binds a free
+    port itself, so nothing can take it between a probe and the bind."""
+    if not log.is_file():
+        return None
+    match = RUNNING.search(log.read_text(errors="replace"))
+    return match.group(1) if match else None
 
 
 # ---- clients ----------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ from typing import Any
 import httpx
 import redis
 
-from loadtest.bench_serving import free_port
+from loadtest.bench_serving import started_url
 from loadtest.redis_servers import LocalRedis, redis_binaries
 from service.event_log import drain, streams
 
@@ -131,10 +131,9 @@ class Scorer:
 
     def __init__(self, registry: Path, bundle: str, redis_url: str, candidates: int,
                  features: Path | None, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""  # known once the server says where it listens (_ready)
         self.args = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
-                     "--bundle", bundle, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--bundle", bundle, "--host", "127.0.0.1", "--port", "0",
                      "--max-candidates", str(max(candidates, 1000)), "--log-level", "warning"]
         if features:
             self.args += ["--features", str(features)]
@@ -144,6 +143,9 @@ class Scorer:
         self.log = log
 
     def _ready(self) -> bool:
+        self.url = self.url or started_url(self.log) or ""
+        if not self.url:
+            return False
         try:
             return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:

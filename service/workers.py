@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -78,7 +79,9 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         procs.extend(start() for _ in range(workers))
-        log.info("%d workers on http://%s:%d", workers, settings.host, sock.getsockname()[1])
+        # always said, as uvicorn says its address: with --port 0 this is how one learns it
+        print(f"ctrserve running on http://{settings.host}:{sock.getsockname()[1]} with "
+              f"{workers} workers", file=sys.stderr, flush=True)
         _supervise(procs, start, stopping)
     finally:
         for s, handler in previous.items():

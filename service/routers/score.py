@@ -4,7 +4,7 @@ FastAPI's default path (json.loads, then validation, then jsonable_encoder and j
 costs about 1.2 ms per request more at 100 candidates; see docs/architecture.md, "Performance".
 Even its request layer (dependency solving, endpoint wrapping) cost a fifth of the throughput at
 10 candidates (2,450 against 3,000 requests/s, 16 concurrent), and the middleware stack around
-any route about 50 µs of CPU per request, so service/score_endpoint.py serves the path as a
+any route 28-35 µs of CPU per request, so service/score_endpoint.py serves the path as a
 bare ASGI endpoint ahead of both; this FastAPI route only documents it in the OpenAPI schema.
 """
 
