@@ -124,6 +124,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await state.follower.stop()
             if getattr(state, "lag", None) is not None:
                 await state.lag.stop()
+            if getattr(state, "scorer", None) is not None:
+                await state.scorer.close()  # its guardrail sums of the last second
             await state.models.close()
     finally:
         await state.redis.close()

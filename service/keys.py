@@ -12,12 +12,15 @@ an experiment spread over the nodes.
     ctrserve:{E:A}:ab:all:x      hash user -> impressions over the experiment  (EXPIRE:
     ctrserve:{E:A}:ab:all:y      hash user -> downloads over the experiment     retention after
     ctrserve:{E:A}:ab:all:sums   the sums over the experiment, each user once   the last event)
-    ctrserve:{E:A}:ab:days       set of the days D with counts
+    ctrserve:{E:A}:ab:D:guard    hash requests, errors, items, probability, le_<bound>: the
+                                 arm's guardrail sums that day (EXPIRE: retention after D)
+    ctrserve:{E:A}:ab:days       set of the days D with counts or guardrail sums
     ctrserve:{E:A}:seen:B        hash event-id digest -> 1, dedup bucket B of the dedup window
     ctrserve:{E:A}:log:events    stream: accepted events (event_log.py)
     ctrserve:{E:A}:log:serve     stream: what each scored request served (event_log.py)
     ctrserve:logs                set of the stream names above (the drainer's list)
-    ctrserve:exp:E               JSON {"control", "weights"}: the config the scorer last served
+    ctrserve:exp:E               JSON {"control", "weights", "guardrails"}: the config the
+                                 scorer last served
     ctrserve:attribution:key     the signing key shared by replicas without a configured one
 """
 
@@ -37,7 +40,8 @@ TOTAL = "all"  # the "day" of the counts over the whole experiment
 
 
 def arm_key(experiment: str, day: str, arm: str, part: str) -> str:
-    """One arm-day (or arm-total, day=TOTAL) count hash: part is x, y or sums."""
+    """One arm-day (or arm-total, day=TOTAL) count hash: part is x, y or sums (or guard, an
+    arm-day's guardrail sums)."""
     return f"{arm_tag(experiment, arm)}:ab:{day}:{part}"
 
 

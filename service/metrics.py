@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.experiments.guardrails import LATENCY_BUCKETS_S
 from service.keys import LOG_KINDS
 
 LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1., 2., 5.)
@@ -31,6 +32,8 @@ EVENT_TYPES = ("impression", "download")
 EVENT_STATUSES = ("accepted", "duplicate", "rejected")
 SWAP_RESULTS = ("loaded", "refused")
 ArmLabels = tuple[str, str, str]  # (experiment, arm, control: "true" or "false")
+# ctrserve_guardrail_threshold's `guardrail` label values, with the config value of each
+GUARDRAILS = ("latency_p99_seconds", "error_share", "calibration_min", "calibration_max")
 
 
 class Metrics:
@@ -93,8 +96,29 @@ class Metrics:
         self.log_lag = Gauge("ctrserve_log_lag_seconds", "age of the oldest undrained entry "
                              "of each log (0: drained)", ["log"], registry=r,
                              multiprocess_mode="livemax")
+        self._guardrail_metrics(r, ab)
         self._arms: set[ArmLabels] = set()
+        self._guarded: set[str] = set()
         self._precreate()
+
+    def _guardrail_metrics(self, r: CollectorRegistry, ab: list[str]) -> None:
+        """Per-arm guardrails (service/experiments/guardrails.py), holdout excluded: the
+        alerts in deploy/prometheus read these names and labels."""
+        self.arm_latency = Histogram("ctrserve_arm_request_duration_seconds", "score requests "
+                                     "of each arm, body read to reply built, failed ones "
+                                     "included", ab, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.arm_errors = Counter("ctrserve_arm_request_errors", "score requests of each arm "
+                                  "that failed after it was chosen (5xx: deadline, Redis, "
+                                  "overload, model)", ab, registry=r)
+        self.arm_items = Counter("ctrserve_arm_returned_items", "items returned by each arm's "
+                                 "answered score requests", ab, registry=r)
+        self.arm_probability = Counter("ctrserve_arm_returned_probability", "sum of the "
+                                       "predicted probabilities of those items", ab, registry=r)
+        self.guardrail = Gauge("ctrserve_guardrail_threshold", "each served experiment's "
+                               "guardrail thresholds: latency_p99_seconds, error_share, "
+                               "calibration_min, calibration_max",
+                               ["experiment", "guardrail"], registry=r,
+                               multiprocess_mode="livemax")
 
     def _precreate(self) -> None:
         for reason in SHED_REASONS:
@@ -138,11 +162,23 @@ class Metrics:
         counters are created at 0 (an arm's first impression then shows in increase())."""
         for labels, weight in weights.items():
             self.arm_weight.labels(*labels).set(weight)
-            for counter in (self.impressions, self.downloads, self.users):
+            for counter in (self.impressions, self.downloads, self.users, self.arm_latency,
+                            self.arm_errors, self.arm_items, self.arm_probability):
                 counter.labels(*labels[:2])
         for labels in self._arms - weights.keys():
             _drop(self.arm_weight, *labels)
         self._arms = set(weights)
+
+    def set_guardrails(self, thresholds: dict[str, dict[str, float]]) -> None:
+        """Export exactly these experiments' thresholds ({experiment: {guardrail: value}},
+        guardrails as in GUARDRAILS), new ones first, as set_arms does."""
+        for experiment, values in thresholds.items():
+            for name in GUARDRAILS:
+                self.guardrail.labels(experiment, name).set(values[name])
+        for experiment in self._guarded - thresholds.keys():
+            for name in GUARDRAILS:
+                _drop(self.guardrail, experiment, name)
+        self._guarded = set(thresholds)
 
 
 def _drop(gauge: Gauge, *labels: str) -> None:
@@ -169,6 +205,35 @@ class RequestRecorder:
             self._children[(endpoint, status)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+
+class ArmRecorder:
+    """The per-arm guardrail series of score requests, with the labelled children cached."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+
+    def _of(self, experiment: str, arm: str) -> tuple[Any, Any, Any, Any]:
+        children = self._children.get((experiment, arm))
+        if children is None:
+            m = self.metrics
+            children = self._children[experiment, arm] = tuple(
+                metric.labels(experiment, arm) for metric in
+                (m.arm_latency, m.arm_errors, m.arm_items, m.arm_probability))
+        return children
+
+    def served(self, experiment: str, arm: str, seconds: float, items: int,
+               probability: float) -> None:
+        latency, _, returned, predicted = self._of(experiment, arm)
+        latency.observe(seconds)
+        returned.inc(items)
+        predicted.inc(probability)
+
+    def failed(self, experiment: str, arm: str, seconds: float) -> None:
+        latency, errors, _, _ = self._of(experiment, arm)
+        latency.observe(seconds)
+        errors.inc()
 
 
 class MetricsMiddleware:

@@ -8,6 +8,13 @@ attribution token (attribution.py) -> pydantic_core.to_json.
 Between picking the model and queuing its rows only the item-cache
 refill awaits; if a swap or a new experiment set closed the model's queue meanwhile, the
 request starts over on the new set and model.
+
+Guardrails (service/experiments/guardrails.py): a request whose arm was chosen (holdout aside)
+is timed, and counted as failed when it ends in a 5xx (a Redis error on the user read counts
+against the arm the user is routed to), or with its returned items and the sum of their
+scores: Prometheus series per arm (metrics.ArmRecorder) and the per-arm-day sums in Redis
+(counts.GuardrailSums). The Scorer also exports the thresholds of the experiment set it routes
+by, whenever that set changes.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from service.admission import AdaptiveLimit
-from service.attribution import Signer, new_request_id
+from service.attribution import Signer, new_request_id, utc_day
 from service.batcher import BatcherClosed
+from service.counts import DAY_S, GuardrailSums
 from service.encoding import Feeds, overwrite
 from service.errors import (
+    ApiError,
     DeadlineExceeded,
     InvalidBody,
     InvalidInput,
@@ -33,9 +42,9 @@ from service.errors import (
     validation_items,
 )
 from service.experiments.assignment import Assignment
-from service.experiments.config import UnknownExperiment
+from service.experiments.config import ExperimentSet, GuardrailsConfig, UnknownExperiment
 from service.feature_store import FeatureStore
-from service.metrics import Metrics
+from service.metrics import ArmRecorder, Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.plan import FieldPlan, clock_values, kind_error
 from service.routing import Routing
@@ -62,9 +71,19 @@ class Scorer:
         self._candidates, self._missing = metrics.candidates, metrics.missing_fields
         self._deadline_s = settings.request_deadline_ms / 1000
         self._client_clock = settings.clock == "client"
+        self._metrics, self._arms = metrics, ArmRecorder(metrics)
+        self._sums = GuardrailSums(store.client, settings.counts_retention_days)
+        self._day = UtcDay()
+        self._experiments: ExperimentSet | None = None
+        if routing.experiments is not None:
+            self._follow(routing.experiments)
+
+    async def close(self) -> None:
+        await self._sums.close()
 
     async def score(self, body: bytes) -> bytes:
-        deadline = time.monotonic() + self._deadline_s
+        started = time.monotonic()
+        deadline = started + self._deadline_s
         req = parse_request(body, self.settings.max_candidates)
         if self._client_clock and req.ts is not None and \
                 req.ts > time.time() + self.settings.client_clock_max_ahead_s:
@@ -76,6 +95,17 @@ class Scorer:
             self.admission.observe_rows(len(req.candidates))
         try:
             user = await self.store.user(req.user_id)
+        except redis.RedisError as exc:
+            self._failed(self._route(req)[0], req, started)
+            raise self._unavailable(exc) from None
+        return await self._serve(req, user, started, deadline)
+
+    async def _serve(self, req: ScoreRequest, user: dict | None, started: float,
+                     deadline: float) -> bytes:
+        """Route, infer and reply (over again when a swap closed the model's queue); a 5xx
+        once the arm is chosen counts against its guardrails."""
+        arm = None
+        try:
             for _ in range(ATTEMPTS):
                 arm, key = self._route(req)
                 model = self.models.get(key)
@@ -83,18 +113,50 @@ class Scorer:
                     probs, values = await self._infer(model, req, user, deadline)
                 except BatcherClosed:
                     continue
-                return await self._reply(req, arm, model, probs, values)
+                return await self._reply(req, arm, model, probs, values, started)
+            raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
         except redis.RedisError as exc:
-            raise NotReady(["redis"], f"feature store unavailable: {exc}",
-                           {"Retry-After": str(self.settings.retry_after_s)}) from None
-        raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
+            self._failed(arm, req, started)
+            raise self._unavailable(exc) from None
+        except Exception as exc:
+            if not isinstance(exc, ApiError) or exc.status >= 500:
+                self._failed(arm, req, started)
+            raise
+
+    def _unavailable(self, exc: redis.RedisError) -> NotReady:
+        return NotReady(["redis"], f"feature store unavailable: {exc}",
+                        {"Retry-After": str(self.settings.retry_after_s)})
 
     def _route(self, req: ScoreRequest) -> tuple[Assignment, str]:
         """The user's arm (the set is re-read on each attempt: it may have been replaced)."""
+        experiments = self.routing.experiments
+        if experiments is not self._experiments:
+            self._follow(experiments)
         try:
-            return self.routing.experiments.assign(req.experiment, req.user_id)
+            return experiments.assign(req.experiment, req.user_id)
         except UnknownExperiment as exc:
             raise InvalidInput(["body", "experiment"], str(exc)) from None
+
+    def _follow(self, experiments: ExperimentSet) -> None:
+        """Export the guardrail thresholds of the set routed by from now on."""
+        self._experiments = experiments
+        self._metrics.set_guardrails({e.name: threshold_values(e.guardrails)
+                                      for e in experiments.config.experiments})
+
+    def _served(self, arm: Assignment, ts: float, started: float, items: int,
+                probability: float) -> None:
+        if not arm.holdout:
+            seconds = time.monotonic() - started
+            self._arms.served(arm.experiment, arm.arm, seconds, items, probability)
+            self._sums.add(arm.experiment, arm.arm, self._day(ts), seconds, False, items,
+                           probability)
+
+    def _failed(self, arm: Assignment | None, req: ScoreRequest, started: float) -> None:
+        if arm is not None and not arm.holdout:
+            seconds = time.monotonic() - started
+            ts = req.ts if self._client_clock and req.ts is not None else time.time()
+            self._arms.failed(arm.experiment, arm.arm, seconds)
+            self._sums.add(arm.experiment, arm.arm, self._day(ts), seconds, True, 0, 0.0)
 
     async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
                      deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
@@ -164,7 +226,7 @@ class Scorer:
         overwrite(feeds, np.array(custom), model.encoder.full_rows(rows))
 
     async def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
-                     probs: np.ndarray, values: dict[str, Any]) -> bytes:
+                     probs: np.ndarray, values: dict[str, Any], started: float) -> bytes:
         scores = probs.astype(np.float64)  # the float32 values exactly
         ids = [c["item_id"] for c in req.candidates]
         positions = None
@@ -181,6 +243,8 @@ class Scorer:
                                                ts, values, custom, req.ts))
             attribution = self.signer.issue(request_id, arm.experiment, arm.arm, model.version,
                                             req.user_id, ts, arm.holdout, ids)
+        returned = scores.tolist()
+        self._served(arm, ts, started, len(returned), sum(returned))
         return to_json({
             "request_id": request_id,
             "experiment": arm.experiment,
@@ -188,12 +252,32 @@ class Scorer:
             "holdout": arm.holdout,
             "model_version": model.version,
             "item_ids": ids,
-            "scores": scores.tolist(),
+            "scores": returned,
             "positions": positions,
             "ts": ts,
             "attribution": attribution,
             "missing_fields": [f for f in model.plan.shared if values.get(f) is None],
         })
+
+
+class UtcDay:
+    """utc_day(ts), recomputed only when ts leaves the day of the last call."""
+
+    def __init__(self) -> None:
+        self.start, self.end, self.day = 0.0, 0.0, ""
+
+    def __call__(self, ts: float) -> str:
+        if not self.start <= ts < self.end:
+            self.start = ts - ts % DAY_S
+            self.end, self.day = self.start + DAY_S, utc_day(ts)
+        return self.day
+
+
+def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
+    """A guardrails block as the values of ctrserve_guardrail_threshold, by its label."""
+    low, high = config.calibration
+    return {"latency_p99_seconds": config.latency_p99_ms / 1000,
+            "error_share": config.error_share, "calibration_min": low, "calibration_max": high}
 
 
 def shared_values(plan: FieldPlan, req: ScoreRequest, user: dict | None) -> dict[str, Any]:

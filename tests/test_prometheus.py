@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import chi2, norm
 
 from service.app import ENDPOINTS, create_app
 from service.drainer_metrics import DrainerMetrics
@@ -111,13 +113,11 @@ def test_the_required_alerts_exist() -> None:
     alerts = _alerts()
     assert set(alerts) >= {"CtrserveHighErrorRate", "CtrserveHighLatencyP99",
                            "CtrserveQueueSaturated", "CtrserveSampleRatioMismatch",
-                           "CtrserveNoEvents"}
+                           "CtrserveNoEvents", "CtrserveArmLatencyP99", "CtrserveArmErrorShare",
+                           "CtrserveArmCalibration"}
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
-    # the SRM threshold is the chi-square quantile at p = 0.001
-    critical = _recorded()["experiment:ctrserve_users:srm_chi2_critical_p001"]
-    assert "== 1) * 0 + 10.8276" in critical and "== 2) * 0 + 13.8156" in critical
 
 
 def test_every_alert_is_tested_firing_and_quiet() -> None:
@@ -138,6 +138,94 @@ def test_recorded_names_are_unique_and_follow_the_convention() -> None:
             assert level and metric.startswith("ctrserve_") and operations, rule["record"]
             assert rule["record"] not in seen, f"{rule['record']} is recorded twice"
             seen.add(rule["record"])
+
+
+# ---- the sample-ratio check's chi-square critical values -----------------------------------
+
+CRITICAL = "experiment:ctrserve_users:srm_chi2_critical_p001"
+DF = "experiment:ctrserve_users:srm_df_1d"
+TABLE_ENTRY = re.compile(rf"\(?{DF} == (\d+)\) \* 0 \+ ([0-9.]+)")
+WILSON_HILFERTY = re.compile(
+    rf"\({DF} >= (\d+)\) \* \(1 - 2 / \(9 \* {DF}\) \+ ([0-9.]+) \* "
+    rf"sqrt\(2 / \(9 \* {DF}\)\)\) \^ 3")
+SRM_ALPHA = 0.001
+WH_TOLERANCE = 0.006  # Wilson-Hilferty's relative excess at df 10, falling with df
+
+
+def critical_value_rule() -> tuple[dict[int, float], int, float]:
+    """The recorded critical value's table {df: value}, and the df from which Wilson-Hilferty
+    takes over with its normal quantile z: the rule's `or` clauses, each parsed whole (a
+    clause of another shape fails)."""
+    expr = " ".join(_recorded()[CRITICAL].split())
+    table: dict[int, float] = {}
+    formula = None
+    for clause in (c.strip() for c in expr.split(" or ")):
+        if entry := TABLE_ENTRY.fullmatch(clause):
+            df = int(entry.group(1))
+            assert df not in table, f"df {df} twice in the table"
+            table[df] = float(entry.group(2))
+        elif match := WILSON_HILFERTY.fullmatch(clause):
+            assert formula is None, "two formula clauses"
+            formula = int(match.group(1)), float(match.group(2))
+        else:
+            raise AssertionError(f"unexpected clause in {CRITICAL}: {clause!r}")
+    assert formula is not None, "no Wilson-Hilferty clause: experiments past the table never alert"
+    return table, *formula
+
+
+def wilson_hilferty(df: int, z: float) -> float:
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_every_critical_value_is_scipys_and_the_formula_takes_over_after_the_table() -> None:
+    table, first_df, z = critical_value_rule()
+    assert sorted(table) == list(range(1, first_df)), "the table must cover df 1 up to the formula"
+    for df, value in table.items():  # scipy's quantile, rounded up at the fourth decimal
+        assert value == math.ceil(chi2.isf(SRM_ALPHA, df) * 1e4) / 1e4, f"df {df}: {value}"
+    assert z == round(float(norm.isf(SRM_ALPHA)), 6)
+    for df in range(first_df, 2001):
+        exact, approx = float(chi2.isf(SRM_ALPHA, df)), wilson_hilferty(df, z)
+        # at or above the exact value (never alerts at p >= 0.001), and close to it
+        assert exact <= approx <= exact * (1 + WH_TOLERANCE), f"df {df}: {approx} vs {exact}"
+        assert 0.9 * SRM_ALPHA < chi2.sf(approx, df) <= SRM_ALPHA, df
+
+
+def test_promtool_computes_the_critical_value_of_any_number_of_arms(tmp_path) -> None:
+    """Experiments of 2 to 61 arms, and of 101 and 201, through the real rules: each one's
+    recorded critical value lies within the table's rounding or Wilson-Hilferty's tolerance
+    above scipy.stats.chi2.isf(0.001, arms - 1). promtool refuses a query that loads more than
+    10,000 samples, so the experiments are spread over test groups of at most 600 arms."""
+    groups: list[list[int]] = [[]]
+    for k in [*range(2, 62), 101, 201]:
+        if sum(groups[-1]) + k > 600:
+            groups.append([])
+        groups[-1].append(k)
+    test = {"rule_files": [str(PROM / name) for name in RULE_FILES],
+            "evaluation_interval": "1m",
+            "tests": [_critical_value_group(arm_counts) for arm_counts in groups]}
+    (tmp_path / "critical_test.yml").write_text(yaml.safe_dump(test))
+    _promtool("test", "rules", "critical_test.yml", cwd=tmp_path)
+
+
+def _critical_value_group(arm_counts: list[int]) -> dict:
+    """A promtool test of experiments `k<arms>`, equal users and weights, with each one's
+    critical value checked against scipy at minute 10."""
+    series, checks = [], []
+    for k in arm_counts:
+        for i in range(k):
+            labels = f'experiment="k{k}",arm="a{i}",instance="s1:8000",job="ctrserve"'
+            control = f'control="{str(i == 0).lower()}"'
+            series += [{"series": f"ctrserve_users_total{{{labels}}}", "values": "0+5x2"},
+                       {"series": f"ctrserve_arm_weight{{{labels},{control}}}",
+                        "values": "0.5x2"}]
+        exact = float(chi2.isf(SRM_ALPHA, k - 1))
+        high = exact + 1e-4 if k <= 10 else exact * (1 + WH_TOLERANCE)
+        value = f'{CRITICAL}{{experiment="k{k}"}}'
+        checks.append({"expr": f"({value} >= bool {exact!r}) * ({value} <= bool {high!r})",
+                       "eval_time": "10m",
+                       "exp_samples": [{"labels": f'{{experiment="k{k}"}}', "value": 1}]})
+    return {"name": f"critical values, {arm_counts[0]} to {arm_counts[-1]} arms",
+            "interval": "5m", "input_series": series, "promql_expr_test": checks}
 
 
 # ---- PromQL metric names -------------------------------------------------------------------
@@ -292,7 +380,11 @@ def test_dashboard_and_rules_read_only_what_the_scorer_and_drainer_export(export
             "ctrserve_events_total", "ctrserve_shed_total", "ctrserve_arm_weight",
             "ctrserve_queue_capacity_rows", "ctrserve_log_entries",
             "ctrserve_log_capacity_entries", "ctrserve_log_lag_seconds",
-            "ctrserve_serve_log_dropped_total", "ctrserve_drain_dead_letters_total"} <= used.keys()
+            "ctrserve_serve_log_dropped_total", "ctrserve_drain_dead_letters_total",
+            "ctrserve_arm_request_duration_seconds_bucket",
+            "ctrserve_arm_request_duration_seconds_count", "ctrserve_arm_request_errors_total",
+            "ctrserve_arm_returned_items_total", "ctrserve_arm_returned_probability_total",
+            "ctrserve_guardrail_threshold"} <= used.keys()
 
 
 def test_label_matchers_and_groupings_name_labels_the_metrics_carry(exporters) -> None:
@@ -360,6 +452,32 @@ def test_arm_weights_are_replaced_without_an_empty_scrape() -> None:
     users = _samples(metrics.render().decode(), "ctrserve_users_total")
     assert {(dict(k)["experiment"], dict(k)["arm"]) for k in users} == {
         ("ranker", "lr"), ("ranker", "deepfm"), ("banner", "lr")}
+
+
+GUARDRAIL_SERIES = ("ctrserve_arm_request_duration_seconds_bucket",
+                    "ctrserve_arm_request_duration_seconds_count",
+                    "ctrserve_arm_request_errors_total", "ctrserve_arm_returned_items_total",
+                    "ctrserve_arm_returned_probability_total")
+
+
+def test_guardrail_series_are_bounded_and_thresholds_follow_the_served_configs() -> None:
+    """Per-arm guardrail series carry experiment and arm only (bounded as the config is); the
+    thresholds of experiments no longer served go, as their weights do."""
+    metrics = Metrics()
+    labels = _labels_of(metrics)
+    for name in GUARDRAIL_SERIES:
+        assert labels[name] - {"le"} == {"experiment", "arm"}, name
+    assert labels["ctrserve_guardrail_threshold"] == {"experiment", "guardrail"}
+    metrics.set_arms({("ranker", "lr", "true"): 0.5, ("ranker", "deepfm", "false"): 0.5})
+    counted = _samples(metrics.render().decode(), "ctrserve_arm_request_errors_total")
+    assert counted == {(("arm", a), ("experiment", "ranker")): 0.0 for a in ("lr", "deepfm")}
+    values = {"latency_p99_seconds": 0.25, "error_share": 0.01, "calibration_min": 0.8,
+              "calibration_max": 1.25}
+    metrics.set_guardrails({"ranker": values, "old": {**values, "error_share": 0.05}})
+    metrics.set_guardrails({"ranker": {**values, "latency_p99_seconds": 0.1}})
+    exported = _samples(metrics.render().decode(), "ctrserve_guardrail_threshold")
+    assert exported == {(("experiment", "ranker"), ("guardrail", g)): v for g, v in
+                        {**values, "latency_p99_seconds": 0.1}.items()}
 
 
 # ---- Grafana -------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ RULES_TEST = REPO / "deploy" / "prometheus" / "recording_rules_test.yml"
 # The A/B counters of issue 4, labelled {experiment, arm}: the rules must read them (they are
 # checked against what service/metrics.py registers like every other metric, never assumed).
 AB_COUNTERS = {"ctrserve_impressions_total", "ctrserve_downloads_total", "ctrserve_users_total"}
+# The per-arm guardrail series (latency, errors, calibration), labelled {experiment, arm}.
+GUARDRAIL_SERIES = {"ctrserve_arm_request_duration_seconds_bucket",
+                    "ctrserve_arm_request_duration_seconds_count",
+                    "ctrserve_arm_request_errors_total", "ctrserve_arm_returned_items_total",
+                    "ctrserve_arm_returned_probability_total"}
 
 # A series name: letters, digits, underscores and colons. Raw metrics have no colon;
 # recorded series (level:metric:operations) do, and are skipped.
@@ -111,15 +116,16 @@ def test_rules_use_only_exported_metrics() -> None:
     assert used, "no ctrserve_ metric found in the rules: the parser is broken"
     unknown = {name: sorted(records) for name, records in used.items() if name not in exported}
     assert not unknown, f"rules read metrics the scorer does not export: {unknown}"
-    # every A/B counter and the latency histogram feed at least one rule
-    assert used.keys() >= AB_COUNTERS
+    # every A/B counter, guardrail series and the latency histogram feed at least one rule
+    assert used.keys() >= AB_COUNTERS | GUARDRAIL_SERIES
     assert "ctrserve_request_duration_seconds_bucket" in used
 
 
 def test_rules_group_by_labels_the_metrics_carry() -> None:
     """`sum by (experiment, arm)` over a metric without an `arm` label silently merges arms."""
     labels = _exported_label_names()
-    assert labels["ctrserve_impressions_total"] == {"experiment", "arm"}
+    for name in AB_COUNTERS | GUARDRAIL_SERIES:
+        assert labels[name] == {"experiment", "arm"}, name
     for rule in _rules():
         grouping = {label.strip() for clause in GROUP_BY.findall(rule["expr"])
                     for label in clause.split(",") if label.strip()} - {"le"}

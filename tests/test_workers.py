@@ -48,7 +48,7 @@ def scorer(bundles, redis_binaries, tmp_path):
 
 def listening(proc: subprocess.Popen) -> str:
     for line in proc.stderr:
-        found = re.search(r"workers on (http://\S+)", line)
+        found = re.search(r"running on (http://\S+) with", line)
         if found:
             return found.group(1)
     raise RuntimeError(f"the scorer exited with {proc.wait()} before listening")

@@ -8,7 +8,10 @@ the page in the order a reader needs it: a verdict per treatment arm (from the a
 intervals, safe to read every day), the sample-ratio check, totals with the fixed-horizon and
 the always-valid intervals, daily CTR and CVR charts on the experiment's own days with the
 deployments marked, the per-day figures, what each arm serves now, and the deployment history.
-Plain functions of plain data: no I/O here.
+The guardrails (latency p99, error share, calibration per arm: the report's "guardrails") follow
+the sample-ratio check, with each arm's breached days flagged; they show even before any event
+is counted, as an arm whose every request fails counts none. Plain functions of plain data: no
+I/O here.
 
 Minimum samples: a day on which an arm has fewer than MIN_DAY_USERS users or
 MIN_DAY_IMPRESSIONS impressions is drawn hollow, without its interval, and does not set the
@@ -62,6 +65,9 @@ background:#f7f9fc}.verdict{margin:4px 0;font-size:15px}
 .srm{padding:8px 12px;border-radius:4px;margin:12px 0}
 .srm.ok{background:#eaf6ea}.srm.flagged{background:#fde2e1;border:2px solid #c62828;
 font-weight:600}.srm.untestable{background:#f1f1f1}
+td.breached{background:#fde2e1;color:#8e1c1c;font-weight:600}
+.guard{padding:8px 12px;border-radius:4px;margin:12px 0}.guard.ok{background:#eaf6ea}
+.guard.flagged{background:#fde2e1;border:2px solid #c62828;font-weight:600}
 .empty{padding:16px;background:#fff8e1;border:1px solid #e0c060;border-radius:4px}
 .chart{max-width:100%;height:auto;display:block;margin:8px 0}
 .chart .grid{stroke:#e4e4e4}.chart .axis{stroke:#888}
@@ -82,15 +88,17 @@ def experiment_page(rep: Mapping[str, Any], serving: Mapping[str, Any],
     axis = DayAxis.of(list(rep["days"]))
     placements = [place(r, axis, clock, serving_days or {}) for r in records]
     body = [_header(rep, now or datetime.now(UTC), clock)]
+    guard = _guardrails(rep.get("guardrails"))
     if rep["days"]:
         total = rep["total"]
-        body += [_verdicts(total), _srm(total["srm"]), _totals(total),
+        body += [_verdicts(total), _srm(total["srm"]), guard, _totals(total),
                  _charts(rep, axis, records, placements), _days(rep)]
     else:
         body.append('<section class="empty" id="no-data"><strong>No data yet.</strong> No '
                     "scored request of this experiment has been counted. Figures appear once "
                     "clients score with it and send impressions and downloads to "
                     "<code>POST /v1/events</code>.</section>")
+        body.append(guard)
     body += [_serving(serving), _history(records, placements)]
     return _document(f"{name}: A/B dashboard", "".join(body))
 
@@ -197,6 +205,71 @@ def _srm(srm: Mapping[str, Any]) -> str:
                 f"{figures} (p &lt; {srm['alpha']}). Users per arm do not match the configured "
                 "weights: assignment or logging is broken; do not trust these comparisons.</p>")
     return f'<p class="srm ok" id="srm" data-flagged="false">Sample ratio OK: {figures}.</p>'
+
+
+GUARDRAILS = (("latency_p99_ms", "latency p99"), ("error_share", "error share"),
+              ("calibration", "calibration"))
+
+
+def _guardrails(guard: Mapping[str, Any] | None) -> str:
+    """Per arm: each guardrail over all days and the days it was breached on (flagged)."""
+    if not guard or not guard["days"]:
+        return ""
+    arms = list(guard["total"])
+    rows = "".join(_guard_row(arm, guard["total"][arm], guard["breached"]) for arm in arms)
+    head = "".join(f"<th>{label}<br>all days · days breached</th>" for _, label in GUARDRAILS)
+    t, minimum = guard["thresholds"], guard["minimum"]
+    low, high = t["calibration"]
+    limits = (f"p99 at most {t['latency_p99_ms']:g} ms, error share at most "
+              f"{t['error_share']:.2%}, calibration within [{low:g}, {high:g}]")
+    return (f"<h2>Guardrails</h2>{_guard_summary(guard, arms)}<div class=\"wide\">"
+            f'<table id="guardrails"><tr><th class=name>arm</th>{head}</tr>{rows}</table></div>'
+            f'<p class="note">Limits from the experiment\'s config: {escape(limits)}. Per arm '
+            "and day of the scored requests, holdout excluded. Latency: scorer time, failed "
+            "requests included; errors: 5xx after the arm was chosen, over its scored "
+            "requests; calibration: mean predicted probability of the returned items over "
+            "downloads per impression (assumes the returned items are the ones shown; today's "
+            f"reads high until its downloads are in). Judged from {minimum['requests']} "
+            f"requests (latency, errors) or {minimum['downloads']} downloads (calibration) "
+            "that day.</p>")
+
+
+def _guard_summary(guard: Mapping[str, Any], arms: list[str]) -> str:
+    """One line: the arms with a breach, else OK, else not judged yet (too little traffic)."""
+    breaches = guard["breached"]
+    if breaches:
+        hit = sorted({b["arm"] for b in breaches}, key=arms.index)
+        return (f'<p class="guard flagged" id="guardrail-summary" data-breached="true">'
+                f"Guardrails breached ({len(breaches)} arm-day{'s' * (len(breaches) != 1)}): "
+                f"{escape(', '.join(hit))}. Check the arm's latency, errors and calibration "
+                "before trusting its uplift.</p>")
+    judged = any(e[name]["breached"] is not None for by_arm in guard["days"].values()
+                 for e in by_arm.values() for name, _ in GUARDRAILS)
+    if judged:
+        return ('<p class="guard ok" id="guardrail-summary" data-breached="false">'
+                "Guardrails OK: no arm breached one on a day with enough traffic.</p>")
+    return ('<p class="srm untestable" id="guardrail-summary" data-breached="">'
+            "Guardrails not judged yet: no arm had enough traffic on a day.</p>")
+
+
+def _guard_row(arm: str, total: Mapping[str, Any], breaches: list[dict[str, Any]]) -> str:
+    hit = {name: [b["day"] for b in breaches if b["arm"] == arm and b["guardrail"] == name]
+           for name, _ in GUARDRAILS}
+    flagged = " ".join(name for name, days in hit.items() if days)
+    cells = "".join(_guard_cell(name, total[name], hit[name]) for name, _ in GUARDRAILS)
+    return (f'<tr data-guard-arm="{escape(arm)}" data-breached="{escape(flagged)}">'
+            f'<td class="name">{escape(arm)}</td>{cells}</tr>')
+
+
+def _guard_cell(name: str, entry: Mapping[str, Any], days: list[str]) -> str:
+    fmt = {"latency_p99_ms": lambda v: f"{v:.1f} ms", "error_share": lambda v: f"{v:.2%}",
+           "calibration": lambda v: f"{v:.3f}"}[name]
+    value = "n/a" if entry["value"] is None else fmt(entry["value"])
+    if not days:
+        return f'<td data-guardrail="{name}">{value}<br><span class="ci">none</span></td>'
+    listed = ", ".join(days)
+    return (f'<td class="breached" data-guardrail="{name}">{value}<br>'
+            f"<span>{escape(listed)}</span></td>")
 
 
 def _totals(total: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@
           - {name: deepfm, weight: 0.1, bundle: deepfm-4d5e6f}
         forced: {qa-user-1: deepfm}   # optional QA allowlist: user id -> arm
         namespace: {name: ranking, range: [0, 0.5]}   # optional: see below
+        guardrails: {latency_p99_ms: 250, error_share: 0.01, calibration: [0.8, 1.25]}
 
 Weights are fractions of the users outside the holdout and add up to 1 (within 1e-6). Bundles
 are names in the registry, checked when the file is loaded. The first experiment is the default
@@ -21,6 +22,13 @@ both experiments and the overlap. Users outside the range are not in the experim
 request naming it serves them the control arm's model, flagged holdout (not counted). An
 experiment's salt must differ from every namespace's salt (`namespace:{name}`), or its arms
 would not be independent of that namespace. Hashing: assignment.py.
+
+Guardrails (optional; each field defaults to the value above) are the per-arm limits the report,
+the dashboard and the Prometheus alerts judge every arm against: the p99 latency of its score
+requests in ms (> 0), the share of them that failed after the arm was chosen (in (0, 1)), and
+the band [low, high] that its calibration (mean predicted probability of the returned items over
+the observed download rate) must stay in, 0 < low <= 1 <= high. Definitions:
+service/experiments/guardrails.py.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FiniteFloat,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -119,6 +128,25 @@ class NamespaceConfig(BaseModel):
         return NamespaceRange(self.name, *range_buckets(*self.range))
 
 
+class GuardrailsConfig(BaseModel):
+    model_config = STRICT
+
+    latency_p99_ms: FiniteFloat = Field(250.0, gt=0, description="p99 of the arm's score requests")
+    error_share: float = Field(0.01, gt=0, lt=1, description="failed over scored requests")
+    calibration: tuple[FiniteFloat, FiniteFloat] = Field(
+        (0.8, 1.25), description="[low, high]: mean predicted probability of the returned "
+                                 "items over downloads per impression, 0 < low <= 1 <= high")
+
+    @field_validator("calibration")
+    @classmethod
+    def _band(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= 1 <= high:  # a band without 1 flags a perfectly calibrated model
+            raise ValueError(f"calibration band [{low:g}, {high:g}] must have 0 < low <= 1 "
+                             "<= high")
+        return value
+
+
 class ExperimentConfig(BaseModel):
     model_config = STRICT
 
@@ -129,6 +157,8 @@ class ExperimentConfig(BaseModel):
     forced: dict[str, str] = Field(default_factory=dict, description="user id -> arm, for QA")
     namespace: NamespaceConfig | None = Field(
         None, description="the namespace range taken; none: every user")
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig,
+                                         description="per-arm limits; defaults when absent")
 
     @field_validator("salt")
     @classmethod
