@@ -23,6 +23,7 @@ from service.metrics import RequestRecorder
 
 log = logging.getLogger("ctrserve.service")
 PATH = "/v1/score"
+ARRIVED = "ctrserve.arrived"  # scope key: time.monotonic() when the request began to arrive
 INTERNAL = error_body([{"loc": [], "msg": "internal error", "type": "internal"}])
 
 
@@ -33,6 +34,7 @@ class ScoreEndpoint:
         self.shed, self.gauge = metrics.shed.labels("admission"), metrics.admission_limit
         self.max_bytes, self.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
         self.shed_start = start(503, SHED_BODY, {"retry-after": str(settings.retry_after_s)})
+        self.max_wait_s = settings.admission_target_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -40,22 +42,27 @@ class ScoreEndpoint:
         try:
             if self.limit is None:
                 status = await self._answer(scope, receive, send)
-            elif not self.limit.try_acquire():
+            elif not self._admit(arrived := scope.get(ARRIVED) or time.monotonic()):
                 self.shed.inc()
                 status = 503
                 await send(self.shed_start)
                 await send({"type": "http.response.body", "body": SHED_BODY})
             else:
-                status = await self._admitted(scope, receive, send)
+                status = await self._admitted(scope, receive, send, arrived)
         finally:
             self.recorder.record(PATH, status, time.perf_counter() - started)
 
-    async def _admitted(self, scope: dict, receive: Any, send: Any) -> int:
-        admitted = time.monotonic()
+    def _admit(self, arrived: float) -> bool:
+        """Shed a request that already waited longer than the admission target before reaching
+        the gate (a saturated event loop: the in-flight limit cannot see that queue), or one
+        past the in-flight limit."""
+        return time.monotonic() - arrived <= self.max_wait_s and self.limit.try_acquire()
+
+    async def _admitted(self, scope: dict, receive: Any, send: Any, arrived: float) -> int:
         try:
             return await self._answer(scope, receive, send)
-        finally:
-            self.limit.release(time.monotonic() - admitted)
+        finally:  # the latency the limit steers by counts from arrival, waits included
+            self.limit.release(time.monotonic() - arrived)
             self.gauge.set(self.limit.limit)
 
     async def _answer(self, scope: dict, receive: Any, send: Any) -> int:

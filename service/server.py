@@ -12,12 +12,14 @@ import asyncio
 import importlib.util
 import socket
 import threading
+import time
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.app import create_app
+from service.score_endpoint import ARRIVED
 from service.settings import Settings
 
 
@@ -34,6 +36,9 @@ class HeaderTimeout(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # when the request's first bytes were parsed: the admission gate counts a request's
+        # wait from here, as a saturated event loop queues requests before the app sees them
+        self.scope[ARRIVED] = time.monotonic()  # type: ignore[literal-required]
         if self._header_timer is None:
             self._start_header_timer()
 
