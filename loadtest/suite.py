@@ -39,13 +39,7 @@ TITLES = {"serving": "Serving: the scorer against the in-process limit",
 
 
 def run_serving(args: argparse.Namespace) -> dict[str, Any]:
-    argv = ["--registry", str(args.registry), "--out", str(args.out / "serving.json")]
-    argv += ["--features", str(args.features)] if args.features else []
-    argv += ["--quick"] if args.quick else []
-    bench_args = bench_serving.parse_args(argv)
-    result = bench_serving.run(bench_args)
-    bench_serving.write_result(result, bench_args.out)
-    return result
+    return _run_bench(bench_serving, args, "serving.json")
 
 
 def run_overload(args: argparse.Namespace) -> dict[str, Any]:
