@@ -74,7 +74,10 @@ def test_the_cluster_reports_what_one_redis_reports(runs, redis_cluster):
     assert cluster["summary"]["requests"]["failed"] == 0
     assert cluster["summary"]["events"]["rejected"] == 0
     assert len(cluster["report"]["days"]) == 3
-    assert cluster["report"] == single["report"]
+    # guardrails hold each run's own latencies (and sums a scorer adds once a second): the
+    # counts and statistics are what must agree
+    assert without_guardrails(cluster["report"]) == without_guardrails(single["report"])
+    assert set(cluster["report"]["guardrails"]["total"]) == {"lr", "deepfm"}
     assert cluster["report"]["total"]["arms"]["lr"]["impressions"] > 0
     # the arms' state lives in different slots, so the cluster spreads the experiment
     client = sync_client(redis_cluster.url, cluster=True)
@@ -120,3 +123,7 @@ def served(url: str, version: str, present: bool = True, timeout_s: float = 15) 
             return True
         time.sleep(0.1)
     return False
+
+
+def without_guardrails(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "guardrails"}
