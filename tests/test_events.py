@@ -6,15 +6,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import redis
 import yaml
@@ -28,6 +26,7 @@ from service.feature_store import load_tables
 from service.keys import arm_key, log_key
 from service.redis_server import embedded_url, start_embedded, stop_embedded
 from service.settings import Settings
+from tests.serve_process import ServeProcess
 from tests.serving import LiveServer, copy_registry, metric_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,32 +237,26 @@ def test_counts_prometheus_and_report_equal_the_accepted_events(replicas, store,
 
 
 # ---- a scorer killed with SIGKILL, its redis-server too -----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(registry: Path, db: Path, port: int) -> subprocess.Popen:
+def _start(registry: Path, db: Path) -> ServeProcess:
+    """A scorer on a port it binds itself (--port 0: no probe-then-bind race), ready."""
     lr = next(p.name for p in registry.iterdir() if p.name.startswith("lr-"))
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["CTRSERVE_REDIS_DB"] = str(db)
-    cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry), "--bundle",
-           lr, "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode()[-2000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("scorer not ready")
+    server = ServeProcess(["--registry", str(registry), "--bundle", lr], env)
+    try:
+        server.wait_ready(90)
+    except RuntimeError:
+        server.close()
+        raise
+    return server
+
+
+def _wait_gone(pid: int, timeout_s: float = 10) -> None:
+    """Until the killed process is reaped (its pidfile and port are free for the restart)."""
+    deadline = time.monotonic() + timeout_s
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"process {pid} still alive"
+        time.sleep(0.02)
 
 
 def _redis_pid(db: Path) -> int:
@@ -272,29 +265,29 @@ def _redis_pid(db: Path) -> int:
 
 
 def test_acknowledged_events_survive_sigkill_of_scorer_and_redis(registry, tmp_path):
-    db, port = tmp_path / "redis" / "store.rdb", _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start(registry, db, port)
+    db = tmp_path / "redis" / "store.rdb"
+    server = _start(registry, db)
     acked = []
     try:
+        url = server.url
         for n in range(30):
             reply = score(url, f"u{n:05d}", ITEMS[:3])
             out = send(url, [impression(f"k-{n}", reply, f"u{n:05d}"),
                              download(f"k-d-{n}", reply, f"u{n:05d}", ITEMS[0])])
             acked += [r["event_id"] for r in out["results"] if r["status"] == "accepted"]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        os.kill(_redis_pid(db), signal.SIGKILL)  # no SHUTDOWN SAVE: only the AOF has them
-        time.sleep(0.2)
-        proc = _start(registry, db, port)
-        assert httpx.get(url + "/v1/experiments/default/report").json()["total"]["arms"][
-            "control"]["downloads"] == 30
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        redis_pid = _redis_pid(db)
+        os.kill(redis_pid, signal.SIGKILL)  # no SHUTDOWN SAVE: only the AOF has them
+        _wait_gone(redis_pid)
+        server.close()
+        server = _start(registry, db)
+        assert httpx.get(server.url + "/v1/experiments/default/report").json()["total"][
+            "arms"]["control"]["downloads"] == 30
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.close()
     assert len(acked) == 60
     out = tmp_path / "log"
     assert main(["drain-events", "--redis-db", str(db), "--out", str(out), "--chunk", "25"]) == 0
