@@ -163,7 +163,7 @@ class Scorer:
         """Probabilities, and the shared field values they were computed from."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
-        self._check_missing(plan, values)
+        self._check_missing(missing_fields(plan, values))
         shared = enc.shared(values)
         ids = [c["item_id"] for c in req.candidates]
         feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
@@ -179,10 +179,9 @@ class Scorer:
         finally:
             timer.cancel()
 
-    def _check_missing(self, plan: FieldPlan, values: dict[str, Any]) -> None:
+    def _check_missing(self, missing: list[str]) -> None:
         """Shared fields without a value: a 422 under strict_fields, else counted (and listed
         in the reply by _reply)."""
-        missing = [f for f in plan.shared if values.get(f) is None]
         if not missing:
             return
         if self.settings.strict_fields:
@@ -256,7 +255,7 @@ class Scorer:
             "positions": positions,
             "ts": ts,
             "attribution": attribution,
-            "missing_fields": [f for f in model.plan.shared if values.get(f) is None],
+            "missing_fields": missing_fields(model.plan, values),
         })
 
 
@@ -278,6 +277,10 @@ def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
     low, high = config.calibration
     return {"latency_p99_seconds": config.latency_p99_ms / 1000,
             "error_share": config.error_share, "calibration_min": low, "calibration_max": high}
+
+
+def missing_fields(plan: FieldPlan, values: dict[str, Any]) -> list[str]:
+    return [f for f in plan.shared if values.get(f) is None]
 
 
 def shared_values(plan: FieldPlan, req: ScoreRequest, user: dict | None) -> dict[str, Any]:

@@ -10,14 +10,11 @@ bare ASGI endpoint ahead of both; this FastAPI route only documents it in the Op
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from service.errors import BodyTimeout, BodyTooLarge, ClientClosed
 from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from service.score_endpoint import read_body as read_raw_body
 
 router = APIRouter(tags=["score"])
 
@@ -39,25 +36,6 @@ async def score(request: Request) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit` bytes, or when it does not
-    arrive within the app's `body_timeout_s` (408); a client that hangs up midway is a 499."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(["body"], f"body of {declared} bytes exceeds {limit} bytes")
-    timeout_s = request.app.state.settings.body_timeout_s
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(["body"], f"body exceeds {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BodyTimeout(["body"], f"the body did not arrive within {timeout_s:g} s "
-                          "(body_timeout_s)") from None
-    except ClientDisconnect:
-        raise ClientClosed(["body"], "the client closed the connection before the body "
-                           "arrived") from None
-    return b"".join(chunks)
-
+    """The body of a routed request, with the score endpoint's bounds (413, 408, 499)."""
+    return await read_raw_body(request.scope, request.receive, limit,
+                               request.app.state.settings.body_timeout_s)
