@@ -60,7 +60,7 @@ def runs(bundles, synth_dir, redis_cluster, redis_server_url, tmp_path_factory):
                             event_batch=30, run_id="parity", experiment="parity",
                             max_seconds=90)
             summary = simulate(synth_dir, cfg)
-            report = httpx.get(live.url + "/v1/experiments/parity/report").json()
+            report = settled_report(live.url, summary["requests"]["answered"])
             out[name] = {"url": live.url, "registry": registry, "redis_url": url,
                          "report": report, "summary": summary}
         yield out
@@ -112,6 +112,17 @@ def test_drain_report_retrain_deploy_and_rollback_on_the_cluster(runs, monkeypat
     assert main(["deployments", "--experiment", "parity", "--registry", registry]) == 0
     history = capsys.readouterr().out
     assert history.count("parity") >= 2
+
+
+def settled_report(url: str, requests: int, timeout_s: float = 15) -> dict:
+    """The report once the scorer's guardrail sums (written once a second) hold every request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = httpx.get(url + "/v1/experiments/parity/report").json()
+        guarded = sum(arm["requests"] for arm in report["guardrails"]["total"].values())
+        if guarded >= requests or time.monotonic() > deadline:
+            return report
+        time.sleep(0.1)
 
 
 def served(url: str, version: str, present: bool = True, timeout_s: float = 15) -> bool:
