@@ -1,6 +1,6 @@
 """Model bundles (ONNX + manifest) and the registry directory that holds them; no torch."""
 
-from bundles.load import Bundle, BundleError, load_bundle
-from bundles.manifest import Manifest
+from ctrserve.bundles.load import Bundle, BundleError, load_bundle
+from ctrserve.bundles.manifest import Manifest
 
 __all__ = ["Bundle", "BundleError", "Manifest", "load_bundle"]

@@ -8,9 +8,15 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from bundles.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, content_version, sha256_file
-from ctrserve.errors import UserError
-from features import FeatureEncoder
+from ctrserve.bundles.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    content_version,
+    sha256_file,
+)
+from ctrserve.common.errors import UserError
+from ctrserve.features import FeatureEncoder
 
 
 class BundleError(UserError):

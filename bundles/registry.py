@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from bundles.manifest import Manifest
+from ctrserve.bundles.manifest import Manifest
 
 
 def bundle_name(manifest: Manifest) -> str:

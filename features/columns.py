@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ctrserve.errors import UserError
+from ctrserve.common.errors import UserError
 
 
 class FeatureError(UserError):

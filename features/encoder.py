@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from features.columns import FeatureError, Ragged, numbers, ragged, tokens
-from features.hashing import fnv1a64
-from features.spec import DatasetSpec, FieldSpec
+from ctrserve.features.columns import FeatureError, Ragged, numbers, ragged, tokens
+from ctrserve.features.hashing import fnv1a64
+from ctrserve.features.spec import DatasetSpec, FieldSpec
 
 EncodedBatch = dict[str, np.ndarray]
 ENCODER_FORMAT = 1

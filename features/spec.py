@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ctrserve.errors import UserError
+from ctrserve.common.errors import UserError
 
 FieldKind = Literal["categorical", "multi", "numeric"]
 NumericTransform = Literal["none", "log", "standard", "log_standard"]

@@ -1,6 +1,6 @@
 """Coverage harness of the A/B statistics: simulated A/A and A/B experiments with a known truth.
 
-    python -m loadtest.ab_coverage [--experiments 1000] [--days 14] [--out FILE]
+    python -m ctrserve.loadtest.ab_coverage [--experiments 1000] [--days 14] [--out FILE]
 
 Each experiment draws new users every day (users per day ~ 2 x `users_per_arm`, each assigned to
 control or treatment by a fair coin, so the sample-ratio check sees real binomial noise). A user
@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from service.experiments import cuped, sequential
-from service.experiments.stats import (
+from ctrserve.service.experiments import cuped, sequential
+from ctrserve.service.experiments.stats import (
     SRM_ALPHA,
     ArmStats,
     Uplift,
@@ -343,7 +343,7 @@ def _columns(rows: list[list[str]], left: int = 2) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.ab_coverage",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.ab_coverage",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--experiments", type=int, default=1000, help="of each kind, A/A and A/B")
     p.add_argument("--days", type=int, default=14, help="daily looks")

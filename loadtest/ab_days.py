@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import redis
 
-from loadtest.simulator import SimConfig, default_start_day, simulate
-from training.retrain import RetrainError, RetrainOptions, arms_of, retrain
+from ctrserve.loadtest.simulator import SimConfig, default_start_day, simulate
+from ctrserve.training.retrain import RetrainError, RetrainOptions, arms_of, retrain
 
 Say = Callable[[str], None]
 
@@ -43,7 +43,7 @@ class ABDays:
 
 def run_days(cfg: ABDays, client: redis.Redis, say: Say = print) -> list[dict[str, Any]]:
     """Serve, drain and retrain day by day; one record per day."""
-    from service.event_log import drain
+    from ctrserve.service.event_log import drain
 
     start = default_start_day(cfg.world_dir)
     records = []

@@ -1,6 +1,6 @@
 """Overload benchmark: goodput and latency past saturation, admission control on against off.
 
-    python -m loadtest.bench_overload --registry demo/registry [--bundle NAME]
+    python -m ctrserve.loadtest.bench_overload --registry demo/registry [--bundle NAME]
         [--features demo/data] [--candidates 10,100,500] [--loads 1.5,2,3] [--duration 10]
         [--quick] [--out bench-out/overload.json]
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.bench_serving import (
+from ctrserve.loadtest.bench_serving import (
     BODIES_PER_SIZE,
     Server,
     exchange,
@@ -137,7 +137,7 @@ def drive(url: str, bodies_file: Path, rate: float | None, duration: float,
     """One cell from a client process; adds its CPU in cores."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "loadtest.bench_overload", "client", "--url", url,
+    cmd = [sys.executable, "-m", "ctrserve.loadtest.bench_overload", "client", "--url", url,
            "--bodies", str(bodies_file), "--duration", str(duration),
            "--connections", str(connections)]
     cmd += ["--rate", str(rate)] if rate else []
@@ -287,7 +287,7 @@ def say(text: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_overload",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_overload",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, default=Path("demo/registry"))
     p.add_argument("--bundle")
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def client_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_overload client")
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_overload client")
     p.add_argument("--url", required=True)
     p.add_argument("--bodies", type=Path, required=True)
     p.add_argument("--rate", type=float)

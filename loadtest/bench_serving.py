@@ -1,6 +1,6 @@
 """Serving benchmark: the scorer end to end against the model's in-process onnxruntime limit.
 
-    python -m loadtest.bench_serving --registry demo/registry [--bundle NAME] \\
+    python -m ctrserve.loadtest.bench_serving --registry demo/registry [--bundle NAME] \\
         [--features demo/data] [--quick] [--out bench-out/serving.json]
 
 Starts two scorers as subprocesses on loopback (batching on and off, each with its own embedded
@@ -78,7 +78,7 @@ def make_bodies(users: list[dict], apps: list[dict], candidates: int, count: int
                 seed: int = 0) -> list[str]:
     """`count` score requests of distinct users, each with `candidates` distinct apps; with
     MIXED, the simulator's requests: 50-100 candidates (uniform), the top 10 returned."""
-    from loadtest.simulator import SimConfig
+    from ctrserve.loadtest.simulator import SimConfig
 
     sim = SimConfig()
     rng = np.random.default_rng([seed, candidates])
@@ -99,7 +99,7 @@ def make_bodies(users: list[dict], apps: list[dict], candidates: int, count: int
 def ort_limit(bundle_dir: Path, users: list[dict], apps: list[dict], seconds: float,
               threads: int = 1) -> dict[str, Any]:
     """Rows/s of the bundle's own session at each batch size, on encoded real records."""
-    from bundles import load_bundle
+    from ctrserve.bundles import load_bundle
 
     bundle = load_bundle(bundle_dir, threads=threads)
     feeds = encoded_rows(bundle, users, apps, max(ORT_BATCHES))
@@ -244,7 +244,7 @@ def drive(client: str, url: str, bodies_file: Path, concurrency: int, duration: 
                "--timeout", "10s", "-s", str(script), url]
         env = {**os.environ, "BENCH_BODIES": str(bodies_file)}
     else:
-        cmd = [sys.executable, "-m", "loadtest.bench_serving", "client", "--url", url,
+        cmd = [sys.executable, "-m", "ctrserve.loadtest.bench_serving", "client", "--url", url,
                "--bodies", str(bodies_file), "--concurrency", str(concurrency),
                "--duration", str(duration), "--max-requests", str(max_requests)]
         cmd += ["--rate", str(rate)] if rate is not None else []
@@ -622,7 +622,7 @@ def say(text: str) -> None:
 
 
 def newest_bundle(registry: Path, model: str) -> str:
-    from bundles.registry import list_bundles
+    from ctrserve.bundles.registry import list_bundles
 
     found = [p for p in list_bundles(registry) if p.name.startswith(model + "-")]
     if not found:
@@ -661,7 +661,7 @@ def write_result(result: dict[str, Any], out: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_serving",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_serving",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--bundle", help="bundle name (default: the newest deepfm-*)")

@@ -1,7 +1,7 @@
 """Redis memory of the online A/B state: bytes per scored request, per event, per user.
 
-    python -m loadtest.bench_state --registry demo/registry [--bundle NAME] [--requests 20000]
-        [--rate 200] [--quick] [--out bench-out]
+    python -m ctrserve.loadtest.bench_state --registry demo/registry [--bundle NAME] \\
+        [--requests 20000] [--rate 200] [--quick] [--out bench-out]
 
 A real redis-server (Debian's, loadtest/redis_servers.py; `--save '' --appendonly no`) on a
 free port, the scorer (`python -m ctrserve serve`, a subprocess) on a DeepFM bundle, and paced
@@ -79,9 +79,9 @@ from typing import Any
 import httpx
 import redis
 
-from loadtest.bench_serving import started_url
-from loadtest.redis_servers import LocalRedis, redis_binaries
-from service.event_log import drain, streams
+from ctrserve.loadtest.bench_serving import started_url
+from ctrserve.loadtest.redis_servers import LocalRedis, redis_binaries
+from ctrserve.service.event_log import drain, streams
 
 DAY_S = 86_400
 GIB = 1 << 30
@@ -89,7 +89,7 @@ LAG_ALLOWANCE_S = 300  # CtrserveDrainerBehind (deploy/prometheus/alert_rules.ym
 EXPERIMENT = "bench"
 LISTPACK_MAX = 128  # redis.conf hash-max-listpack-entries: smaller hashes are compact
 WORKERS = 16
-FAMILIES = {  # key family -> pattern of its key names (service/keys.py)
+FAMILIES = {  # key family -> pattern of its key names (ctrserve/common/keys.py)
     "dedup": re.compile(r":seen:\d+$"),
     "user_day": re.compile(r":ab:\d{4}-\d\d-\d\d:[xy]$"),
     "user_total": re.compile(r":ab:all:[xy]$"),
@@ -452,7 +452,7 @@ def item_ids(bundle_dir: Path, at_least: int) -> list[str]:
 
 
 def settings_used() -> dict[str, Any]:
-    from service.settings import Settings
+    from ctrserve.service.settings import Settings
 
     s = Settings(_env_file=None)
     return {"dedup_window_s": s.dedup_window_s, "attribution_window_s": s.attribution_window_s,
@@ -579,7 +579,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_state",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_state",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, default=Path("demo/registry"))
     p.add_argument("--bundle", help="a DeepFM bundle (default: the newest deepfm-*)")

@@ -1,7 +1,8 @@
 """Training benchmark: ctrserve's DeepFM and APG-DeepFM against FuxiCTR and DeepCTR-Torch.
 
     bash loadtest/peers/setup.sh      # once: the peers in their own .venv-peers
-    python -m loadtest.bench_training [--quick] [--datasets movielens,frappe] [--seeds 1,2,3] \\
+    python -m ctrserve.loadtest.bench_training [--quick] [--datasets movielens,frappe] \\
+        [--seeds 1,2,3] \\
         [--out bench-out/training] [--data-dir DIR]      (default DIR: $CTR_DATA_DIR)
 
 Every library trains DeepFM on the same split: ctrserve's readers make it (MovieLens-100k
@@ -40,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import bench_serving
-from training.data.source import Chunk, DataError, DataSource
+from ctrserve.loadtest import bench_serving
+from ctrserve.training.data.source import Chunk, DataError, DataSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -117,11 +118,11 @@ class Head(DataSource):
 def open_dataset(name: str, root: str, limits: dict[str, int] | None) -> DataSource:
     """ctrserve's reader for `name` under `root`, cut to `limits` rows per split if given."""
     if name == "movielens":
-        from training.data.movielens import MovieLensSource
+        from ctrserve.training.data.movielens import MovieLensSource
 
         source: DataSource = MovieLensSource(str(Path(root) / DATASETS[name]))
     elif name == "frappe":
-        from training.data.frappe import FrappeSource
+        from ctrserve.training.data.frappe import FrappeSource
 
         source = FrappeSource(str(Path(root) / DATASETS[name]))
     else:
@@ -135,8 +136,8 @@ def encoder_digest(encoder: Any) -> str:
 
 def export_split(source: DataSource, out: Path) -> dict[str, Any]:
     """Fit ctrserve's encoder on train as training.train does; write one .npz per split."""
-    from training.batches import encode_split
-    from training.train import _fit_encoder
+    from ctrserve.training.batches import encode_split
+    from ctrserve.training.train import _fit_encoder
 
     encoder, positive_rate = _fit_encoder(source)
     layout = encoder.layout()
@@ -169,12 +170,12 @@ def command(library: str, job_file: Path, peers_python: Path) -> list[str]:
     spec = LIBRARIES[library]
     if spec["peer"]:
         return [str(peers_python), str(PEERS_DIR / spec["runner"]), str(job_file)]
-    return [sys.executable, "-m", "loadtest.peers.run_ctrserve", str(job_file)]
+    return [sys.executable, "-m", "ctrserve.loadtest.peers.run_ctrserve", str(job_file)]
 
 
 def run_one(library: str, dataset: str, seed: int, export: dict[str, Any], args: Any,
             settings: dict[str, Any], work: Path) -> dict[str, Any]:
-    from training.evaluate import metrics
+    from ctrserve.training.evaluate import metrics
 
     out = work / f"{library}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "benchmark": "training against the peers", "quick": args.quick,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m loadtest.bench_training", *sys.argv[1:]]),
+        "command": " ".join(["python -m ctrserve.loadtest.bench_training", *sys.argv[1:]]),
         "machine": {"cpu": bench_serving.cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "load_before": load_before,
                     "load_after": os.getloadavg(),
@@ -417,7 +418,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_training",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_training",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="one seed, one epoch, the first rows of each split (smoke test)")

@@ -1,6 +1,6 @@
 """One scorer process against several on one port: `ctrserve serve --workers N`.
 
-    python -m loadtest.bench_workers --registry demo/registry [--workers 1,2]
+    python -m ctrserve.loadtest.bench_workers --registry demo/registry [--workers 1,2]
         [--candidates 10,100,500] [--concurrency 16,64] [--duration 10] [--out FILE]
 
 Scorers with each worker count as subprocesses (bench_serving.Server: embedded Redis loaded
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_serving import (
+from ctrserve.loadtest.bench_serving import (
     BODIES_PER_SIZE,
     Server,
     make_bodies,
@@ -113,7 +113,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_workers",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.bench_workers",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, default=Path("demo/registry"))
     p.add_argument("--bundle")

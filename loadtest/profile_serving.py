@@ -1,6 +1,6 @@
 """Where the scorer's time goes: py-spy samples a scorer under wrk load, by function.
 
-    python -m loadtest.profile_serving --registry demo/registry --features demo/data \\
+    python -m ctrserve.loadtest.profile_serving --registry demo/registry --features demo/data \\
         [--candidates 10 --concurrency 64 --seconds 15 --batching on] [--out bench-out/profile]
 
 Starts one scorer (as loadtest/bench_serving.py does), drives it with wrk, and records it with
@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_serving import (
+from ctrserve.loadtest.bench_serving import (
     WRK_SCRIPT,
     Server,
     make_bodies,

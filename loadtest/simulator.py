@@ -44,9 +44,9 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from ctrserve.errors import UserError
-from loadtest.synth_logs import load_world, read_world_meta
-from loadtest.world import SyntheticWorld
+from ctrserve.common.errors import UserError
+from ctrserve.loadtest.synth_logs import load_world, read_world_meta
+from ctrserve.loadtest.world import SyntheticWorld
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 ARM_COUNTS = ("requests", "impressions", "downloads", "expected_downloads",
@@ -529,17 +529,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m loadtest.simulator`: the same flags as `ctrserve simulate`."""
-    from ctrserve.cli import main as cli_main
-
-    return cli_main(["simulate", *(sys.argv[1:] if argv is None else argv)])
-
-
 def write_summary(summary: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The benchmark suite: the scorer against its in-process limit, training against the peers.
 
-    python -m loadtest.suite --registry demo/registry [--features demo/data] [--quick]
+    python -m ctrserve.loadtest.suite --registry demo/registry [--features demo/data] [--quick]
         [--parts serving,overload,workers,training] [--out bench-out/suite]
         [--readme docs/benchmarks.md] [--render-only]
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest import bench_overload, bench_serving, bench_training, bench_workers
+from ctrserve.loadtest import bench_overload, bench_serving, bench_training, bench_workers
 
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 PARTS = ("serving", "overload", "workers", "training")
@@ -119,7 +119,7 @@ def write_readme(readme: Path, block: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.suite",
+    p = argparse.ArgumentParser(prog="python -m ctrserve.loadtest.suite",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", type=Path, help="registry with a deepfm bundle (serving)")
     p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
@@ -152,7 +152,8 @@ def _parts(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m loadtest.suite " + " ".join(sys.argv[1:] if argv is None else argv)
+    args_text = " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m ctrserve.loadtest.suite " + args_text
     args.out.mkdir(parents=True, exist_ok=True)
     started, seconds = time.time(), None
     if args.render_only:

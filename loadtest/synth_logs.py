@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from loadtest.world import Requests, SyntheticWorld, WorldConfig
+from ctrserve.loadtest.world import Requests, SyntheticWorld, WorldConfig
 
 WORLD_FILE = "world.json"
 IMPRESSIONS_DIR = "impressions"
@@ -84,7 +84,7 @@ def write_synthetic_logs(
     total = sum(rows_per_day.values())
     meta = {
         "format": FORMAT,
-        "generator": "loadtest.synth_logs",
+        "generator": "ctrserve.loadtest.synth_logs",
         "config": config.to_dict(),
         "spec": world.dataset_spec().to_dict(),
         "start_day": start_day.isoformat(),

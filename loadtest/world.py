@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from features.spec import DatasetSpec, FieldSpec
+from ctrserve.features.spec import DatasetSpec, FieldSpec
 
 AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55+")
 AGE_P = (0.22, 0.30, 0.22, 0.15, 0.11)

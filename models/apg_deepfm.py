@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.deepfm import DeepFM
-from models.layers import APGLayer
+from ctrserve.models.deepfm import DeepFM
+from ctrserve.models.layers import APGLayer
 
 
 class APGDeepFM(DeepFM):

@@ -104,7 +104,7 @@ class CTRModel(nn.Module):
     def embedding_tables(self) -> list[nn.Module]:
         """The model's FeatureEmbedding modules, one per embedding set (for information
         abundance); empty for models without one (LR)."""
-        from models.layers import FeatureEmbedding
+        from ctrserve.models.layers import FeatureEmbedding
 
         emb = getattr(self, "embedding", None)
         return [emb] if isinstance(emb, FeatureEmbedding) else []

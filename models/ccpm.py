@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import CTRModel
-from models.layers import FeatureEmbedding
+from ctrserve.models.base import CTRModel
+from ctrserve.models.layers import FeatureEmbedding
 
 
 class KMaxPooling(nn.Module):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import CTRModel
-from models.layers import MLP, FeatureEmbedding, FMInteraction
-from models.linear import LinearTerm
+from ctrserve.models.base import CTRModel
+from ctrserve.models.layers import MLP, FeatureEmbedding, FMInteraction
+from ctrserve.models.linear import LinearTerm
 
 
 class DeepFM(CTRModel):

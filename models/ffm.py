@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import CTRModel
-from models.layers import FeatureEmbedding
-from models.linear import LinearTerm
+from ctrserve.models.base import CTRModel
+from ctrserve.models.layers import FeatureEmbedding
+from ctrserve.models.linear import LinearTerm
 
 
 class FFMInteraction(nn.Module):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from models.base import CTRModel
-from models.layers import FeatureEmbedding, FMInteraction
-from models.linear import LinearTerm
+from ctrserve.models.base import CTRModel
+from ctrserve.models.layers import FeatureEmbedding, FMInteraction
+from ctrserve.models.linear import LinearTerm
 
 
 class FM(CTRModel):

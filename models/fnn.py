@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from models.base import CTRModel
-from models.layers import MLP, FeatureEmbedding
+from ctrserve.models.base import CTRModel
+from ctrserve.models.layers import MLP, FeatureEmbedding
 
 
 class FNN(CTRModel):

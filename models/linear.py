@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.layers import FeatureEmbedding
+from ctrserve.models.layers import FeatureEmbedding
 
 
 class LinearTerm(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models.base import CTRModel
-from models.linear import LinearTerm
+from ctrserve.models.base import CTRModel
+from ctrserve.models.linear import LinearTerm
 
 
 class LR(CTRModel):

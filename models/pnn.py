@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import CTRModel
-from models.deepfm import DeepFM
-from models.layers import FeatureEmbedding
-from models.product import ProductDeep
+from ctrserve.models.base import CTRModel
+from ctrserve.models.deepfm import DeepFM
+from ctrserve.models.layers import FeatureEmbedding
+from ctrserve.models.product import ProductDeep
 
 
 def _product_deep(model: CTRModel, num_fields: int) -> ProductDeep:

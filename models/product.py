@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import MLP
+from ctrserve.models.layers import MLP
 
 
 class InnerProduct(nn.Module):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.apg_deepfm import APGDeepFM
-from models.base import CTRModel, ModelConfig
-from models.ccpm import CCPM
-from models.deepfm import DeepFM
-from models.ffm import FFM
-from models.fm import FM
-from models.fnn import FNN
-from models.kpnn import KFM, KPNN
-from models.lr import LR
-from models.pin import NIFM, PIN
-from models.pnn import IPNN, OPNN, DeepFMIPNN, DeepFMOPNN, DeepFMPNNStar, PNNStar
+from ctrserve.models.apg_deepfm import APGDeepFM
+from ctrserve.models.base import CTRModel, ModelConfig
+from ctrserve.models.ccpm import CCPM
+from ctrserve.models.deepfm import DeepFM
+from ctrserve.models.ffm import FFM
+from ctrserve.models.fm import FM
+from ctrserve.models.fnn import FNN
+from ctrserve.models.kpnn import KFM, KPNN
+from ctrserve.models.lr import LR
+from ctrserve.models.pin import NIFM, PIN
+from ctrserve.models.pnn import IPNN, OPNN, DeepFMIPNN, DeepFMOPNN, DeepFMPNNStar, PNNStar
 
 MODELS: dict[str, type[CTRModel]] = {
     "lr": LR,

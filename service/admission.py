@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.errors import error_body
+from ctrserve.service.errors import error_body
 
 SHED_BODY = error_body([{"loc": ["admission"], "msg": "the scorer is at its admission limit; "
                          "retry after Retry-After", "type": "overloaded"}])

@@ -20,25 +20,25 @@ from typing import Any
 from fastapi import FastAPI
 
 from ctrserve import __version__
-from service.admission import AdaptiveLimit
-from service.attribution import AUTO_KID, Signer, parse_keys
-from service.deploy_follower import DeploymentFollower
-from service.errors import install_handlers
-from service.events import EventIngest, EventRules
-from service.feature_store import FeatureStore
-from service.keys import SIGNING_KEY
-from service.log_lag import LagSampler
-from service.metrics import Metrics, MetricsMiddleware, RequestRecorder
-from service.models import ModelRegistry
-from service.redis_server import RedisHandle, open_redis
-from service.routers import dashboard, events, experiments, health, metrics, models, score
-from service.routers.events import EventsRequest
-from service.routing import Routing
-from service.schemas import ScoreRequest, SwapRequest
-from service.score_endpoint import ScoreEndpoint
-from service.scoring import Scorer
-from service.serve_log import ServeLog
-from service.settings import Settings
+from ctrserve.common.keys import SIGNING_KEY
+from ctrserve.service.admission import AdaptiveLimit
+from ctrserve.service.attribution import AUTO_KID, Signer, parse_keys
+from ctrserve.service.deploy_follower import DeploymentFollower
+from ctrserve.service.errors import install_handlers
+from ctrserve.service.events import EventIngest, EventRules
+from ctrserve.service.feature_store import FeatureStore
+from ctrserve.service.log_lag import LagSampler
+from ctrserve.service.metrics import Metrics, MetricsMiddleware, RequestRecorder
+from ctrserve.service.models import ModelRegistry
+from ctrserve.service.redis_server import RedisHandle, open_redis
+from ctrserve.service.routers import dashboard, events, experiments, health, metrics, models, score
+from ctrserve.service.routers.events import EventsRequest
+from ctrserve.service.routing import Routing
+from ctrserve.service.schemas import ScoreRequest, SwapRequest
+from ctrserve.service.score_endpoint import ScoreEndpoint
+from ctrserve.service.scoring import Scorer
+from ctrserve.service.serve_log import ServeLog
+from ctrserve.service.settings import Settings
 
 log = logging.getLogger("ctrserve.service")
 ENDPOINTS = {"/v1/score", "/healthz", "/readyz", "/v1/models", "/admin/swap", "/metrics",
@@ -140,7 +140,7 @@ async def signing_keys(settings: Settings, client: Any) -> list[tuple[str, bytes
 
 
 def _load_features(handle: RedisHandle, settings: Settings) -> None:
-    from service.feature_store import load_tables, synth_files
+    from ctrserve.service.feature_store import load_tables, synth_files
 
     users, items = synth_files(settings.load_features)
     client = handle.sync_client()

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Overloaded
-from service.metrics import Metrics
-from service.settings import Settings
+from ctrserve.service.errors import DeadlineExceeded, Overloaded
+from ctrserve.service.metrics import Metrics
+from ctrserve.service.settings import Settings
 
 Feeds = dict[str, np.ndarray]
 Runner = Callable[[Feeds], np.ndarray]

@@ -46,11 +46,11 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from service.experiments import guardrails
-from service.experiments.config import ExperimentSet
-from service.experiments.guardrails import BUCKET_FIELDS, LATENCY_BUCKETS_S, GuardSums
-from service.experiments.stats import ArmStats, report
-from service.keys import LOG_KINDS, LOGS_KEY, TOTAL, arm_key, config_key, days_key, log_key
+from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, TOTAL, arm_key, config_key, days_key, log_key
+from ctrserve.service.experiments import guardrails
+from ctrserve.service.experiments.config import ExperimentSet
+from ctrserve.service.experiments.guardrails import BUCKET_FIELDS, LATENCY_BUCKETS_S, GuardSums
+from ctrserve.service.experiments.stats import ArmStats, report
 
 log = logging.getLogger("ctrserve.counts")
 SUMS = ("users", "impressions", "downloads", "sum_x2", "sum_y2", "sum_xy")
@@ -253,7 +253,7 @@ class GuardrailSums:
 
 def format_full_report(rep: Mapping[str, Any]) -> str:
     """Every day's table and the total's, as text."""
-    from service.experiments.stats import format_report
+    from ctrserve.service.experiments.stats import format_report
 
     name = rep["experiment"]
     parts = [format_report(r, title=f"{name} {day}") for day, r in rep["days"].items()]

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from bundles import BundleError
-from service.deployments import read_state, read_version
-from service.experiments.config import ExperimentConfigError
-from service.routing import Routing
-from service.schemas import DeploymentStatus
+from ctrserve.bundles import BundleError
+from ctrserve.service.deployments import read_state, read_version
+from ctrserve.service.experiments.config import ExperimentConfigError
+from ctrserve.service.routing import Routing
+from ctrserve.service.schemas import DeploymentStatus
 
 log = logging.getLogger("ctrserve.deployments")
 

@@ -32,15 +32,18 @@ from typing import Any, NoReturn
 import redis
 import redis.asyncio as aioredis
 
-from bundles import BundleError
-from bundles.load import verify_files
-from bundles.registry import known_bundles, registry_entry
-from ctrserve.errors import UserError
-from service.experiments.assignment import canary_share_ok
-
-PREFIX = "ctrserve:{deploy}:"  # one hash tag: a deploy touches several of these keys at once
-VERSION_KEY = PREFIX + "version"
-HISTORY_KEY = PREFIX + "history"
+from ctrserve.bundles import BundleError
+from ctrserve.bundles.load import verify_files
+from ctrserve.bundles.registry import known_bundles, registry_entry
+from ctrserve.common.errors import UserError
+from ctrserve.common.keys import (
+    HISTORY_KEY,
+    VERSION_KEY,
+    canary_state_key,
+    prev_key,
+    state_key,
+)
+from ctrserve.service.experiments.assignment import canary_share_ok
 
 # KEYS: state, prev list, version, history, canaries. ARGV: arm, bundle ("" = pop prev),
 # expected current bundle ("" = any), record JSON, expected canary ("*" = any, ended; "" = none;
@@ -108,18 +111,6 @@ return text
 
 class DeploymentError(UserError):
     """A deploy, canary, promote or rollback that was refused; nothing changed."""
-
-
-def state_key(experiment: str) -> str:
-    return f"{PREFIX}{experiment}"
-
-
-def canary_state_key(experiment: str) -> str:
-    return f"{PREFIX}{experiment}:canary"
-
-
-def prev_key(experiment: str, arm: str) -> str:
-    return f"{PREFIX}{experiment}:prev:{arm}"
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from service.keys import LOG_KINDS
+from ctrserve.common.keys import LOG_KINDS
 
 
 class DrainerMetrics:

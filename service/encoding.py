@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from features import FeatureEncoder
-from features.columns import FeatureError
-from service.errors import InvalidInput
-from service.item_rows import ItemRows
-from service.plan import FieldPlan
-from service.settings import Settings
+from ctrserve.features import FeatureEncoder
+from ctrserve.features.columns import FeatureError
+from ctrserve.service.errors import InvalidInput
+from ctrserve.service.item_rows import ItemRows
+from ctrserve.service.plan import FieldPlan
+from ctrserve.service.settings import Settings
 
 Feeds = dict[str, np.ndarray]
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
-from service.keys import LOG_KINDS, LOGS_KEY, log_parts
+from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, log_parts
 
 EVENTS_SCHEMA = pa.schema([
     ("stream_id", pa.string()), ("event_id", pa.string()), ("type", pa.string()),

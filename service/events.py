@@ -42,11 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import to_json
 from redis.exceptions import NoScriptError
 
-from service.attribution import TAG_BYTES, Claims, Signer, TokenError
-from service.errors import InvalidBody, validation_items
-from service.keys import TOTAL, arm_key, days_key, log_key, seen_key
-from service.metrics import Metrics
-from service.schemas import Id
+from ctrserve.common.keys import TOTAL, arm_key, days_key, log_key, seen_key
+from ctrserve.service.attribution import TAG_BYTES, Claims, Signer, TokenError
+from ctrserve.service.errors import InvalidBody, validation_items
+from ctrserve.service.metrics import Metrics
+from ctrserve.service.schemas import Id
 
 STRICT = ConfigDict(extra="forbid")
 MAX_TOKEN = 8192  # a 1,000-item response's token is about 5,500 characters

@@ -20,11 +20,10 @@ import pyarrow as pa
 import redis
 import redis.asyncio as aioredis
 
-from ctrserve.errors import UserError
-from features.tables import csv_header, explain_csv_error, unnamed_columns
+from ctrserve.common.errors import UserError
+from ctrserve.common.keys import FEATURES_META_KEY, item_key, user_key
+from ctrserve.features.tables import csv_header, explain_csv_error, unnamed_columns
 
-PREFIX = "ctrserve:fs:"
-META_KEY = PREFIX + "meta"
 USER_ID_NAMES = ("user_id", "user", "userid")
 ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")
 LOAD_CHUNK = 2000
@@ -32,14 +31,6 @@ LOAD_CHUNK = 2000
 
 class FeatureStoreError(UserError):
     """A feature file or record that cannot be loaded; the message names it."""
-
-
-def user_key(user_id: str) -> str:
-    return f"{PREFIX}user:{user_id}"
-
-
-def item_key(item_id: str) -> str:
-    return f"{PREFIX}item:{item_id}"
 
 
 def pick_id_field(names: Sequence[str], candidates: Sequence[str],
@@ -65,7 +56,7 @@ class FeatureStore:
         self._reader: asyncio.Future | None = None  # a reference keeps the task alive
 
     async def meta(self) -> dict[str, Any]:
-        raw = await self.client.get(META_KEY)
+        raw = await self.client.get(FEATURES_META_KEY)
         return json.loads(raw) if raw else {}
 
     async def user(self, user_id: str) -> dict[str, Any] | None:
@@ -171,13 +162,13 @@ def load_tables(client: redis.Redis, users: Path | None, items: Path | None,
                 user_id_field: str | None = None,
                 item_id_field: str | None = None) -> dict[str, Any]:
     """Load user and item files and record what was loaded in the meta record."""
-    meta: dict[str, Any] = json.loads(client.get(META_KEY) or b"{}")
+    meta: dict[str, Any] = json.loads(client.get(FEATURES_META_KEY) or b"{}")
     if users is not None:
         meta["users"] = load_records(client, read_table(users), "user", user_id_field, str(users))
     if items is not None:
         meta["items"] = load_records(client, read_table(items), "item", item_id_field, str(items))
     meta["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    client.set(META_KEY, json.dumps(meta))
+    client.set(FEATURES_META_KEY, json.dumps(meta))
     return meta
 
 

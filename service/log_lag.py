@@ -16,8 +16,8 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from service.keys import LOG_KINDS, LOGS_KEY, log_parts
-from service.metrics import Metrics
+from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, log_parts
+from ctrserve.service.metrics import Metrics
 
 log = logging.getLogger("ctrserve.logs")
 

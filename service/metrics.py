@@ -17,8 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.experiments.guardrails import LATENCY_BUCKETS_S
-from service.keys import LOG_KINDS
+from ctrserve.common.keys import LOG_KINDS
+from ctrserve.service.experiments.guardrails import LATENCY_BUCKETS_S
 
 LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1., 2., 5.)
 ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

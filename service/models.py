@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bundles import Bundle, BundleError, load_bundle
-from bundles.registry import known_bundles
-from service.batcher import Batcher, Runner
-from service.encoding import RequestEncoder
-from service.errors import NotReady
-from service.feature_store import FeatureStore
-from service.metrics import Metrics
-from service.plan import FieldPlan, make_plan
-from service.schemas import LoadedModelInfo
-from service.settings import CPU, CUDA, Settings
+from ctrserve.bundles import Bundle, BundleError, load_bundle
+from ctrserve.bundles.registry import known_bundles
+from ctrserve.service.batcher import Batcher, Runner
+from ctrserve.service.encoding import RequestEncoder
+from ctrserve.service.errors import NotReady
+from ctrserve.service.feature_store import FeatureStore
+from ctrserve.service.metrics import Metrics
+from ctrserve.service.plan import FieldPlan, make_plan
+from ctrserve.service.schemas import LoadedModelInfo
+from ctrserve.service.settings import CPU, CUDA, Settings
 
 log = logging.getLogger("ctrserve.models")
 WARM_ITEMS_MAX = 50_000

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from features import FeatureEncoder, FieldSpec
-from service.feature_store import ITEM_ID_NAMES, USER_ID_NAMES, pick_id_field
-from service.settings import Settings
+from ctrserve.features import FeatureEncoder, FieldSpec
+from ctrserve.service.feature_store import ITEM_ID_NAMES, USER_ID_NAMES, pick_id_field
+from ctrserve.service.settings import Settings
 
 CLOCK_FIELDS = {"hour": 24, "weekday": 7}  # weekday: Monday = 0, as datetime.weekday()
 

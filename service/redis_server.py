@@ -27,8 +27,8 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ctrserve.errors import UserError
-from service.settings import Settings
+from ctrserve.common.errors import UserError
+from ctrserve.service.settings import Settings
 
 log = logging.getLogger("ctrserve.redis")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bundles import BundleError
-from service.counts import save_configs
-from service.deployments import CanaryState, DeployState, seed
-from service.experiments.config import (
+from ctrserve.bundles import BundleError
+from ctrserve.service.counts import save_configs
+from ctrserve.service.deployments import CanaryState, DeployState, seed
+from ctrserve.service.experiments.config import (
     ExperimentConfigError,
     ExperimentSet,
     arm_canaries,
@@ -33,8 +33,8 @@ from service.experiments.config import (
     parse_experiments,
     single_arm,
 )
-from service.models import ModelRegistry, resolve_bundle
-from service.settings import Settings
+from ctrserve.service.models import ModelRegistry, resolve_bundle
+from ctrserve.service.settings import Settings
 
 log = logging.getLogger("ctrserve.routing")
 

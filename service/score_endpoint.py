@@ -17,9 +17,9 @@ import logging
 import time
 from typing import Any
 
-from service.admission import SHED_BODY, AdaptiveLimit
-from service.errors import ApiError, BodyTimeout, BodyTooLarge, ClientClosed, error_body
-from service.metrics import RequestRecorder
+from ctrserve.service.admission import SHED_BODY, AdaptiveLimit
+from ctrserve.service.errors import ApiError, BodyTimeout, BodyTooLarge, ClientClosed, error_body
+from ctrserve.service.metrics import RequestRecorder
 
 log = logging.getLogger("ctrserve.service")
 PATH = "/v1/score"

@@ -28,12 +28,12 @@ import redis
 from pydantic import ValidationError
 from pydantic_core import to_json
 
-from service.admission import AdaptiveLimit
-from service.attribution import Signer, new_request_id, utc_day
-from service.batcher import BatcherClosed
-from service.counts import DAY_S, GuardrailSums
-from service.encoding import Feeds, overwrite
-from service.errors import (
+from ctrserve.service.admission import AdaptiveLimit
+from ctrserve.service.attribution import Signer, new_request_id, utc_day
+from ctrserve.service.batcher import BatcherClosed
+from ctrserve.service.counts import DAY_S, GuardrailSums
+from ctrserve.service.encoding import Feeds, overwrite
+from ctrserve.service.errors import (
     ApiError,
     DeadlineExceeded,
     InvalidBody,
@@ -41,16 +41,16 @@ from service.errors import (
     NotReady,
     validation_items,
 )
-from service.experiments.assignment import Assignment
-from service.experiments.config import ExperimentSet, GuardrailsConfig, UnknownExperiment
-from service.feature_store import FeatureStore
-from service.metrics import ArmRecorder, Metrics
-from service.models import LoadedModel, ModelRegistry
-from service.plan import FieldPlan, clock_values, kind_error
-from service.routing import Routing
-from service.schemas import ScoreRequest
-from service.serve_log import Served, ServeLog
-from service.settings import Settings
+from ctrserve.service.experiments.assignment import Assignment
+from ctrserve.service.experiments.config import ExperimentSet, GuardrailsConfig, UnknownExperiment
+from ctrserve.service.feature_store import FeatureStore
+from ctrserve.service.metrics import ArmRecorder, Metrics
+from ctrserve.service.models import LoadedModel, ModelRegistry
+from ctrserve.service.plan import FieldPlan, clock_values, kind_error
+from ctrserve.service.routing import Routing
+from ctrserve.service.schemas import ScoreRequest
+from ctrserve.service.serve_log import Served, ServeLog
+from ctrserve.service.settings import Settings
 
 ATTEMPTS = 3
 

@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from pydantic_core import to_json
 
-from service.attribution import utc_day
-from service.keys import log_key
+from ctrserve.common.keys import log_key
+from ctrserve.service.attribution import utc_day
 
 
 @dataclass

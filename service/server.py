@@ -18,9 +18,9 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.app import create_app
-from service.score_endpoint import ARRIVED
-from service.settings import Settings
+from ctrserve.service.app import create_app
+from ctrserve.service.score_endpoint import ARRIVED
+from ctrserve.service.settings import Settings
 
 
 class HeaderTimeout(HttpToolsProtocol):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.attribution import parse_keys
+from ctrserve.service.attribution import parse_keys
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

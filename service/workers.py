@@ -26,7 +26,7 @@ import tempfile
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from service.settings import Settings
+from ctrserve.service.settings import Settings
 
 log = logging.getLogger("ctrserve.workers")
 RESTART_POLL_S = 0.5
@@ -43,7 +43,7 @@ def bind(settings: Settings) -> socket.socket:
 
 
 def _worker(settings: Settings, sock: socket.socket, log_level: str) -> None:
-    from service.server import serve
+    from ctrserve.service.server import serve
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     serve(settings, sock)
@@ -51,7 +51,7 @@ def _worker(settings: Settings, sock: socket.socket, log_level: str) -> None:
 
 def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> None:
     """Run `workers` scorer processes on one port until SIGTERM/SIGINT."""
-    from service.redis_server import embedded_url, start_embedded, stop_embedded
+    from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
 
     embedded = None
     if not settings.redis_url:

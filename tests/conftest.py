@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ctrserve.cli import main
-from loadtest.redis_servers import MISSING, LocalCluster, LocalRedis, redis_binary
+from ctrserve.loadtest.redis_servers import MISSING, LocalCluster, LocalRedis, redis_binary
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL_FLAGS = ["--mlp", "32,16", "--embedding-dim", "8", "--apg-rank", "4",

@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import torch
 
-from bundles import load_bundle
-from features import FeatureEncoder
-from models import ModelConfig, build_model
+from ctrserve.bundles import load_bundle
+from ctrserve.features import FeatureEncoder
+from ctrserve.models import ModelConfig, build_model
 
 PARITY_ROWS = 2000
 PARITY = 1e-5  # the serving contract: ONNX and PyTorch probabilities agree to 1e-5 (APG too:

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import uvicorn
 
-from bundles import load_bundle
-from service.server import uvicorn_config
-from service.settings import Settings
+from ctrserve.bundles import load_bundle
+from ctrserve.service.server import uvicorn_config
+from ctrserve.service.settings import Settings
 
 
 class LiveServer:

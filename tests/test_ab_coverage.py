@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from loadtest import ab_coverage
-from loadtest.ab_coverage import Config, World, arm_stats, run, user_grams, user_vectors
-from service.experiments.cuped import CupedStats
-from service.experiments.stats import ArmStats
+from ctrserve.loadtest import ab_coverage
+from ctrserve.loadtest.ab_coverage import Config, World, arm_stats, run, user_grams, user_vectors
+from ctrserve.service.experiments.cuped import CupedStats
+from ctrserve.service.experiments.stats import ArmStats
 
 EXPERIMENTS = 200  # of each kind; a 5% rate has a Monte Carlo standard error of 1.5 points
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from service.settings import Settings
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 REPO = Path(__file__).resolve().parents[1]

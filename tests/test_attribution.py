@@ -15,10 +15,10 @@ import httpx
 import pytest
 import redis
 
-from service.attribution import Signer, parse_keys
-from service.event_log import drain, read_log
-from service.keys import TOTAL, arm_key, log_key
-from service.settings import Settings
+from ctrserve.common.keys import TOTAL, arm_key, log_key
+from ctrserve.service.attribution import Signer, parse_keys
+from ctrserve.service.event_log import drain, read_log
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 ITEMS = [f"a{i:04d}" for i in range(1, 21)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from loadtest.bench_state import main
+from ctrserve.loadtest.bench_state import main
 from tests.serving import copy_registry
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench_serving, suite
+from ctrserve.loadtest import bench_serving, suite
 from tests.conftest import shared_datasets
 
 SIZES = {10, 100, 500, "mixed"}
@@ -80,7 +80,7 @@ def test_targets_are_evaluated_where_their_cells_ran(quick_suite):
 
 def test_markdown_names_command_and_every_cell(quick_suite):
     md = (quick_suite / "suite.md").read_text()
-    assert "python -m loadtest.suite" in md and "--quick" in md
+    assert "python -m ctrserve.loadtest.suite" in md and "--quick" in md
     assert "smoke only" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 16 + 1  # header, 4 sizes x 2 clients x 2 modes, the open-loop cell

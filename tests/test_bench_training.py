@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench_training as bt
+from ctrserve.loadtest import bench_training as bt
 
 REPO = Path(__file__).resolve().parents[1]
 

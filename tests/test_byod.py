@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from ctrserve.cli import main
+from ctrserve.training.data import tabular
+from ctrserve.training.data.spec import schema_text
 from tests.conftest import REPO
-from training.data import tabular
-from training.data.spec import schema_text
 
 TINY_MODEL = ["--mlp", "16", "--embedding-dim", "4", "--batch-size", "128", "--epochs", "1",
               "--no-progress"]
@@ -113,7 +113,7 @@ def test_relative_spec_path_is_recorded_absolute(my_data, monkeypatch, capsys):
 def test_temporal_carve_holds_out_the_latest_train_rows(my_data, capsys):
     my_data.write_text(SPEC.replace("{kind: random, seed: 3, valid_fraction: 0.2}",
                                     "{kind: temporal, time_column: ts, valid_fraction: 0.25}"))
-    from training.data import open_source
+    from ctrserve.training.data import open_source
 
     source = open_source(str(my_data))
     cut = source.splits()
@@ -221,7 +221,7 @@ def test_short_csv_row_names_the_line(my_data, capsys):
 def test_committed_schema_is_generated_from_the_model():
     committed = REPO / "docs" / "dataset-spec.schema.json"
     assert committed.read_text() == schema_text(), (
-        "regenerate it: python -m training.data.spec > docs/dataset-spec.schema.json")
+        "regenerate it: python -m ctrserve.training.data.spec > docs/dataset-spec.schema.json")
     schema = json.loads(committed.read_text())
     assert set(schema["properties"]) == {"name", "label", "fields", "files", "file", "split",
                                          "format", "delimiter", "columns"}

@@ -17,14 +17,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from loadtest.simulator import SimConfig, default_start_day, simulate
-from service.attribution import utc_day
-from service.event_log import drain, read_log
-from service.experiments.stats import ArmStats, report
-from service.feature_store import load_tables
-from service.keys import log_key
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.common.keys import log_key
+from ctrserve.loadtest.simulator import SimConfig, default_start_day, simulate
+from ctrserve.service.attribution import utc_day
+from ctrserve.service.event_log import drain, read_log
+from ctrserve.service.experiments.stats import ArmStats, report
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 ITEMS = [f"a{i:04d}" for i in range(1, 11)]

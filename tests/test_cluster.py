@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from ctrserve.cli import main
-from loadtest.simulator import SimConfig, simulate
-from service.event_log import read_log, read_serve_log
-from service.feature_store import load_tables
-from service.keys import arm_tag
-from service.redis_server import sync_client
-from service.settings import Settings
+from ctrserve.common.keys import arm_tag
+from ctrserve.loadtest.simulator import SimConfig, simulate
+from ctrserve.service.event_log import read_log, read_serve_log
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import sync_client
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",

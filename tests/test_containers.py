@@ -27,11 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctrserve import commands
-from ctrserve.cli import build_parser
-from loadtest.simulator import check_loopback
-from service.app import ENDPOINTS
-from service.experiments.config import load_experiments
+from ctrserve.cli import build_parser, commands
+from ctrserve.loadtest.simulator import check_loopback
+from ctrserve.service.app import ENDPOINTS
+from ctrserve.service.experiments.config import load_experiments
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"

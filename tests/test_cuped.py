@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.experiments import cuped
-from service.experiments.cuped import SUM_NAMES, CupedStats
-from service.experiments.stats import (
+from ctrserve.service.experiments import cuped
+from ctrserve.service.experiments.cuped import SUM_NAMES, CupedStats
+from ctrserve.service.experiments.stats import (
     ArmStats,
     ctr_uplift,
     ctr_uplift_cuped,

@@ -19,16 +19,24 @@ import numpy as np
 import pytest
 import yaml
 
-from service.counts import SUMS
-from service.dashboard.page import CVR_LABEL, MIN_DAY_USERS, MIN_SRM_USERS, WHY_CHARS
-from service.dashboard.svg import Marker, Point, Series, Shade, line_chart, nice_ticks, y_top
-from service.dashboard.timeline import DayAxis, place, serving_days
-from service.deployments import deploy
-from service.experiments.stats import ArmStats
-from service.feature_store import load_tables
-from service.keys import TOTAL, arm_key, days_key
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.common.keys import TOTAL, arm_key, days_key
+from ctrserve.service.counts import SUMS
+from ctrserve.service.dashboard.page import CVR_LABEL, MIN_DAY_USERS, MIN_SRM_USERS, WHY_CHARS
+from ctrserve.service.dashboard.svg import (
+    Marker,
+    Point,
+    Series,
+    Shade,
+    line_chart,
+    nice_ticks,
+    y_top,
+)
+from ctrserve.service.dashboard.timeline import DayAxis, place, serving_days
+from ctrserve.service.deployments import deploy
+from ctrserve.service.experiments.stats import ArmStats
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 from tests.test_events import ITEMS, download, impression, score, send
 
@@ -309,7 +317,7 @@ def _users(rng: np.random.Generator, n: int, ctr: float) -> ArmStats:
 
 
 def _seed_counts(client: Any, experiment: str, days: dict[str, dict[str, ArmStats]]) -> None:
-    """The sums hashes and day sets as the event script keeps them (service/keys.py), each
+    """The sums hashes and day sets as the event script keeps them (ctrserve/common/keys.py), each
     user on one day only, so the experiment's totals are the days' sums."""
     arms = {arm for arms in days.values() for arm in arms}
     for arm in arms:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from ctrserve.cli import main
+from ctrserve.training.retrain import Gate
 from tests.conftest import SMALL_MODEL_FLAGS
-from training.retrain import Gate
 
 
 def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):

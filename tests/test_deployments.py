@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 from ctrserve.cli import main
-from service.deployments import HISTORY_KEY, VERSION_KEY, canary_state_key, state_key
-from service.experiments.assignment import canary_bucket
-from service.experiments.config import Canary, ExperimentSet, parse_experiments
-from service.feature_store import load_tables
-from service.keys import log_key
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.common.keys import log_key
+from ctrserve.service.deployments import HISTORY_KEY, VERSION_KEY, canary_state_key, state_key
+from ctrserve.service.experiments.assignment import canary_bucket
+from ctrserve.service.experiments.config import Canary, ExperimentSet, parse_experiments
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 BODY = {"user_id": "u1", "context": {"hour": 9, "weekday": 2},

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrserve.training.evaluate import predict
+from ctrserve.training.run_dir import load_run
 from tests.conftest import SMALL_MODEL_FLAGS, train_cli
-from training.evaluate import predict
-from training.run_dir import load_run
 
 
 def test_two_process_ddp_matches_single_process(synth_dir: Path, tmp_path: Path):

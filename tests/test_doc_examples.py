@@ -137,7 +137,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo_dir(bundles, synth_dir, tmp_path_factory) -> Path:
     """A working directory shaped like `make demo`'s: demo/{data,registry,experiments.yaml}."""
-    from ctrserve.demo import experiments_yaml
+    from ctrserve.cli.demo import experiments_yaml
 
     work = tmp_path_factory.mktemp("doc-examples")
     demo = work / "demo"

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from features import DatasetSpec, FeatureEncoder, FieldSpec
-from features.columns import FeatureError
-from features.hashing import fnv1a64, fnv1a64_str
+from ctrserve.features import DatasetSpec, FeatureEncoder, FieldSpec
+from ctrserve.features.columns import FeatureError
+from ctrserve.features.hashing import fnv1a64, fnv1a64_str
 
 SPEC = DatasetSpec(
     (

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from loadtest.redis_servers import LocalRedis
-from service.event_log import drain, read_log, read_serve_log
-from service.keys import LOGS_KEY, log_key
+from ctrserve.common.keys import LOGS_KEY, log_key
+from ctrserve.loadtest.redis_servers import LocalRedis
+from ctrserve.service.event_log import drain, read_log, read_serve_log
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,14 +18,14 @@ import redis
 import yaml
 
 from ctrserve.cli import main
-from service.attribution import utc_day
-from service.counts import build_report
-from service.event_log import read_log, read_serve_log
-from service.experiments.stats import ArmStats, report
-from service.feature_store import load_tables
-from service.keys import arm_key, log_key
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.common.keys import arm_key, log_key
+from ctrserve.service.attribution import utc_day
+from ctrserve.service.counts import build_report
+from ctrserve.service.event_log import read_log, read_serve_log
+from ctrserve.service.experiments.stats import ArmStats, report
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serve_process import ServeProcess
 from tests.serving import LiveServer, copy_registry, metric_value
 

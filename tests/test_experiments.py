@@ -14,8 +14,8 @@ import yaml
 from scipy import stats
 
 from ctrserve.cli import main
-from features.hashing import fnv1a64_str
-from service.experiments.assignment import (
+from ctrserve.features.hashing import fnv1a64_str
+from ctrserve.service.experiments.assignment import (
     BUCKETS,
     Splitter,
     bucket,
@@ -23,14 +23,14 @@ from service.experiments.assignment import (
     buckets,
     fmix64,
 )
-from service.experiments.config import (
+from ctrserve.service.experiments.config import (
     ExperimentConfigError,
     load_experiments,
     parse_experiments,
 )
-from service.feature_store import load_tables
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, World, copy_registry, direct_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_golden_buckets_hold_here_vectorised_and_in_a_fresh_process():
     for salt, user, expected in GOLDEN:
         assert bucket(salt, user) == expected
         assert buckets(salt, [user]).tolist() == [expected]
-    code = ("import json, sys; from service.experiments.assignment import bucket; "
+    code = ("import json, sys; from ctrserve.service.experiments.assignment import bucket; "
             "print(json.dumps([bucket(s, u) for s, u in json.loads(sys.argv[1])]))")
     pairs = json.dumps([[s, u] for s, u, _ in GOLDEN])
     out = subprocess.run([sys.executable, "-c", code, pairs], cwd=REPO, capture_output=True,

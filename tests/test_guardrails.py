@@ -21,12 +21,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctrserve.cli import main
-from loadtest.redis_servers import LocalRedis
-from service.counts import format_full_report
-from service.dashboard.page import experiment_page
-from service.experiments import guardrails
-from service.experiments.config import ExperimentConfigError, parse_experiments
-from service.experiments.guardrails import (
+from ctrserve.loadtest.redis_servers import LocalRedis
+from ctrserve.service.counts import format_full_report
+from ctrserve.service.dashboard.page import experiment_page
+from ctrserve.service.experiments import guardrails
+from ctrserve.service.experiments.config import ExperimentConfigError, parse_experiments
+from ctrserve.service.experiments.guardrails import (
     LATENCY_BUCKETS_S,
     MIN_DOWNLOADS,
     MIN_REQUESTS,
@@ -35,8 +35,8 @@ from service.experiments.guardrails import (
     quantile,
     section,
 )
-from service.feature_store import load_tables
-from service.settings import Settings
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.settings import Settings
 from tests.conftest import train_cli
 from tests.serving import LiveServer
 from tests.test_prometheus import _promtool

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from ctrserve.cli import main
-from features import DatasetSpec, FieldSpec
+from ctrserve.features import DatasetSpec, FieldSpec
+from ctrserve.training.data.inspect import format_report, inspect_source
+from ctrserve.training.data.source import Chunk, DataSource
 from tests.conftest import shared_datasets
-from training.data.inspect import format_report, inspect_source
-from training.data.source import Chunk, DataSource
 
 
 def dataset(subdir: str) -> Path:

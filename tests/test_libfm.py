@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from ctrserve.cli import main
+from ctrserve.training.data import DataError, checked_chunks, open_source
 from tests.conftest import shared_datasets
-from training.data import DataError, checked_chunks, open_source
 
 SPLITS = ("train", "valid", "test")
 

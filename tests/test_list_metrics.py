@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctrserve.cli import main
-from service.event_log import SCHEMAS
-from service.experiments.list_metrics import list_metrics
-from service.experiments.stats import ArmStats
-from service.experiments.warehouse import arm_sums, open_logs
+from ctrserve.service.event_log import SCHEMAS
+from ctrserve.service.experiments.list_metrics import list_metrics
+from ctrserve.service.experiments.stats import ArmStats
+from ctrserve.service.experiments.warehouse import arm_sums, open_logs
 
 DAY, DAY2 = "2026-01-05", "2026-01-06"
 

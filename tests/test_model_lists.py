@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from models.registry import MODELS as REGISTERED
+from ctrserve.models.registry import MODELS as REGISTERED
 from tests.test_models_family import FAMILY_MODELS
 from tests.test_models_pnn import PNN_MODELS
 from tests.test_trainer import MODELS as TRAINER_MODELS

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundles import load_bundle
+from ctrserve.bundles import load_bundle
 from ctrserve.cli import main
-from models.ccpm import KMaxPooling
-from models.ffm import FFMInteraction
-from models.kpnn import KernelProduct
+from ctrserve.models.ccpm import KMaxPooling
+from ctrserve.models.ffm import FFMInteraction
+from ctrserve.models.kpnn import KernelProduct
 from tests.conftest import train_cli
 from tests.model_checks import PARITY, independent_parity
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundles import load_bundle
+from ctrserve.bundles import load_bundle
 from ctrserve.cli import main
-from models.product import InnerProduct, OuterProduct
+from ctrserve.models.product import InnerProduct, OuterProduct
 from tests.conftest import train_cli
 from tests.model_checks import PARITY, independent_parity
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from ctrserve.cli import main
-from models import ModelConfig, build_model
+from ctrserve.models import ModelConfig, build_model
+from ctrserve.training.abundance import ABUNDANCE_FILE, information_abundance
 from tests.conftest import SMALL_MODEL_FLAGS, train_cli
 from tests.model_checks import PARITY, independent_parity
-from training.abundance import ABUNDANCE_FILE, information_abundance
 
 LAYOUT = {"categorical": [("a", 5), ("b", 7)], "multi": [("m", 4)], "numeric": ["x"]}
 
@@ -139,8 +139,8 @@ def test_unsupported_model_refuses_sets(synth_dir, tmp_path, capsys, model):
 
 def test_joint_abundance_is_the_sets_side_by_side(multi_runs):
     """ia_joint is the IA of the field's blocks of all sets concatenated along the width."""
-    from training.abundance import field_blocks
-    from training.run_dir import load_run
+    from ctrserve.training.abundance import field_blocks
+    from ctrserve.training.run_dir import load_run
 
     run = load_run(multi_runs["deepfm"])
     model = run.load_model()

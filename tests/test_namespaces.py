@@ -12,18 +12,18 @@ import pytest
 import yaml
 from scipy import stats
 
-from service.experiments.assignment import BUCKETS, bucket, buckets
-from service.experiments.config import (
+from ctrserve.common.keys import TOTAL, arm_key
+from ctrserve.service.experiments.assignment import BUCKETS, bucket, buckets
+from ctrserve.service.experiments.config import (
     Canary,
     ExperimentConfigError,
     ExperimentSet,
     load_experiments,
     parse_experiments,
 )
-from service.feature_store import load_tables
-from service.keys import TOTAL, arm_key
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 USERS = [f"u{i:06d}" for i in range(100_000)]

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from loadtest.redis_servers import LocalRedis
-from service.admission import AdaptiveLimit
-from service.settings import Settings
+from ctrserve.loadtest.redis_servers import LocalRedis
+from ctrserve.service.admission import AdaptiveLimit
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry, metric_value
 
 BODY = json.dumps({"user_id": "u00001", "candidates": [{"item_id": "a0001"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.settings import Settings
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, World, copy_registry, metric_value
 
 

@@ -21,10 +21,10 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import chi2, norm
 
-from service.app import ENDPOINTS, create_app
-from service.drainer_metrics import DrainerMetrics
-from service.metrics import Metrics
-from service.settings import Settings
+from ctrserve.service.app import ENDPOINTS, create_app
+from ctrserve.service.drainer_metrics import DrainerMetrics
+from ctrserve.service.metrics import Metrics
+from ctrserve.service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"

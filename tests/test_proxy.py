@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from ctrserve.cli import main
-from loadtest.redis_servers import LocalRedis
+from ctrserve.loadtest.redis_servers import LocalRedis
 from tests.serving import copy_registry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from features import FeatureEncoder
-from training.data import DataError, DataSource, checked_chunks, criteo, open_source, tabular
+from ctrserve.features import FeatureEncoder
+from ctrserve.training.data import (
+    DataError,
+    DataSource,
+    checked_chunks,
+    criteo,
+    open_source,
+    tabular,
+)
 
 DATA_DIR = Path(
     os.environ.get("CTR_DATA_DIR")

@@ -17,8 +17,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.drainer_metrics import DrainerMetrics
-from service.metrics import Metrics
+from ctrserve.service.drainer_metrics import DrainerMetrics
+from ctrserve.service.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "prometheus" / "recording_rules.yml"

@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 
-from loadtest.redis_servers import LocalCluster
+from ctrserve.loadtest.redis_servers import LocalCluster
 
 LUA = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCRBY', KEYS[2], ARGV[2])"
 KEYS = [f"infra:{i}" for i in range(30)]

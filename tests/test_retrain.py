@@ -22,15 +22,15 @@ import torch
 import yaml
 
 from ctrserve.cli import main
-from loadtest.simulator import SimConfig, simulate
-from service.deployments import HISTORY_KEY, canary, state_key
-from service.feature_store import load_tables
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.loadtest.simulator import SimConfig, simulate
+from ctrserve.service.deployments import HISTORY_KEY, canary, state_key
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
+from ctrserve.training.data.events import EventLogSource, event_day
+from ctrserve.training.data.source import DataError
+from ctrserve.training.retrain import Gate, arm_lock
 from tests.serving import LiveServer, World, copy_registry
-from training.data.events import EventLogSource, event_day
-from training.data.source import DataError
-from training.retrain import Gate, arm_lock
 
 DAYS, PER_DAY = 3, 150
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",

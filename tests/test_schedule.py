@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrserve import commands
-from ctrserve.cli import build_parser
+from ctrserve.cli import build_parser, commands
 
 SCHEDULE = Path(__file__).resolve().parent.parent / "deploy" / "schedule"
 

@@ -19,9 +19,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctrserve.cli import main
-from service.feature_store import item_key, load_tables
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.service.feature_store import item_key, load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serve_process import ServeProcess
 from tests.serving import LiveServer, World, copy_registry, direct_scores, metric_value
 
@@ -474,7 +474,7 @@ def test_cli_load_features_fills_the_embedded_store(synth_dir, tmp_path, capsys)
 
 SERVING_SCRIPT = """
 import json, sys, urllib.request
-from service.settings import Settings
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer
 settings = Settings(registry=sys.argv[1], bundle=sys.argv[2], load_features=sys.argv[3],
                     redis_db=sys.argv[4], warmup_rounds=1)
@@ -500,8 +500,8 @@ def test_serving_runs_without_torch_on_the_embedded_redis(registry, synth_dir, t
 
 # ---- the batcher on its own -------------------------------------------------------------------
 def test_batcher_close_finishes_queued_requests_and_refuses_new_ones():
-    from service.batcher import Batcher, BatcherClosed
-    from service.metrics import Metrics
+    from ctrserve.service.batcher import Batcher, BatcherClosed
+    from ctrserve.service.metrics import Metrics
 
     def run(feeds):
         time.sleep(0.01)

@@ -11,10 +11,10 @@ import yaml
 from scipy import stats
 
 from ctrserve.cli import main
-from loadtest.simulator import SimConfig, default_start_day, event_statuses, simulate
-from service.feature_store import load_tables
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.loadtest.simulator import SimConfig, default_start_day, event_statuses, simulate
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer
 
 WEIGHTS = {"lr": 0.6, "deepfm": 0.4}

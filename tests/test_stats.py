@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from service.experiments import sequential
-from service.experiments.stats import (
+from ctrserve.service.experiments import sequential
+from ctrserve.service.experiments.stats import (
     ArmStats,
     binomial_ctr_interval,
     ctr_interval,

@@ -1,11 +1,11 @@
-"""loadtest.suite's overload and workers parts in --quick mode: they run, land in suite.json
+"""The suite's overload and workers parts in --quick mode: they run, land in suite.json
 with their targets, and their markdown tables carry one row per measured cell."""
 
 from __future__ import annotations
 
 import json
 
-from loadtest import suite
+from ctrserve.loadtest import suite
 from tests.serving import copy_registry
 
 

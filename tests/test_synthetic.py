@@ -12,11 +12,11 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from features import FeatureEncoder
-from loadtest.synth_logs import load_world, write_synthetic_logs
-from loadtest.world import SyntheticWorld, WorldConfig
-from training.data import DataError, checked_chunks, open_source
-from training.data.synthetic import SyntheticSource
+from ctrserve.features import FeatureEncoder
+from ctrserve.loadtest.synth_logs import load_world, write_synthetic_logs
+from ctrserve.loadtest.world import SyntheticWorld, WorldConfig
+from ctrserve.training.data import DataError, checked_chunks, open_source
+from ctrserve.training.data.synthetic import SyntheticSource
 
 SMALL = {"n_users": 2_000, "n_apps": 300, "n_developers": 40}
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 
-from bundles import load_bundle
+from ctrserve.bundles import load_bundle
 from ctrserve.cli import main
 from tests.conftest import train_cli
 from tests.model_checks import PARITY, independent_parity
@@ -181,9 +181,9 @@ def test_a_warm_started_model_scores_like_its_bundle_before_training(trained_run
     """The champion's ONNX weights come back into a fresh (APG: unfolded) PyTorch model."""
     import torch
 
-    from models import ModelConfig, build_model
-    from training.run_dir import load_run
-    from training.warm_start import bundle_weights, load_weights
+    from ctrserve.models import ModelConfig, build_model
+    from ctrserve.training.run_dir import load_run
+    from ctrserve.training.warm_start import bundle_weights, load_weights
 
     bundle = load_bundle(bundles[model])
     config = ModelConfig.from_dict(bundle.manifest.hyperparameters["model"])

@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from ctrserve.cli import main
-from loadtest.simulator import SimConfig, simulate
-from service import counts
-from service.event_log import drain, read_log, read_serve_log
-from service.experiments import warehouse
-from service.experiments.list_metrics import list_metrics
-from service.feature_store import load_tables
-from service.redis_server import embedded_url, start_embedded, stop_embedded
-from service.settings import Settings
+from ctrserve.loadtest.simulator import SimConfig, simulate
+from ctrserve.service import counts
+from ctrserve.service.event_log import drain, read_log, read_serve_log
+from ctrserve.service.experiments import warehouse
+from ctrserve.service.experiments.list_metrics import list_metrics
+from ctrserve.service.feature_store import load_tables
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
+from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
 
 WEIGHTS = {"lr": 0.5, "deepfm": 0.5}
@@ -173,7 +173,7 @@ class LogWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from service.event_log import EVENTS_SCHEMA
+        from ctrserve.service.event_log import EVENTS_SCHEMA
 
         for (day, experiment, arm), rows in self.rows.items():
             path = logs / f"day={day}" / f"events-{experiment}-{arm}-{rows[0]['stream_id']}.parquet"
@@ -232,7 +232,7 @@ def write_user(log: LogWriter, rng, day: str, experiment: str, arm: str, user: s
 
 
 def test_cuped_sums_are_the_users_with_their_pre_period(pre_period_logs):
-    from service.experiments.cuped import CupedStats
+    from ctrserve.service.experiments.cuped import CupedStats
 
     logs, _, expected = pre_period_logs
     con = warehouse.open_logs(logs)

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from loadtest.redis_servers import LocalRedis
+from ctrserve.loadtest.redis_servers import LocalRedis
 from tests.serving import copy_registry, metric_value
 
 REPO = Path(__file__).resolve().parents[1]

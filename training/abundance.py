@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from ctrserve.errors import UserError
-from models.base import CTRModel
+from ctrserve.common.errors import UserError
+from ctrserve.models.base import CTRModel
 
 ABUNDANCE_FILE = "abundance.json"
 
@@ -96,7 +96,7 @@ def read_abundance(run_dir: str | Path) -> dict[str, Any]:
             return json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise AbundanceError(f"{file}: not valid JSON ({exc})") from None
-    from training.run_dir import load_run
+    from ctrserve.training.run_dir import load_run
 
     run = load_run(path)
     result = compute_abundance(run.load_model(), run.encoder.layout())

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from features import FeatureEncoder
-from training.data.source import DataSource, checked_chunks
+from ctrserve.features import FeatureEncoder
+from ctrserve.training.data.source import DataSource, checked_chunks
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from models import ModelConfig
-from training.data.source import DataSource
-from training.evaluate import metrics
-from training.train import TrainConfig, train
+from ctrserve.models import ModelConfig
+from ctrserve.training.data.source import DataSource
+from ctrserve.training.evaluate import metrics
+from ctrserve.training.train import TrainConfig, train
 
 
 def compare(source: DataSource, models: list[ModelConfig], train_cfg: TrainConfig,

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from models import CTRModel
-from training.batches import Encoded
+from ctrserve.models import CTRModel
+from ctrserve.training.batches import Encoded
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from bundles.load import load_bundle
-from bundles.manifest import (
+from ctrserve.bundles.load import load_bundle
+from ctrserve.bundles.manifest import (
     MODEL_FILE,
     PARITY_TOLERANCE,
     Manifest,
@@ -26,18 +26,18 @@ from bundles.manifest import (
     content_version,
     sha256_file,
 )
-from bundles.registry import install
-from ctrserve.errors import UserError
-from models.base import CTRModel, ProbabilityHead
-from training.abundance import (
+from ctrserve.bundles.registry import install
+from ctrserve.common.errors import UserError
+from ctrserve.models.base import CTRModel, ProbabilityHead
+from ctrserve.training.abundance import (
     ABUNDANCE_FILE,
     compute_abundance,
     manifest_summary,
     read_abundance,
 )
-from training.batches import Encoded
-from training.evaluate import predict
-from training.run_dir import Run, load_run
+from ctrserve.training.batches import Encoded
+from ctrserve.training.evaluate import predict
+from ctrserve.training.run_dir import Run, load_run
 
 OUTPUT_NAME = "probability"
 OPSET = 18

@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import redis
 
-from ctrserve.errors import UserError
+from ctrserve.common.errors import UserError
 
 RETRAIN_DIR = ".retrain"
 STAGING = ".staging-"  # + pid: a bundle being copied into the registry
@@ -105,9 +105,9 @@ def record_path(registry: Path, key: str) -> Path:
 
 def arms_of(client: redis.Redis, experiment: str) -> list[str]:
     """The arms with deployment state in Redis, in name order."""
-    from service.deployments import state_key
+    from ctrserve.service import state
 
-    return sorted(k.decode() for k in client.hkeys(state_key(experiment)))
+    return state.arms_of(client, experiment)
 
 
 def retrain(experiment: str, arm: str, registry: str | Path, events_dir: str | Path,
@@ -198,8 +198,8 @@ class _Run:
         return self.steps.key
 
     def _champion(self) -> Any:
-        from bundles import load_bundle
-        from service.deployments import current
+        from ctrserve.bundles import load_bundle
+        from ctrserve.service.state import current
 
         name = current(self.client, self.experiment, self.arm)
         if name is None:
@@ -226,9 +226,9 @@ class _Run:
         return source
 
     def _train(self) -> None:
-        from models import ModelConfig
-        from training.train import TrainConfig, WarmStart, train
-        from training.warm_start import bundle_weights
+        from ctrserve.models import ModelConfig
+        from ctrserve.training.train import TrainConfig, WarmStart, train
+        from ctrserve.training.warm_start import bundle_weights
 
         hyper = self.champion.manifest.hyperparameters
         model_config = ModelConfig.from_dict(hyper["model"])
@@ -251,8 +251,8 @@ class _Run:
             "samples_per_second": round(info["train_samples_per_second"])}
 
     def _export(self) -> Path | None:
-        from bundles import load_bundle
-        from training.export import ExportError, export_run
+        from ctrserve.bundles import load_bundle
+        from ctrserve.training.export import ExportError, export_run
 
         try:
             staged = export_run(self.work / "run", self.work / "staging")
@@ -290,7 +290,7 @@ class _Run:
         return reasons
 
     def _deploy(self, metrics: dict[str, dict[str, float]]) -> None:
-        from service.deployments import deploy
+        from ctrserve.service.state import deploy
 
         name = install_bundle(self.staged, self.registry)
         c, p = metrics["challenger"], metrics["champion"]
@@ -342,7 +342,7 @@ def _alive(pid: int) -> bool:
 def bundle_metrics(bundle: Any, table: pa.Table, label: str,
                    batch_rows: int = 50_000) -> dict[str, float]:
     """A bundle's metrics on raw rows: its own encoder and ONNX session, as the scorer runs."""
-    from training.evaluate import metrics
+    from ctrserve.training.evaluate import metrics
 
     probs = []
     for start in range(0, table.num_rows, batch_rows):
@@ -356,15 +356,14 @@ def bundle_metrics(bundle: Any, table: pa.Table, label: str,
 
 def _source(champion: Any, experiment: str, arm: str, events_dir: Path, client: redis.Redis,
             opts: RetrainOptions) -> Any:
-    from training.data import open_source
-    from training.data.events import EventLogSource
-    from training.data.mixed import MixedSource
+    from ctrserve.training.data import open_source
+    from ctrserve.training.data.events import EventLogSource
+    from ctrserve.training.data.mixed import MixedSource
 
     def items(ids: list[str]) -> dict[str, dict[str, Any]]:
-        from service.feature_store import item_key, mget_sync
+        from ctrserve.service.state import item_records
 
-        raws = mget_sync(client, [item_key(i) for i in ids]) if ids else []
-        return {i: json.loads(r) for i, r in zip(ids, raws, strict=True) if r}
+        return item_records(client, ids)
 
     events = EventLogSource(events_dir, opts.window_days, champion.encoder.spec,
                             item_records=items, experiment=experiment,

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrserve.errors import UserError
-from features import FeatureEncoder
-from models import CTRModel, ModelConfig, build_model
-from training.batches import Encoded
+from ctrserve.common.errors import UserError
+from ctrserve.features import FeatureEncoder
+from ctrserve.models import CTRModel, ModelConfig, build_model
+from ctrserve.training.batches import Encoded
 
 RUN_FILE, ENCODER_FILE, CURVE_FILE = "run.json", "encoder.json", "learning_curve.json"
 WEIGHTS_FILE, PARITY_FILE = "model.pt", "parity_inputs.npz"

@@ -18,10 +18,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from models import ModelConfig
-from training.compare import mean_sd
-from training.data.source import DataSource
-from training.train import TrainConfig, train
+from ctrserve.models import ModelConfig
+from ctrserve.training.compare import mean_sd
+from ctrserve.training.data.source import DataSource
+from ctrserve.training.train import TrainConfig, train
 
 
 def scaling_configs(base: ModelConfig, factors: list[int]) -> list[tuple[str, ModelConfig]]:

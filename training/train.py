@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from features import FeatureEncoder
-from models import CTRModel, ModelConfig, build_model
-from training.abundance import write_abundance
-from training.batches import BatchStream, Encoded, encode_split
-from training.data.inspect import inspect_source
-from training.data.source import DataSource, checked_chunks
-from training.distributed import World, init_world, leave, scaled_lr, wrap
-from training.evaluate import evaluate
-from training.run_dir import write_run
-from training.warm_start import load_weights
+from ctrserve.features import FeatureEncoder
+from ctrserve.models import CTRModel, ModelConfig, build_model
+from ctrserve.training.abundance import write_abundance
+from ctrserve.training.batches import BatchStream, Encoded, encode_split
+from ctrserve.training.data.inspect import inspect_source
+from ctrserve.training.data.source import DataSource, checked_chunks
+from ctrserve.training.distributed import World, init_world, leave, scaled_lr, wrap
+from ctrserve.training.evaluate import evaluate
+from ctrserve.training.run_dir import write_run
+from ctrserve.training.warm_start import load_weights
 
 OPTIMIZERS = ("adam", "adagrad")
 

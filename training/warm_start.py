@@ -64,7 +64,7 @@ def run_embeddings(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
 
     The new model must use that encoder as it is: its vocabularies fix the table's rows.
     First-order weights and the interaction are not carried over (FNN has neither)."""
-    from training.run_dir import load_run
+    from ctrserve.training.run_dir import load_run
 
     run = load_run(run_dir)
     state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)

@@ -1,6 +1,6 @@
 """Train ctrserve's DeepFM or APG-DeepFM with training.train.train; write test predictions.
 
-    python -m loadtest.peers.run_ctrserve JOB.json      (ctrserve's own .venv)
+    python -m ctrserve.loadtest.peers.run_ctrserve JOB.json      (ctrserve's own .venv)
 
 Unlike the peers, which read the split the harness exported, this reads the raw dataset with
 ctrserve's reader and fits its encoder as `ctrserve train` does; the harness checks that the
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loadtest.peers.peer_common import load_job, write_result
-from models import ModelConfig
-from training.batches import encode_split
-from training.evaluate import predict
-from training.run_dir import load_run
-from training.train import TrainConfig, train
+from ctrserve.loadtest.peers.peer_common import load_job, write_result
+from ctrserve.models import ModelConfig
+from ctrserve.training.batches import encode_split
+from ctrserve.training.evaluate import predict
+from ctrserve.training.run_dir import load_run
+from ctrserve.training.train import TrainConfig, train
 
 
 def encoder_digest(encoder) -> str:
@@ -29,7 +29,7 @@ def encoder_digest(encoder) -> str:
 
 
 def main() -> None:
-    from loadtest.bench_training import open_dataset
+    from ctrserve.loadtest.bench_training import open_dataset
 
     job = load_job()
     s = job["settings"]

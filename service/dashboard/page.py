@@ -30,8 +30,8 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from service.dashboard.svg import PALETTE, Marker, Point, Series, Shade, line_chart
-from service.dashboard.timeline import DayAxis, Placement, place
+from ctrserve.service.dashboard.svg import PALETTE, Marker, Point, Series, Shade, line_chart
+from ctrserve.service.dashboard.timeline import DayAxis, Placement, place
 
 MIN_DAY_USERS = 100  # per arm and day: fewer draws the day hollow, off the chart's scale
 MIN_DAY_IMPRESSIONS = 100  # likewise, per arm and day

@@ -53,7 +53,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from features.hashing import fnv1a64, fnv1a64_str
+from ctrserve.features.hashing import fnv1a64, fnv1a64_str
 
 BUCKETS = 10_000
 MASK = 0xFFFFFFFFFFFFFFFF

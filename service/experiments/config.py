@@ -50,8 +50,8 @@ from pydantic import (
     field_validator,
 )
 
-from bundles.registry import known_bundles, registry_entry
-from service.experiments.assignment import (
+from ctrserve.bundles.registry import known_bundles, registry_entry
+from ctrserve.service.experiments.assignment import (
     BUCKETS,
     Assignment,
     NamespaceRange,

@@ -33,8 +33,8 @@ from typing import Any
 
 import duckdb
 
-from service.experiments.warehouse import query
-from service.keys import TOTAL
+from ctrserve.common.keys import TOTAL
+from ctrserve.service.experiments.warehouse import query
 
 DEFAULT_TOP = 10
 FIELDS = ("users", "top", "mean_length", "personalization", "coverage", "popularity",

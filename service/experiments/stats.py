@@ -34,9 +34,9 @@ import numpy as np
 from scipy import special
 from scipy import stats as sps
 
-from service.experiments import cuped as cuped_math
-from service.experiments import sequential
-from service.experiments.cuped import CupedStats
+from ctrserve.service.experiments import cuped as cuped_math
+from ctrserve.service.experiments import sequential
+from ctrserve.service.experiments.cuped import CupedStats
 
 CONFIDENCE = 0.95
 SRM_ALPHA = 0.001  # GrowthBook's and Statsig's threshold: a real mismatch, not bad luck

@@ -30,10 +30,10 @@ from typing import Any
 
 import duckdb
 
-from service.event_log import SCHEMAS
-from service.experiments.cuped import SUM_NAMES, CupedStats
-from service.experiments.stats import ArmStats, report
-from service.keys import TOTAL
+from ctrserve.common.keys import TOTAL
+from ctrserve.service.event_log import SCHEMAS
+from ctrserve.service.experiments.cuped import SUM_NAMES, CupedStats
+from ctrserve.service.experiments.stats import ArmStats, report
 
 SQL_DIR = Path(__file__).with_name("sql")
 VIEWS = {"event_log": "events", "serve_log": "serve"}  # view name -> drained file kind

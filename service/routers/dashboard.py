@@ -19,13 +19,13 @@ import redis
 from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from service.counts import build_report, experiment_configs
-from service.dashboard.page import experiment_page, index_page, not_found_page
-from service.dashboard.timeline import serving_days
-from service.deployments import history
-from service.errors import NotReady
-from service.redis_server import RedisHandle
-from service.routers.experiments import describe
+from ctrserve.service.counts import build_report, experiment_configs
+from ctrserve.service.dashboard.page import experiment_page, index_page, not_found_page
+from ctrserve.service.dashboard.timeline import serving_days
+from ctrserve.service.deployments import history
+from ctrserve.service.errors import NotReady
+from ctrserve.service.redis_server import RedisHandle
+from ctrserve.service.routers.experiments import describe
 
 router = APIRouter(tags=["dashboard"])
 # the page loads nothing from anywhere: inline styles and SVG only, no script

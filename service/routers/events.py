@@ -12,12 +12,12 @@ from pydantic import BaseModel
 from pydantic_core import to_json
 from starlette.responses import Response
 
-from service.counts import build_report, experiment_configs
-from service.errors import NotFound, NotReady, Unauthorized
-from service.events import Download, Impression
-from service.redis_server import RedisHandle
-from service.routers.score import read_body
-from service.schemas import ErrorResponse
+from ctrserve.service.counts import build_report, experiment_configs
+from ctrserve.service.errors import NotFound, NotReady, Unauthorized
+from ctrserve.service.events import Download, Impression
+from ctrserve.service.redis_server import RedisHandle
+from ctrserve.service.routers.score import read_body
+from ctrserve.service.schemas import ErrorResponse
 
 router = APIRouter(tags=["events"])
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from service.errors import InvalidBody, NotFound
-from service.experiments.assignment import BUCKETS, Assignment
-from service.experiments.config import (
+from ctrserve.service.errors import InvalidBody, NotFound
+from ctrserve.service.experiments.assignment import BUCKETS, Assignment
+from ctrserve.service.experiments.config import (
     ExperimentConfig,
     ExperimentConfigError,
     ExperimentSet,
@@ -16,10 +16,10 @@ from service.experiments.config import (
     parse_experiments,
     parse_text,
 )
-from service.models import ModelRegistry
-from service.routers.models import authorize
-from service.routers.score import read_body
-from service.schemas import (
+from ctrserve.service.models import ModelRegistry
+from ctrserve.service.routers.models import authorize
+from ctrserve.service.routers.score import read_body
+from ctrserve.service.schemas import (
     ArmInfo,
     AssignmentResponse,
     CanaryInfo,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic_core import to_json
 from starlette.responses import Response
 
-from service.errors import error_response
+from ctrserve.service.errors import error_response
 
 router = APIRouter(tags=["health"])
 REDIS_TIMEOUT_S = 1.0

@@ -9,14 +9,14 @@ from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from bundles import BundleError
-from service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
-from service.errors import validation_items as _items
-from service.experiments.config import ExperimentConfigError, ExperimentSet
-from service.models import resolve_bundle
-from service.routers.score import read_body
-from service.routing import UnknownArm
-from service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
+from ctrserve.bundles import BundleError
+from ctrserve.service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
+from ctrserve.service.errors import validation_items as _items
+from ctrserve.service.experiments.config import ExperimentConfigError, ExperimentSet
+from ctrserve.service.models import resolve_bundle
+from ctrserve.service.routers.score import read_body
+from ctrserve.service.routing import UnknownArm
+from ctrserve.service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
 
 router = APIRouter(tags=["models"])
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
-from service.score_endpoint import read_body as read_raw_body
+from ctrserve.service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from ctrserve.service.score_endpoint import read_body as read_raw_body
 
 router = APIRouter(tags=["score"])
 

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from features import DatasetSpec, FieldSpec
-from training.data.source import SPLITS, Chunk, DataError, DataSource, data_root
+from ctrserve.features import DatasetSpec, FieldSpec
+from ctrserve.training.data.source import SPLITS, Chunk, DataError, DataSource, data_root
 
 NAME = "criteo"
 DEFAULT_SUBDIR = "criteo-sample/first-8k"

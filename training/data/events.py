@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features import DatasetSpec, SpecError
-from training.data.source import SPLITS, Chunk, DataError, DataSource
+from ctrserve.features import DatasetSpec, SpecError
+from ctrserve.training.data.source import SPLITS, Chunk, DataError, DataSource
 
 ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")  # as service.feature_store
 ItemRecords = Mapping[str, dict[str, Any]] | Callable[[list[str]], Mapping[str, dict[str, Any]]]
@@ -144,7 +144,7 @@ class EventLogSource(DataSource):
         return table
 
     def _events(self) -> list[dict[str, Any]]:
-        from service.event_log import read_log
+        from ctrserve.service.state import read_log
 
         seen, events = set(), []
         for event in self._filtered(read_log(self.root)).to_pylist():
@@ -155,7 +155,7 @@ class EventLogSource(DataSource):
 
     def _served(self) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]]:
         """(request id, user) -> (shared feature values, candidates' own features)."""
-        from service.event_log import read_serve_log
+        from ctrserve.service.state import read_serve_log
 
         table = self._filtered(read_serve_log(self.root)).select(
             ["request_id", "user_id", "features", "item_features"])

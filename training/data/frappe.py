@@ -8,8 +8,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from features import DatasetSpec, FieldSpec
-from training.data.source import SPLITS, Chunk, DataError, DataSource, data_root, random_split
+from ctrserve.features import DatasetSpec, FieldSpec
+from ctrserve.training.data.source import (
+    SPLITS,
+    Chunk,
+    DataError,
+    DataSource,
+    data_root,
+    random_split,
+)
 
 NAME = "frappe"
 DEFAULT_SUBDIR = "frappe"

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from features import FieldSpec
-from features.columns import numbers, ragged, tokens
-from training.data.source import SPLITS, DataSource, check_chunk
+from ctrserve.features import FieldSpec
+from ctrserve.features.columns import numbers, ragged, tokens
+from ctrserve.training.data.source import SPLITS, DataSource, check_chunk
 
 SHIFT_WARN = 2.0  # click rate of a split over train's (or under it) beyond this is a warning
 MOSTLY_UNSEEN = 0.5  # share of a split's values unseen in train beyond this is a warning

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.data.source import DataError
+from ctrserve.training.data.source import DataError
 
 SUFFIXES = (".libfm", ".libsvm", ".svm", ".ffm")
 SPARSE_FIELD = "features"

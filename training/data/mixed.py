@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from training.data.events import EventLogSource
-from training.data.source import SPLITS, Chunk, DataError, DataSource
+from ctrserve.training.data.events import EventLogSource
+from ctrserve.training.data.source import SPLITS, Chunk, DataError, DataSource
 
 
 class MixedSource(DataSource):

@@ -12,8 +12,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from features import DatasetSpec, FieldSpec
-from training.data.source import SPLITS, Chunk, DataError, DataSource, data_root, temporal_split
+from ctrserve.features import DatasetSpec, FieldSpec
+from ctrserve.training.data.source import (
+    SPLITS,
+    Chunk,
+    DataError,
+    DataSource,
+    data_root,
+    temporal_split,
+)
 
 NAME = "movielens-100k"
 DEFAULT_SUBDIR = "movielens-100k"

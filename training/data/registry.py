@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.data.source import DataError, DataSource
+from ctrserve.training.data.source import DataError, DataSource
 
 KINDS = ("synth", "movielens", "frappe", "criteo", "libfm")
 
@@ -18,30 +18,30 @@ def open_source(arg: str) -> DataSource:
     kind, sep, path = arg.partition(":")
     if not sep:
         if Path(arg).suffix in (".yaml", ".yml", ".json"):
-            from training.data.tabular import TabularSource
+            from ctrserve.training.data.tabular import TabularSource
 
             return TabularSource.from_spec_file(arg)
         raise DataError(
             f"data source {arg!r}: expected KIND:PATH with KIND in {KINDS}, or a spec file"
         )
     if kind == "synth":
-        from training.data.synthetic import SyntheticSource
+        from ctrserve.training.data.synthetic import SyntheticSource
 
         return SyntheticSource(path)
     if kind == "movielens":
-        from training.data.movielens import MovieLensSource
+        from ctrserve.training.data.movielens import MovieLensSource
 
         return MovieLensSource(path or None)
     if kind == "frappe":
-        from training.data.frappe import FrappeSource
+        from ctrserve.training.data.frappe import FrappeSource
 
         return FrappeSource(path or None)
     if kind == "criteo":
-        from training.data.criteo import CriteoSource
+        from ctrserve.training.data.criteo import CriteoSource
 
         return CriteoSource(path or None)
     if kind == "libfm":
-        from training.data.tabular import libfm_source
+        from ctrserve.training.data.tabular import libfm_source
 
         return libfm_source(path)
     raise DataError(f"data source {arg!r}: unknown kind {kind!r}; expected one of {KINDS}")

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ctrserve.errors import UserError
-from features import DatasetSpec
+from ctrserve.common.errors import UserError
+from ctrserve.features import DatasetSpec
 
 SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "CTR_DATA_DIR"

@@ -2,7 +2,8 @@
 
 The model validates spec files (every error names its key path, such as
 `fields[3].transform`), documents every key, and gives the JSON Schema committed as
-docs/dataset-spec.schema.json: `python -m training.data.spec > docs/dataset-spec.schema.json`.
+docs/dataset-spec.schema.json:
+`python -m ctrserve.training.data.spec > docs/dataset-spec.schema.json`.
 Building a data source from a parsed spec is training/data/tabular.py's job.
 """
 
@@ -15,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from features.spec import KIND_KEYS, KINDS, FieldSpec, KeyProblem, error_text
-from training.data.source import DataError
+from ctrserve.features.spec import KIND_KEYS, KINDS, FieldSpec, KeyProblem, error_text
+from ctrserve.training.data.source import DataError
 
 FORMATS = ("csv", "tsv", "parquet", "libfm")
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

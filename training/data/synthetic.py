@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features import DatasetSpec, SpecError
-from training.data.source import SPLITS, Chunk, DataError, DataSource, data_root
+from ctrserve.features import DatasetSpec, SpecError
+from ctrserve.training.data.source import SPLITS, Chunk, DataError, DataSource, data_root
 
 WORLD_FILE = "world.json"
 IMPRESSIONS_DIR = "impressions"
 DAY_PREFIX = "day="
-MAKE_HINT = "write one with `python -m loadtest.synth_logs DIR`"
+MAKE_HINT = "write one with `python -m ctrserve.loadtest.synth_logs DIR`"
 
 
 class SyntheticSource(DataSource):

@@ -36,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from features import DatasetSpec, FieldSpec
-from features.tables import UNNAMED, csv_header, explain_csv_error
-from training.data import libfm
-from training.data.source import (
+from ctrserve.features import DatasetSpec, FieldSpec
+from ctrserve.features.tables import UNNAMED, csv_header, explain_csv_error
+from ctrserve.training.data import libfm
+from ctrserve.training.data.source import (
     SPLITS,
     Chunk,
     DataError,
@@ -47,7 +47,7 @@ from training.data.source import (
     random_split,
     temporal_split,
 )
-from training.data.spec import DatasetSpecFile, SplitFiles, SplitRule, load_spec_file
+from ctrserve.training.data.spec import DatasetSpecFile, SplitFiles, SplitRule, load_spec_file
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BLOCK_SIZE = 16 << 20

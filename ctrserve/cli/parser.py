@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ctrserve import commands
+from ctrserve.cli import commands
 
 
 def _numbers(kind: type, what: str) -> Callable[[str], tuple]:

@@ -22,6 +22,20 @@ an experiment spread over the nodes.
     ctrserve:exp:E               JSON {"control", "weights", "guardrails"}: the config the
                                  scorer last served
     ctrserve:attribution:key     the signing key shared by replicas without a configured one
+
+The deployment state (service/deployments.py), under one hash tag because a deploy changes
+several of its keys in one script:
+
+    ctrserve:{deploy}:E            hash arm -> bundle the arm serves
+    ctrserve:{deploy}:E:canary     hash arm -> JSON canary (bundle, share) of the arm
+    ctrserve:{deploy}:E:prev:A     list of the arm's earlier bundles (rollback pops it)
+    ctrserve:{deploy}:version      counter: bumped on every change (scorers poll it)
+    ctrserve:{deploy}:history      list of JSON deployment records
+
+The feature store (service/feature_store.py):
+
+    ctrserve:fs:user:ID, ctrserve:fs:item:ID   one JSON record per user and per item
+    ctrserve:fs:meta                           which fields are user and item fields, counts
 """
 
 from __future__ import annotations
@@ -67,3 +81,32 @@ def log_parts(stream: str) -> tuple[str, str, str]:
 
 def config_key(experiment: str) -> str:
     return f"{PREFIX}exp:{experiment}"
+
+
+DEPLOY_PREFIX = PREFIX + "{deploy}:"
+VERSION_KEY = DEPLOY_PREFIX + "version"
+HISTORY_KEY = DEPLOY_PREFIX + "history"
+
+
+def state_key(experiment: str) -> str:
+    return f"{DEPLOY_PREFIX}{experiment}"
+
+
+def canary_state_key(experiment: str) -> str:
+    return f"{DEPLOY_PREFIX}{experiment}:canary"
+
+
+def prev_key(experiment: str, arm: str) -> str:
+    return f"{DEPLOY_PREFIX}{experiment}:prev:{arm}"
+
+
+FEATURES_PREFIX = PREFIX + "fs:"
+FEATURES_META_KEY = FEATURES_PREFIX + "meta"
+
+
+def user_key(user_id: str) -> str:
+    return f"{FEATURES_PREFIX}user:{user_id}"
+
+
+def item_key(item_id: str) -> str:
+    return f"{FEATURES_PREFIX}item:{item_id}"

@@ -7,14 +7,14 @@ import json
 import sys
 from typing import Any
 
-from ctrserve.errors import UserError
-from features.spec import SpecError
+from ctrserve.common.errors import UserError
+from ctrserve.features.spec import SpecError
 
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
 
 
 def synth(args: argparse.Namespace) -> dict[str, Any]:
-    from loadtest.synth_logs import write_synthetic_logs
+    from ctrserve.loadtest.synth_logs import write_synthetic_logs
 
     summary = write_synthetic_logs(args.out, seed=args.seed, days=args.days,
                                    impressions_per_day=args.impressions_per_day,
@@ -27,9 +27,9 @@ def _configs(args: argparse.Namespace, model: str):
     """ModelConfig and TrainConfig from the shared model and training flags."""
     import torch
 
-    from models import MODELS, ModelConfig
-    from models.base import check_embedding_sets
-    from training.train import TrainConfig
+    from ctrserve.models import MODELS, ModelConfig
+    from ctrserve.models.base import check_embedding_sets
+    from ctrserve.training.train import TrainConfig
 
     if model not in MODELS:
         raise SpecError(f"--model: unknown model {model!r}; expected one of {sorted(MODELS)}")
@@ -54,9 +54,9 @@ def _configs(args: argparse.Namespace, model: str):
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    from training.data import open_source
-    from training.train import train
-    from training.warm_start import WeightMismatch
+    from ctrserve.training.data import open_source
+    from ctrserve.training.train import train
+    from ctrserve.training.warm_start import WeightMismatch
 
     model_cfg, train_cfg = _configs(args, args.model)
     source = open_source(args.data)
@@ -73,8 +73,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def inspect(args: argparse.Namespace) -> dict[str, Any] | str:
     """`ctrserve inspect`: the data report (training/data/inspect.py), as tables or JSON."""
-    from training.data import open_source
-    from training.data.inspect import format_report, inspect_source
+    from ctrserve.training.data import open_source
+    from ctrserve.training.data.inspect import format_report, inspect_source
 
     report = inspect_source(open_source(args.data))
     return report if args.json else format_report(report)
@@ -82,8 +82,8 @@ def inspect(args: argparse.Namespace) -> dict[str, Any] | str:
 
 def _embedding_start(run_dir: Any) -> Any:
     """`--init-embeddings RUN`: start from that run's encoder and embedding table."""
-    from training.train import WarmStart
-    from training.warm_start import WeightMismatch, run_embeddings
+    from ctrserve.training.train import WarmStart
+    from ctrserve.training.warm_start import WeightMismatch, run_embeddings
 
     try:
         encoder, weights = run_embeddings(run_dir)
@@ -93,8 +93,8 @@ def _embedding_start(run_dir: Any) -> Any:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    from training.compare import compare, markdown_table
-    from training.data import open_source
+    from ctrserve.training.compare import compare, markdown_table
+    from ctrserve.training.data import open_source
 
     configs = [_configs(args, name) for name in args.models]
     source = open_source(args.data)
@@ -107,10 +107,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
-    from models import MODELS
-    from models.base import check_embedding_sets
-    from training.data import open_source
-    from training.scaling import markdown_table, run_scaling
+    from ctrserve.models import MODELS
+    from ctrserve.models.base import check_embedding_sets
+    from ctrserve.training.data import open_source
+    from ctrserve.training.scaling import markdown_table, run_scaling
 
     if args.embedding_sets != 1:
         raise SpecError("--embedding-sets: scaling sets the number of sets itself (--factors)")
@@ -130,20 +130,20 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 def export(args: argparse.Namespace) -> str:
     """Prints the bundle's path alone, so scripts can capture it."""
-    from training.export import export_run
+    from ctrserve.training.export import export_run
 
     return str(export_run(args.run_dir, args.registry))
 
 
 def abundance(args: argparse.Namespace) -> str:
     """Prints the per-field table of information abundance (IA per embedding set), the mean."""
-    from training.abundance import format_table, read_abundance
+    from ctrserve.training.abundance import format_table, read_abundance
 
     return format_table(read_abundance(args.run_dir))
 
 
 def verify(args: argparse.Namespace) -> dict[str, Any]:
-    from bundles import load_bundle
+    from ctrserve.bundles import load_bundle
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -153,7 +153,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def demo(args: argparse.Namespace) -> None:
     """The demo prints its own tables and next steps; its results are in OUT/demo.json."""
-    from ctrserve.demo import DemoConfig, run_demo
+    from ctrserve.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
                      impressions_per_day=args.impressions_per_day, models=args.models,
@@ -175,7 +175,7 @@ def _settings(**overrides: Any):
     """Scorer settings from CTRSERVE_* variables, overridden by the flags that were given."""
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from ctrserve.service.settings import Settings
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -188,9 +188,9 @@ def _settings(**overrides: Any):
 def serve(args: argparse.Namespace) -> None:
     import logging
 
-    from bundles.load import verify_files
-    from service.models import resolve_bundle
-    from service.server import serve
+    from ctrserve.bundles.load import verify_files
+    from ctrserve.service.models import resolve_bundle
+    from ctrserve.service.server import serve
 
     settings = _settings(**{k: getattr(args, k) for k in SERVE_FLAGS})
     if settings.experiments_file:
@@ -201,13 +201,13 @@ def serve(args: argparse.Namespace) -> None:
     else:
         verify_files(resolve_bundle(settings.registry, settings.bundle, inside_registry=False))
     if settings.load_features:
-        from service.feature_store import synth_files
+        from ctrserve.service.feature_store import synth_files
 
         synth_files(settings.load_features)
     _check_port(settings.host, settings.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if settings.workers > 1:
-        from service.workers import serve_workers
+        from ctrserve.service.workers import serve_workers
 
         serve_workers(settings, settings.workers, args.log_level)
     else:
@@ -232,8 +232,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _check_experiments(settings: Any) -> None:
-    from bundles.load import verify_files
-    from service.experiments.config import ExperimentConfigError, load_experiments
+    from ctrserve.bundles.load import verify_files
+    from ctrserve.service.experiments.config import ExperimentConfigError, load_experiments
 
     try:
         experiments = load_experiments(settings.experiments_file, settings.registry)
@@ -244,8 +244,8 @@ def _check_experiments(settings: Any) -> None:
 
 
 def load_features(args: argparse.Namespace) -> dict[str, Any]:
-    from service.feature_store import load_tables, synth_files
-    from service.redis_server import open_sync, stop_embedded
+    from ctrserve.service.feature_store import load_tables, synth_files
+    from ctrserve.service.redis_server import open_sync, stop_embedded
 
     if not (args.synth or args.users or args.items):
         raise UserError("give --synth DIR, or --users and/or --items files")
@@ -290,7 +290,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     """Prints the table per day and arm to stderr; the JSON summary is the result."""
     import sys
 
-    from loadtest.simulator import SimConfig, format_summary, simulate, write_summary
+    from ctrserve.loadtest.simulator import SimConfig, format_summary, simulate, write_summary
 
     if not (args.world / "world.json").is_file():
         raise UserError(f"--world: {args.world} holds no world.json (write it with ctrserve synth)")
@@ -314,7 +314,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _with_redis(args: argparse.Namespace, work: Any) -> Any:
     """Run `work(client)` on REDIS_URL or the registry's embedded Redis, then let go of it."""
-    from service.redis_server import open_sync, stop_embedded
+    from ctrserve.service.redis_server import open_sync, stop_embedded
 
     settings = _settings(registry=args.registry, redis_db=args.redis_db)
     client, embedded = open_sync(settings)
@@ -338,7 +338,7 @@ def redis_where(args: argparse.Namespace) -> str:
 
 
 def known_experiments_text(client: Any) -> str:
-    from service.keys import config_key
+    from ctrserve.common.keys import config_key
 
     prefix = config_key("")
     names = sorted(k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*"))
@@ -352,8 +352,13 @@ def unknown_experiment(args: argparse.Namespace, client: Any) -> str:
 
 
 def report(args: argparse.Namespace) -> dict[str, Any] | str:
-    from service.counts import build_report, experiment_configs, format_full_report, load_config
-    from service.experiments.config import ExperimentConfigError, load_experiments
+    from ctrserve.service.counts import (
+        build_report,
+        experiment_configs,
+        format_full_report,
+        load_config,
+    )
+    from ctrserve.service.experiments.config import ExperimentConfigError, load_experiments
 
     def work(client: Any) -> dict[str, Any]:
         if args.experiments_file:
@@ -373,7 +378,7 @@ def report(args: argparse.Namespace) -> dict[str, Any] | str:
 
 
 def drain_events(args: argparse.Namespace) -> dict[str, Any]:
-    from service.event_log import drain
+    from ctrserve.service.event_log import drain
 
     if args.chunk < 1:
         raise UserError("--chunk must be at least 1")
@@ -397,8 +402,8 @@ def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The long-running drainer: a line per pass that moved something, totals at the end."""
     import signal
 
-    from service.drainer_metrics import DrainerMetrics
-    from service.event_log import follow
+    from ctrserve.service.drainer_metrics import DrainerMetrics
+    from ctrserve.service.event_log import follow
 
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -424,7 +429,7 @@ def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 def _open_logs(args: argparse.Namespace, experiment: str | None) -> tuple[Any, str]:
     """DuckDB over the drained logs of --logs, and the experiment (the only one by default)."""
     try:
-        from service.experiments.warehouse import experiments, open_logs
+        from ctrserve.service.experiments.warehouse import experiments, open_logs
     except ModuleNotFoundError as exc:
         if exc.name != "duckdb":
             raise
@@ -447,7 +452,7 @@ def _open_logs(args: argparse.Namespace, experiment: str | None) -> tuple[Any, s
 
 def _list_metrics(con: Any, args: argparse.Namespace, experiment: str,
                   arms: list[str] | None = None) -> dict[str, Any]:
-    from service.experiments.list_metrics import list_metrics
+    from ctrserve.service.experiments.list_metrics import list_metrics
 
     try:
         return list_metrics(con, experiment, args.top, args.catalogue_size, arms or ())
@@ -457,8 +462,8 @@ def _list_metrics(con: Any, args: argparse.Namespace, experiment: str,
 
 def _analysis_config(args: argparse.Namespace) -> dict[str, Any]:
     """{"control", "weights"} of --experiment: from --experiments FILE, else from Redis."""
-    from service.counts import experiment_configs, load_config
-    from service.experiments.config import ExperimentConfigError, load_experiments
+    from ctrserve.service.counts import experiment_configs, load_config
+    from ctrserve.service.experiments.config import ExperimentConfigError, load_experiments
 
     if args.experiments_file:
         try:
@@ -478,9 +483,9 @@ def _analysis_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
     """The A/B report of `ctrserve report` from the Parquet logs, with the list metrics."""
-    from service.counts import format_full_report
-    from service.experiments.list_metrics import format_list_metrics
-    from service.experiments.warehouse import (
+    from ctrserve.service.counts import format_full_report
+    from ctrserve.service.experiments.list_metrics import format_list_metrics
+    from ctrserve.service.experiments.warehouse import (
         PrePeriodError,
         build_report,
         dead_letters,
@@ -510,7 +515,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
 
 
 def list_metrics(args: argparse.Namespace) -> dict[str, Any] | str:
-    from service.experiments.list_metrics import format_list_metrics
+    from ctrserve.service.experiments.list_metrics import format_list_metrics
 
     con, experiment = _open_logs(args, args.experiment)
     metrics = _list_metrics(con, args, experiment)
@@ -534,8 +539,8 @@ def _registry(args: argparse.Namespace) -> Any:
 
 
 def deploy(args: argparse.Namespace) -> dict[str, Any]:
-    from service.deployments import check_bundle, check_share
-    from service.deployments import deploy as deploy_bundle
+    from ctrserve.service.deployments import check_bundle, check_share
+    from ctrserve.service.deployments import deploy as deploy_bundle
 
     registry = _registry(args)
     if args.canary is not None:
@@ -547,7 +552,7 @@ def deploy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def promote(args: argparse.Namespace) -> dict[str, Any]:
-    from service.deployments import promote as promote_canary
+    from ctrserve.service.deployments import promote as promote_canary
 
     registry = _registry(args)
     return _with_redis(args, lambda client: promote_canary(
@@ -555,7 +560,7 @@ def promote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rollback(args: argparse.Namespace) -> dict[str, Any]:
-    from service.deployments import rollback as roll_back
+    from ctrserve.service.deployments import rollback as roll_back
 
     registry = _registry(args)
     return _with_redis(args, lambda client: roll_back(
@@ -564,7 +569,7 @@ def rollback(args: argparse.Namespace) -> dict[str, Any]:
 
 def deployments(args: argparse.Namespace) -> list[dict[str, Any]] | str:
     """The history; as text, followed by a line per active canary."""
-    from service.deployments import canaries, format_canaries, format_history, history
+    from ctrserve.service.deployments import canaries, format_canaries, format_history, history
 
     def work(client: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         records = history(client, args.experiment)
@@ -580,8 +585,8 @@ def deployments(args: argparse.Namespace) -> list[dict[str, Any]] | str:
 def retrain(args: argparse.Namespace) -> dict[str, Any]:
     """Progress on stderr, the run record (JSON) on stdout; a rejection is not an error.
     `--arm all` retrains every arm in turn and fails at the end if any failed."""
-    from training.retrain import RetrainError, arms_of
-    from training.retrain import retrain as run_retrain
+    from ctrserve.training.retrain import RetrainError, arms_of
+    from ctrserve.training.retrain import retrain as run_retrain
 
     registry, opts = _registry(args), _retrain_options(args)
 
@@ -610,7 +615,7 @@ def retrain(args: argparse.Namespace) -> dict[str, Any]:
 
     def run(client: Any) -> dict[str, Any]:
         if args.drain:
-            from service.event_log import drain
+            from ctrserve.service.event_log import drain
 
             moved = drain(client, args.events)
             print(f"retrain {args.experiment}: drained {moved['events']} event(s) into "
@@ -621,13 +626,13 @@ def retrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _retrain_options(args: argparse.Namespace) -> Any:
-    from training.retrain import Gate, RetrainOptions
+    from ctrserve.training.retrain import Gate, RetrainOptions
 
     low_high = args.calibration_bounds
     if len(low_high) != 2 or low_high[0] > low_high[1]:
         raise UserError(f"--calibration-bounds: expected LOW,HIGH, got {low_high}")
     if args.canary is not None:
-        from service.deployments import check_share
+        from ctrserve.service.deployments import check_share
 
         check_share(args.canary, "--canary")
     if args.base_rows is not None and args.base_data is None:

@@ -37,11 +37,11 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from loadtest.synth_logs import write_synthetic_logs
-    from models import ModelConfig
-    from training.data.synthetic import SyntheticSource
-    from training.export import export_run
-    from training.train import train
+    from ctrserve.loadtest.synth_logs import write_synthetic_logs
+    from ctrserve.models import ModelConfig
+    from ctrserve.training.data.synthetic import SyntheticSource
+    from ctrserve.training.export import export_run
+    from ctrserve.training.train import train
 
     data_dir = cfg.out / "data"
     if not (data_dir / "world.json").exists():
@@ -78,11 +78,11 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
     """Serve every model as an arm (LR the control, equal weights), simulate users day by day
     with the daily retrain between days, print the per-day table and the report; the days and
     the report go to OUT/ab_test.json before the scorer serves on until interrupted."""
-    from loadtest.ab_days import ABDays, format_days, run_days
-    from service.counts import format_full_report
-    from service.redis_server import open_sync, stop_embedded
-    from service.settings import Settings
-    from training.retrain import RetrainOptions
+    from ctrserve.loadtest.ab_days import ABDays, format_days, run_days
+    from ctrserve.service.counts import format_full_report
+    from ctrserve.service.redis_server import open_sync, stop_embedded
+    from ctrserve.service.settings import Settings
+    from ctrserve.training.retrain import RetrainOptions
 
     experiments = cfg.out / "experiments.yaml"
     experiments.write_text(experiments_yaml(bundles))
@@ -206,7 +206,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 
 
 
 def _train_config(cfg: DemoConfig):
-    from training.train import TrainConfig
+    from ctrserve.training.train import TrainConfig
 
     # the settings of the model comparison on this world (docs/training.md, "Results")
     return TrainConfig(epochs=cfg.epochs, seed=cfg.seed, learning_rate=3e-3, l2_embedding=1e-3)
