@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ctrserve demo --out $(DEMO_DIR) $(DEMO_FLAGS)
 
+# the suite runs in a random order (pytest-randomly prints its seed first; rerun an order with
+# `pytest -p randomly --randomly-seed=N`) on TEST_WORKERS processes (pytest-xdist)
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

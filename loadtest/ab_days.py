@@ -39,20 +39,29 @@ class ABDays:
     seed: int = 2026
     retrain: RetrainOptions | None = field(default_factory=RetrainOptions)  # None: no retrains
     progress: bool = False
+    # days served by `pre_experiment` before the A/B days: the users' activity before the
+    # experiment, CUPED's covariate (`ctrserve analyze --pre-days N`)
+    pre_days: int = 0
+    pre_experiment: str = "baseline"
 
 
 def run_days(cfg: ABDays, client: redis.Redis, say: Say = print) -> list[dict[str, Any]]:
     """Serve, drain and retrain day by day; one record per day."""
     from ctrserve.service.event_log import drain
 
-    start = default_start_day(cfg.world_dir)
+    first = default_start_day(cfg.world_dir)
+    for index in range(cfg.pre_days):
+        day = first + dt.timedelta(days=index)
+        summary = simulate(cfg.world_dir, _one_day(cfg, day, cfg.pre_experiment,
+                                                   cfg.seed + PRE_SEEDS + index))
+        drain(client, cfg.events_dir)
+        say(f"pre-period {day}: {summary['requests']['answered']:,} requests served by "
+            f"experiment {cfg.pre_experiment}")
+    start = first + dt.timedelta(days=cfg.pre_days)
     records = []
     for index in range(cfg.days):
         day = start + dt.timedelta(days=index)
-        sim = SimConfig(url=cfg.url, days=1, requests_per_day=cfg.requests_per_day,
-                        seed=cfg.seed + index, start_day=day, experiment=cfg.experiment,
-                        progress=cfg.progress)
-        summary = simulate(cfg.world_dir, sim)
+        summary = simulate(cfg.world_dir, _one_day(cfg, day, cfg.experiment, cfg.seed + index))
         drain(client, cfg.events_dir)
         record = {"day": day.isoformat(), "arms": _online(summary),
                   "failed_requests": summary["requests"]["failed"]}
@@ -63,6 +72,14 @@ def run_days(cfg: ABDays, client: redis.Redis, say: Say = print) -> list[dict[st
             _await_versions(cfg.url, record["retrains"])
         records.append(record)
     return records
+
+
+PRE_SEEDS = 1000  # the pre-period's days draw other requests than the A/B days
+
+
+def _one_day(cfg: ABDays, day: dt.date, experiment: str, seed: int) -> SimConfig:
+    return SimConfig(url=cfg.url, days=1, requests_per_day=cfg.requests_per_day, seed=seed,
+                     start_day=day, experiment=experiment, progress=cfg.progress)
 
 
 def _online(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:

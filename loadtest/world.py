@@ -36,6 +36,7 @@ DEVICES = ("android_budget", "android_flagship", "iphone", "tablet")
 DEVICE_P = (0.40, 0.25, 0.27, 0.08)
 ACTIVITIES = ("low", "mid", "high")
 ACTIVITY_P = (0.55, 0.30, 0.15)
+REDRAWS = 50  # row redraws before the exact draw of the rows still holding a duplicate
 ACTIVITY_REQUEST_WEIGHT = (1.0, 3.0, 8.0)  # how often a user of each activity level shows up
 RECENT_COUNT_RANGE = ((0, 2), (1, 4), (2, 5))  # inclusive, per activity level
 CATEGORIES = (
@@ -313,17 +314,26 @@ class SyntheticWorld:
         return Requests(day=day, users=users, hour=hour, weekday=weekday, second=second, apps=apps)
 
     def _distinct_apps(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-        """Popularity-weighted draws without replacement within each row (redraw duplicates)."""
+        """Popularity-weighted draws without replacement within each row: redraw rows with a
+        duplicate a few times (enough for short lists), then draw the rows still holding one
+        exactly, all at once (long lists: 100 candidates almost never come out distinct)."""
         apps = rng.choice(self.config.n_apps, (n, k), p=self._app_p)
-        for _ in range(1000):
+        for _ in range(REDRAWS):
             dup = _duplicate_rows(apps)
             if not dup.any():
                 return apps
             apps[dup] = rng.choice(self.config.n_apps, (int(dup.sum()), k), p=self._app_p)
-        # Heavily skewed popularity with k close to n_apps: fall back to exact draws.
-        for r in np.flatnonzero(_duplicate_rows(apps)):
-            apps[r] = rng.choice(self.config.n_apps, k, replace=False, p=self._app_p)
+        dup = _duplicate_rows(apps)
+        apps[dup] = self._without_replacement(rng, int(dup.sum()), k)
         return apps
+
+    def _without_replacement(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+        """n rows of k distinct apps drawn one after another with probability ∝ popularity
+        (what `rng.choice(replace=False, p=...)` draws per row), vectorised by the Gumbel top-k
+        trick: the k largest of log p + Gumbel noise, in random order."""
+        keys = np.log(self._app_p) + rng.gumbel(size=(n, self.config.n_apps))
+        top = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+        return rng.permuted(top, axis=1)
 
     @staticmethod
     def sample_downloads(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:

@@ -83,7 +83,10 @@ class ScoreRequest(BaseModel):
 
     model_config = STRICT
 
-    user_id: Id
+    user_id: Id | None = Field(
+        None, description="the user: the A/B unit and the key of their feature record. "
+        "Optional for a model without a user field: a request without it is anonymous, served "
+        "by the experiment's control arm and not counted, logged or given an attribution token")
     user_features: Features | None = None
     context: Features | None = None
     candidates: list[Candidate] = Field(min_length=1)

@@ -94,7 +94,7 @@ class Scorer:
         if self.admission is not None:
             self.admission.observe_rows(len(req.candidates))
         try:
-            user = await self.store.user(req.user_id)
+            user = None if req.user_id is None else await self.store.user(req.user_id)
         except redis.RedisError as exc:
             self._failed(self._route(req)[0], req, started)
             raise self._unavailable(exc) from None
@@ -109,6 +109,9 @@ class Scorer:
             for _ in range(ATTEMPTS):
                 arm, key = self._route(req)
                 model = self.models.get(key)
+                if req.user_id is None and model.plan.user_id:
+                    raise InvalidInput(["body", "user_id"], "required: the model of arm "
+                                       f"{arm.arm!r} has the user field {model.plan.user_id!r}")
                 try:
                     probs, values = await self._infer(model, req, user, deadline)
                 except BatcherClosed:
@@ -163,7 +166,7 @@ class Scorer:
         """Probabilities, and the shared field values they were computed from."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
-        self._check_missing(missing_fields(plan, values))
+        self._check_missing(missing_fields(plan, values, req.candidates))
         shared = enc.shared(values)
         ids = [c["item_id"] for c in req.candidates]
         feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
@@ -235,7 +238,7 @@ class Scorer:
         request_id = req.request_id or new_request_id()
         ts = req.ts if self._client_clock and req.ts is not None else time.time()
         attribution = None
-        if self.serve_log is not None and self.signer is not None:
+        if self.serve_log is not None and self.signer is not None and req.user_id is not None:
             custom = {c["item_id"]: c["features"] for c in req.candidates if c.get("features")}
             await self.serve_log.record(Served(request_id, arm.experiment, arm.arm,
                                                model.version, req.user_id, ids, arm.holdout,
@@ -255,7 +258,7 @@ class Scorer:
             "positions": positions,
             "ts": ts,
             "attribution": attribution,
-            "missing_fields": missing_fields(model.plan, values),
+            "missing_fields": missing_fields(model.plan, values, req.candidates),
         })
 
 
@@ -279,8 +282,11 @@ def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
             "error_share": config.error_share, "calibration_min": low, "calibration_max": high}
 
 
-def missing_fields(plan: FieldPlan, values: dict[str, Any]) -> list[str]:
-    return [f for f in plan.shared if values.get(f) is None]
+def missing_fields(plan: FieldPlan, values: dict[str, Any],
+                   candidates: list[dict[str, Any]]) -> list[str]:
+    """Request-level fields without a value, unless every candidate gives its own."""
+    return [f for f in plan.shared if values.get(f) is None
+            and not all(c.get("features", {}).get(f) is not None for c in candidates)]
 
 
 def shared_values(plan: FieldPlan, req: ScoreRequest, user: dict | None) -> dict[str, Any]:
@@ -295,7 +301,7 @@ def shared_values(plan: FieldPlan, req: ScoreRequest, user: dict | None) -> dict
     if plan.clock:
         for name, value in clock_values(plan.clock).items():
             values.setdefault(name, value)
-    if plan.user_id:
+    if plan.user_id and req.user_id is not None:
         values[plan.user_id] = req.user_id
     return values
 

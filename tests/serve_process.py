@@ -27,9 +27,9 @@ class ServeProcess:
 
     RUNNING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path = REPO):
         cmd = [sys.executable, "-m", "ctrserve", "serve", *args, "--port", "0"]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.url: str | None = None

@@ -5,14 +5,19 @@ Schema committed beside the docs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ctrserve.cli import main
 from ctrserve.training.data import tabular
 from ctrserve.training.data.spec import schema_text
 from tests.conftest import REPO
+from tests.serve_process import ServeProcess
 
 TINY_MODEL = ["--mlp", "16", "--embedding-dim", "4", "--batch-size", "128", "--epochs", "1",
               "--no-progress"]
@@ -264,3 +269,80 @@ def test_parquet_example_on_the_synthetic_world(synth_dir, tmp_path, capsys):
     window = report["data"]["window"]
     assert window["train"]["end"] <= window["valid"]["start"]
     assert window["valid"]["end"].startswith("2026-11-03")
+
+
+# ---- docs/data.md, end to end: a new user's CSV to a served score ----------------------------
+def _docs_blocks() -> list:
+    from tests.test_doc_examples import fenced_blocks
+
+    blocks, _ = fenced_blocks(REPO / "docs" / "data.md")
+    return [b for b in blocks if b.lang == "bash"]
+
+
+def _bash(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _serve_args(line: str, cwd: Path) -> list[str]:
+    """The documented `ctrserve serve ...` line's arguments, expanded as the shell would."""
+    args = line.removeprefix("ctrserve serve ")
+    out = _bash(f"printf '%s\\n' {args}", cwd)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_the_docs_take_a_new_users_csv_to_a_served_score(tmp_path: Path) -> None:
+    blocks = _docs_blocks()
+    build = next(b for b in blocks if "mkdir -p mine" in b.text)
+    done = _bash(build.text, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    serve = next(b for b in blocks if b.text.startswith("ctrserve serve --registry mine"))
+    args = _serve_args(serve.text.strip(), tmp_path)
+    (mine,) = [b for b in blocks if "mine" in b.flags]
+    env = {**os.environ, "CTRSERVE_LOG_LEVEL": "warning"}
+    with ServeProcess(args, env, cwd=tmp_path) as server:
+        url = server.wait_ready(timeout=120)
+        curl = ("curl() { command curl --fail-with-body --silent --show-error \"$@\"; }\n"
+                + mine.text.replace("localhost:8000", url.removeprefix("http://")))
+        out = _bash(curl, tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["item_ids"] == ["i7", "i8"] and reply["missing_fields"] == []
+        assert all(0 < s < 1 for s in reply["scores"]) and reply["scores"][0] != reply["scores"][1]
+        assert reply["attribution"] and reply["holdout"] is False
+        # the model has a user field: a request without user_id names it
+        body = {"candidates": [{"item_id": "i7", "features": {"tags": "a|b", "price": 30}}]}
+        anonymous = httpx.post(url + "/v1/score", json=body)
+        assert anonymous.status_code == 422
+        assert anonymous.json()["detail"][0]["loc"] == ["body", "user_id"]
+        assert "'user'" in anonymous.json()["detail"][0]["msg"]
+
+
+def test_a_model_without_a_user_field_scores_anonymous_requests(tmp_path: Path) -> None:
+    build = next(b for b in _docs_blocks() if "mkdir -p mine" in b.text)
+    text = build.text.replace("  - {name: user, kind: categorical}\n", "")
+    assert text != build.text
+    done = _bash(text, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (bundle,) = [p.name for p in (tmp_path / "mine" / "registry").iterdir()
+                 if p.name.startswith("lr-")]
+    env = {**os.environ, "CTRSERVE_LOG_LEVEL": "warning"}
+    args = ["--registry", "mine/registry", "--bundle", bundle]
+    with ServeProcess(args, env, cwd=tmp_path) as server:
+        url = server.wait_ready(timeout=120)
+        items = [{"item_id": "i7", "features": {"tags": "a|b", "price": 30}},
+                 {"item_id": "i8", "features": {"tags": "c|d", "price": 70}}]
+        anonymous = httpx.post(url + "/v1/score", json={"candidates": items})
+        assert anonymous.status_code == 200, anonymous.text
+        reply = anonymous.json()
+        assert reply["holdout"] is True and reply["attribution"] is None
+        known = httpx.post(url + "/v1/score", json={"user_id": "u7", "candidates": items}).json()
+        assert known["holdout"] is False and known["attribution"]
+        assert known["scores"] == reply["scores"]  # no user field: the user changes nothing
+        # only the known user's request counts against the arm's guardrails
+        metrics = httpx.get(url + "/metrics").text
+        served = [line for line in metrics.splitlines()
+                  if line.startswith("ctrserve_arm_request_duration_seconds_count{")]
+        assert len(served) == 1 and served[0].endswith(" 1.0"), served

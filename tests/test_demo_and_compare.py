@@ -47,6 +47,17 @@ def test_demo_trains_exports_serves_retrains_and_reports(tmp_path, capsys):
         assert arms[arm]["impressions"] == sum(d["arms"][arm]["impressions"] for d in days)
         assert arms[arm]["downloads"] == sum(d["arms"][arm]["downloads"] for d in days)
 
+    # two days served by LR alone came first: CUPED's pre-period, read from the drained logs
+    assert out.count("requests served by experiment baseline") == 2
+    assert main(["analyze", "--experiment", "ranker", "--logs", str(tmp_path / "events"),
+                 "--pre-days", "2", "--registry", str(tmp_path / "registry"), "--json"]) == 0
+    logs = json.loads(capsys.readouterr().out)
+    assert logs["cuped"]["pre_days"] == 2 and logs["cuped"]["start"] == days[0]["day"]
+    returning = sum(a["users_with_pre_period"] for a in logs["cuped"]["arms"].values())
+    assert 0 < returning <= sum(a["users"] for a in logs["cuped"]["arms"].values())
+    cuped = logs["total"]["arms"]["deepfm"]["uplift"]["ctr"]["cuped"]
+    assert cuped["users_with_pre_period"] > 0 and cuped["variance_reduction"] is not None
+
 
 def assert_gate_decided_by_its_rule(registry: Path, arm: str, decision: dict) -> None:
     """The demo retrains with the default gate: the challenger is deployed exactly when its

@@ -8,15 +8,18 @@ The convention (docs/index.md, "Examples in these pages"), by the fence's info s
                  bundles, demo/data a synthetic world, demo/experiments.yaml serving them as the
                  arms of experiment `ranker`), with `.venv/bin` first on PATH and a live scorer
                  `ctrserve serve --registry demo/registry --experiments demo/experiments.yaml
-                 --features demo/data` on a free port. `127.0.0.1:8000` and `localhost:8000`
-                 become that port. Every curl must get a 2xx reply (the test runs curl with
-                 --fail-with-body) and no output may hold a rejected event or a traceback.
+                 --features demo/data` on a port it binds itself. `127.0.0.1:8000` and
+                 `localhost:8000` become that port. Every curl must get a 2xx reply (the test
+                 runs curl with --fail-with-body) and no output may hold a rejected event or a
+                 traceback.
 - ```bash error  runnable, and meant to fail: its curl must get a 4xx reply whose body is the
                  scorer's `{"detail": [...]}` naming the field (curl runs without
                  --fail-with-body there and writes the status after the body).
 - ```bash norun  shown, not run: it needs the demo's full run, minutes of training, a
                  benchmark, Docker, systemd, the real datasets, or it starts a server that
                  keeps running.
+- ```bash mine   runs in tests/test_byod.py instead, against the scorer of a new user's own
+                 model (docs/data.md, "From a CSV file to a verified bundle").
 - any other language (text, json, yaml, python, promql, ...) is not a command. A fence without
   a language, or a `sh`/`shell`/`console` fence, fails the test: every block says what it is.
 
@@ -30,22 +33,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serve_process import ServeProcess
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"bash"}
 REFUSED = {"", "sh", "shell", "console", "zsh"}
-FLAGS = {"norun", "error"}
+FLAGS = {"norun", "error", "mine"}
 # Lower bounds: the examples these pages hold when this test was written. Raise them when you
 # add examples; a drop means an example was deleted or lost its tag.
 MIN_BLOCKS, MIN_COMMANDS, MIN_ERRORS, MIN_URLS = 16, 32, 4, 3
@@ -120,12 +123,6 @@ def test_readme_stays_one_screen_and_links_every_page():
 
 # ---- the live demo-like scorer ------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     """Nothing of the caller's Redis or scorer settings: the examples see the demo's set-up."""
     env = {k: v for k, v in os.environ.items()
@@ -152,37 +149,11 @@ def demo_dir(bundles, synth_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scorer(demo_dir) -> str:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", "demo/registry",
-           "--experiments", "demo/experiments.yaml", "--features", "demo/data",
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    log = demo_dir / "scorer.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, cwd=demo_dir, env=_env(), stdout=sink,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the scorer exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the scorer was not ready: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def scorer(demo_dir) -> Iterator[str]:
+    args = ["--registry", "demo/registry", "--experiments", "demo/experiments.yaml",
+            "--features", "demo/data", "--host", "127.0.0.1", "--log-level", "warning"]
+    with ServeProcess(args, _env(), cwd=demo_dir) as server:
+        yield server.wait_ready(timeout=180)
 
 
 def _local(text: str, url: str) -> str:
@@ -198,7 +169,7 @@ def _run(block: Block, cwd: Path, url: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("curl") is None and not os.environ.get("CI"),
                     reason="the examples use curl, absent here (.ci/run installs it)")
 def test_shell_examples_run_as_written(demo_dir, scorer):
-    runnable = [b for b in all_blocks() if b.lang in SHELL and "norun" not in b.flags]
+    runnable = [b for b in all_blocks() if b.lang in SHELL and not b.flags & {"norun", "mine"}]
     ran, commands, failed_on_purpose, problems = 0, 0, 0, []
     for block in runnable:
         out = _run(block, demo_dir, scorer)

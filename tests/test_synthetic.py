@@ -155,6 +155,21 @@ def test_requests_show_distinct_apps(world: SyntheticWorld) -> None:
     assert (np.diff(req.hour * 3600 + req.second) >= 0).all()
 
 
+def test_long_candidate_lists_are_distinct_and_popularity_weighted(world: SyntheticWorld
+                                                                   ) -> None:
+    """100 candidates out of the catalogue (the simulator's lists): each row distinct, and the
+    most popular apps as often in a list as numpy's own draw without replacement puts them."""
+    req = world.sample_requests(np.random.default_rng(6), 3_000, "2026-11-02", candidates=100)
+    assert all(len(set(row)) == 100 for row in req.apps.tolist())
+    rng = np.random.default_rng(7)
+    popular = np.argsort(-world._app_p)[:10]
+    reference = [np.isin(rng.choice(world.config.n_apps, 100, replace=False, p=world._app_p),
+                         popular).sum() for _ in range(3_000)]
+    ours = np.isin(req.apps, popular).sum(axis=1)
+    se = np.sqrt(np.var(reference) / 3_000 + np.var(ours) / 3_000)
+    assert abs(ours.mean() - np.mean(reference)) < 4 * se
+
+
 # ---- the synth:DIR source ----------------------------------------------------------------------
 def test_source_splits_by_day_and_chunks_check(logs: tuple[Path, dict]) -> None:
     path, _ = logs

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+PRE_EXPERIMENT = "baseline"
+RETRAIN_BASE_ROWS = 20_000  # rows of the synthetic world mixed into each retrain
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -27,9 +30,10 @@ class DemoConfig:
     days: int = 10
     impressions_per_day: int = 50_000
     models: tuple[str, ...] = ("lr", "deepfm", "apg-deepfm")
-    epochs: int = 5
+    epochs: int = 2  # DeepFM and APG-DeepFM peak on validation after one or two epochs here
     ab_days: int = 7  # simulated A/B days (LR control against the others); 0 skips it
     ab_requests_per_day: int = 1500
+    pre_days: int = 2  # days served by LR alone before them: CUPED's pre-period
     retrain: bool = True  # the daily retrain of every arm between the days
     port: int = 8000  # the scorer's loopback port (a free one when it is taken)
     once: bool = False  # exit after the report instead of serving until interrupted
@@ -90,7 +94,7 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
     _say(f"== A/B test: {arms} (lr is the control), {cfg.ab_days} day(s) of "
               f"{cfg.ab_requests_per_day} requests" + (", daily retrains" if cfg.retrain else ""))
     retrain = RetrainOptions(warm_start=True, base_data=f"synth:{cfg.out / 'data'}",
-                             base_rows=50_000, epochs=2) if cfg.retrain else None
+                             base_rows=RETRAIN_BASE_ROWS, epochs=1) if cfg.retrain else None
     with _scorer(cfg, experiments) as scorer:
         url = scorer.url
         client, embedded = open_sync(Settings(registry=cfg.out / "registry"))
@@ -98,7 +102,8 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
             days = run_days(ABDays(url=url, world_dir=cfg.out / "data",
                                    registry=cfg.out / "registry", events_dir=cfg.out / "events",
                                    days=cfg.ab_days, requests_per_day=cfg.ab_requests_per_day,
-                                   seed=cfg.seed, retrain=retrain), client,
+                                   seed=cfg.seed, retrain=retrain, pre_days=cfg.pre_days,
+                                   pre_experiment=PRE_EXPERIMENT), client,
                             _say)
         finally:
             stop_embedded(embedded)  # leaves the scorer's server running
@@ -123,6 +128,8 @@ def next_steps(cfg: DemoConfig, url: str) -> str:
         f"open the dashboard: {url}/dashboard/ranker   (API docs: {url}/docs)",
         "try next, in another terminal (source .venv/bin/activate first):",
         f"  ctrserve report --experiment ranker{registry}",
+        f"  ctrserve analyze --experiment ranker --logs {cfg.out / 'events'} "
+        f"--pre-days {cfg.pre_days}{registry}   # from the logs, with CUPED",
         f"  curl -s {url}/v1/experiments/ranker/report",
         f"  curl -s {url}/v1/models"])
 
@@ -136,13 +143,18 @@ def serve_again(cfg: DemoConfig, experiments: Path) -> str:
 
 
 def experiments_yaml(bundles: dict[str, str]) -> str:
-    """One experiment, `ranker`: an arm per model at equal weights, LR the control."""
+    """The experiment `ranker`: an arm per model at equal weights, LR the control; and
+    `baseline`, LR alone, which serves the days before it (CUPED's pre-period)."""
     weights = [round(1 / len(bundles), 4)] * (len(bundles) - 1)
     weights.append(round(1 - sum(weights), 4))  # the weights add up to exactly 1
     arms = "\n".join(f"      - {{name: {model}, weight: {weight}, bundle: {name}"
                      f"{', control: true' if model == 'lr' else ''}}}"
                      for (model, name), weight in zip(bundles.items(), weights, strict=True))
-    return f"experiments:\n  - name: ranker\n    salt: ranker-demo\n    arms:\n{arms}\n"
+    baseline = (f"  - name: {PRE_EXPERIMENT}\n    salt: baseline-demo\n    arms:\n"
+                f"      - {{name: lr, weight: 1.0, bundle: {bundles['lr']}, control: true}}\n"
+                if "lr" in bundles else "")
+    return (f"experiments:\n  - name: ranker\n    salt: ranker-demo\n    arms:\n{arms}\n"
+            + baseline)
 
 
 @dataclass
@@ -159,19 +171,20 @@ class _Scorer:
 
 @contextlib.contextmanager
 def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[_Scorer]:
-    """`ctrserve serve` in a subprocess on loopback (cfg.port, or a free port when that one is
-    taken), its log in OUT/scorer.log, stopped with SIGTERM."""
-    port = _free_port(cfg.port)
+    """`ctrserve serve` in a subprocess on loopback, its log in OUT/scorer.log, stopped with
+    SIGTERM. It binds cfg.port itself; where that port is taken it binds a free one (port 0)
+    and its start-up line names it: no port is probed and handed over, which could be taken
+    in between."""
     cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(cfg.out / "registry"),
            "--experiments", str(experiments), "--features", str(cfg.out / "data"),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1"]
     log = cfg.out / "scorer.log"
-    # the simulated days are the report's days: counts go by each request's own timestamp
-    env = {**os.environ, "CTRSERVE_CLOCK": "client"}
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start(cmd + ["--port", str(cfg.port)], log)
+    if url is None and "is in use" in log.read_text():
+        proc, url = _start(cmd + ["--port", "0"], log)
     try:
+        if url is None:
+            raise RuntimeError(f"the scorer exited: {log.read_text()[-1000:]}")
         _wait_ready(proc, url, log)
         yield _Scorer(url, log, proc)
     finally:
@@ -182,13 +195,26 @@ def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[_Scorer]:
             proc.kill()
 
 
-def _free_port(wanted: int) -> int:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", wanted))
-        except OSError:
-            sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RUNNING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+def _start(cmd: list[str], log: Path, timeout_s: float = 120
+           ) -> tuple[subprocess.Popen, str | None]:
+    """Start the scorer; its URL once its start-up line is logged, None if it exited first."""
+    # the simulated days are the report's days: counts go by each request's own timestamp
+    env = {**os.environ, "CTRSERVE_CLOCK": "client"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if match := RUNNING.search(log.read_text(errors="replace")):
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            return proc, None
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the scorer did not start within {timeout_s:.0f} s: "
+                       f"{log.read_text()[-1000:]}")
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 120) -> None:

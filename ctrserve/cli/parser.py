@@ -144,20 +144,24 @@ def _verify_parser(sub) -> None:
 
 
 def _demo_parser(sub) -> None:
+    from ctrserve.cli.demo import DemoConfig as D
+
     p = sub.add_parser("demo", help="the main job: synthetic world, train, export, report")
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--days", type=int, default=10)
-    p.add_argument("--impressions-per-day", type=int, default=50_000)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--models", type=_names, default=("lr", "deepfm", "apg-deepfm"),
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--days", type=int, default=D.days)
+    p.add_argument("--impressions-per-day", type=int, default=D.impressions_per_day)
+    p.add_argument("--epochs", type=int, default=D.epochs)
+    p.add_argument("--models", type=_names, default=D.models,
                    help="each becomes an A/B arm (lr, the control, must be one)")
-    p.add_argument("--ab-days", type=int, default=7,
+    p.add_argument("--ab-days", type=int, default=D.ab_days,
                    help="simulated A/B days (0 skips the A/B test)")
-    p.add_argument("--ab-requests-per-day", type=int, default=1500)
+    p.add_argument("--ab-requests-per-day", type=int, default=D.ab_requests_per_day)
+    p.add_argument("--pre-days", type=int, default=D.pre_days,
+                   help="days served by LR alone before the A/B days (CUPED's pre-period)")
     p.add_argument("--no-retrain", action="store_true",
                    help="no daily retrain between the simulated days")
-    p.add_argument("--port", type=int, default=8000,
+    p.add_argument("--port", type=int, default=D.port,
                    help="the scorer's loopback port (a free one when it is taken)")
     p.add_argument("--once", action="store_true",
                    help="exit after the report (default: keep serving until Ctrl-C)")

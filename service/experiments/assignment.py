@@ -214,6 +214,11 @@ class Splitter:
             return a
         return replace(a, arm=self.control, holdout=True, in_experiment=False)
 
+    def anonymous(self) -> Assignment:
+        """A request without a user: the control serves it, outside the experiment (it has no
+        unit to count it by, as in GrowthBook without the hash attribute)."""
+        return Assignment(self.experiment, self.control, -1, holdout=True, in_experiment=False)
+
     def _assign_arm(self, user_id: str) -> Assignment:
         b = bucket(self.salt, user_id)
         forced = self.forced.get(user_id)

@@ -270,9 +270,14 @@ class ExperimentSet:
             raise UnknownExperiment(f"unknown experiment {experiment!r}; experiments: "
                                     f"{sorted(self.splitters)}") from None
 
-    def assign(self, experiment: str | None, user_id: str) -> tuple[Assignment, str]:
-        """The user's assignment and the key of the model that serves it."""
-        return self._serve(self.splitter(experiment), user_id)
+    def assign(self, experiment: str | None, user_id: str | None) -> tuple[Assignment, str]:
+        """The user's assignment and the key of the model that serves it (no user: the
+        control's, outside the experiment)."""
+        split = self.splitter(experiment)
+        if user_id is None:
+            a = split.anonymous()
+            return a, self._arm_keys[a.experiment, a.arm]
+        return self._serve(split, user_id)
 
     def assign_all(self, user_id: str) -> list[tuple[Assignment, str]]:
         """The user's assignment in every experiment (config order), each with its model key."""
