@@ -63,6 +63,8 @@ class ScorerApp(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = ScorerApp(title="ctrserve scorer", version=__version__, lifespan=_lifespan)
+    # app.state: the routes take its objects typed, through service/dependencies.py (which
+    # names each attribute set here and in _lifespan); the score endpoint holds it itself
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.ready = False

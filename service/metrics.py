@@ -6,6 +6,10 @@ process, and /metrics, whichever worker answers, sums the counters and histogram
 them (prometheus_client's multiprocess mode), so they stay exact. Each gauge says how the
 processes' values combine (`multiprocess_mode`): queue depth and capacity add up over live
 workers, weights and model info are the same in every worker (max), log gauges too.
+
+Labels are named for what they carry: `arm` is an experiment's arm (always beside
+`experiment`), `bundle` the name of a loaded bundle (its registry directory). The batcher's
+and the model's series are per loaded bundle, whichever arms and experiments it serves.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ SWAP_RESULTS = ("loaded", "refused")
 ArmLabels = tuple[str, str, str]  # (experiment, arm, control: "true" or "false")
 # ctrserve_guardrail_threshold's `guardrail` label values, with the config value of each
 GUARDRAILS = ("latency_p99_seconds", "error_share", "calibration_min", "calibration_max")
+# ctrserve_model_info's labels, in order (models.LoadedModel.labels() gives them)
+MODEL_INFO_LABELS = ("bundle", "version", "model_type", "providers")
 
 
 class Metrics:
@@ -45,18 +51,19 @@ class Metrics:
                                  ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.candidates = Histogram("ctrserve_request_candidates", "candidates per score request",
                                     buckets=ROW_BUCKETS, registry=r)
-        self.batch_rows = Histogram("ctrserve_batch_rows", "rows per inference batch", ["arm"],
-                                    buckets=ROW_BUCKETS, registry=r)
+        # the batcher of each loaded bundle (service/batcher.py)
+        self.batch_rows = Histogram("ctrserve_batch_rows", "rows per inference batch",
+                                    ["bundle"], buckets=ROW_BUCKETS, registry=r)
         self.batch_requests = Histogram("ctrserve_batch_requests", "requests per inference batch",
-                                        ["arm"], buckets=REQUEST_BUCKETS, registry=r)
+                                        ["bundle"], buckets=REQUEST_BUCKETS, registry=r)
         self.queue_wait = Histogram("ctrserve_queue_wait_seconds", "time queued before inference",
-                                    ["arm"], buckets=LATENCY_BUCKETS, registry=r)
+                                    ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("ctrserve_inference_seconds", "onnxruntime time per batch",
-                                   ["arm"], buckets=LATENCY_BUCKETS, registry=r)
+                                   ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ctrserve_queue_depth_rows", "rows waiting for inference",
-                                 ["arm"], registry=r, multiprocess_mode="livesum")
+                                 ["bundle"], registry=r, multiprocess_mode="livesum")
         self.queue_capacity = Gauge("ctrserve_queue_capacity_rows", "rows the queue takes "
-                                    "before it sheds (queue_capacity_rows)", ["arm"],
+                                    "before it sheds (queue_capacity_rows)", ["bundle"],
                                     registry=r, multiprocess_mode="livesum")
         self.shed = Counter("ctrserve_shed", "requests refused: at the admission limit "
                             "before any work (admission), past the queue's capacity (overload), "
@@ -64,10 +71,11 @@ class Metrics:
         self.admission_limit = Gauge("ctrserve_admission_limit", "score requests admitted in "
                                      "flight at most (adapts to their latency), summed over "
                                      "workers", registry=r, multiprocess_mode="livesum")
-        self.model_info = Gauge("ctrserve_model_info", "the loaded model of each arm (value 1)",
-                                ["arm", "version", "model_type", "providers"], registry=r,
+        self.model_info = Gauge("ctrserve_model_info", "each loaded bundle's model (value 1)",
+                                list(MODEL_INFO_LABELS), registry=r,
                                 multiprocess_mode="livemax")
-        self.swaps = Counter("ctrserve_swaps_total", "hot swaps", ["arm", "result"], registry=r)
+        self.swaps = Counter("ctrserve_swaps_total", "bundles loaded, or refused (the bundle "
+                             "failed verification)", ["bundle", "result"], registry=r)
         # A/B counts: the recording rules in deploy/ read these names and labels
         ab = ["experiment", "arm"]
         self.impressions = Counter("ctrserve_impressions", "items shown (accepted impressions, "
@@ -138,23 +146,29 @@ class Metrics:
             return generate_latest(combined)
         return generate_latest(self.registry)
 
-    def set_model(self, arm: str, old: dict[str, str] | None, new: dict[str, str]) -> None:
-        if old is not None:
-            _drop(self.model_info, arm, *old.values())
-        self.model_info.labels(arm, *new.values()).set(1)
+    def loaded(self, labels: dict[str, str]) -> None:
+        """A bundle's model loaded and served (`labels`: MODEL_INFO_LABELS): its info series
+        is 1, and the load counted (its other result created at 0)."""
+        self.model_info.labels(**labels).set(1)
+        self._count_swap(labels["bundle"], "loaded")
 
-    def swapped(self, arm: str) -> None:
-        """A model loaded for `arm`: count it, and create its other result at 0."""
-        for result in SWAP_RESULTS:
-            self.swaps.labels(arm, result)
-        self.swaps.labels(arm, "loaded").inc()
+    def refused(self, bundle: str) -> None:
+        """A bundle failed to load (verification, ONNX inputs): count it."""
+        self._count_swap(bundle, "refused")
 
-    def drop_model(self, arm: str, labels: dict[str, str]) -> None:
-        """`arm`'s model is unloaded: its info and its queue's gauges go (a later model of the
-        same key makes new ones; the draining batcher's updates no longer show)."""
-        _drop(self.model_info, arm, *labels.values())
-        _drop(self.queue_depth, arm)
-        _drop(self.queue_capacity, arm)
+    def _count_swap(self, bundle: str, result: str) -> None:
+        for each in SWAP_RESULTS:
+            self.swaps.labels(bundle, each)
+        self.swaps.labels(bundle, result).inc()
+
+    def drop_model(self, labels: dict[str, str], queue: bool = True) -> None:
+        """A model no longer served: its info series goes and, with `queue`, its bundle's queue
+        gauges (a later model of the bundle makes new ones; the draining batcher's updates no
+        longer show). The caller keeps what another served model of the bundle shares."""
+        _drop(self.model_info, *(labels[name] for name in MODEL_INFO_LABELS))
+        if queue:
+            _drop(self.queue_depth, labels["bundle"])
+            _drop(self.queue_capacity, labels["bundle"])
 
     def set_arms(self, weights: dict[ArmLabels, float]) -> None:
         """Export exactly these arms' weights: the new series are set first and the series of

@@ -5,6 +5,9 @@ keeps serving), warms its item cache with the items the old one had cached, then
 arm's entry in one assignment on the event loop. Requests that already queued rows on the old
 model's batcher finish there, on the old session; the old batcher then drains and stops.
 A bundle that fails verification raises BundleError and nothing changes.
+
+Models are kept by key (an arm's name without an experiments file, else the bundle's name);
+their metrics are labelled by the bundle's name, whatever the key (service/metrics.py).
 """
 
 from __future__ import annotations
@@ -48,8 +51,15 @@ class LoadedModel:
     def version(self) -> str:
         return self.bundle.version
 
+    @property
+    def name(self) -> str:
+        """The bundle's name: the `bundle` label of this model's metrics."""
+        return bundle_name(self.bundle.path)
+
     def labels(self) -> dict[str, str]:
-        return {"version": self.version, "model_type": self.bundle.manifest.model_type,
+        """The labels of its ctrserve_model_info series (metrics.MODEL_INFO_LABELS)."""
+        return {"bundle": self.name, "version": self.version,
+                "model_type": self.bundle.manifest.model_type,
                 "providers": ",".join(self.bundle.session.get_providers())}
 
     def info(self) -> LoadedModelInfo:
@@ -58,6 +68,11 @@ class LoadedModel:
                                bundle=str(self.bundle.path),
                                providers=self.bundle.session.get_providers(),
                                loaded_at=self.loaded_at, fields=self.plan.describe())
+
+
+def bundle_name(path: Path) -> str:
+    """A bundle's name: its directory's, as the registry lists it."""
+    return path.name or path.resolve().name
 
 
 def resolve_bundle(registry: Path, name: str, inside_registry: bool) -> Path:
@@ -111,7 +126,7 @@ def build_model(arm: str, path: Path, settings: Settings, metrics: Metrics,
     if ids:
         encoder.items.put(ids, records, time.monotonic())
     warm_up(runner, encoder, settings)
-    batcher = Batcher(runner, arm, settings, metrics)
+    batcher = Batcher(runner, bundle_name(path), settings, metrics)
     loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
     return LoadedModel(arm, bundle, plan, encoder, batcher, loaded_at)
 
@@ -153,12 +168,13 @@ class ModelRegistry:
                 new = await asyncio.to_thread(build_model, arm, path, self.settings,
                                               self.metrics, meta, warm)
             except BundleError:
-                self.metrics.swaps.labels(arm, "refused").inc()
+                self.metrics.refused(bundle_name(path))
                 raise
             new.batcher.start()
             self.models[arm] = new  # the swap: later requests pick the new model
-            self.metrics.set_model(arm, old.labels() if old else None, new.labels())
-            self.metrics.swapped(arm)
+            self.metrics.loaded(new.labels())
+            if old is not None:
+                self._retire(old)
         if old is not None:
             await old.batcher.close(self.settings.drain_timeout_s)
         log.info("arm %s serves %s (was %s)", arm, new.version, old.version if old else None)
@@ -170,10 +186,20 @@ class ModelRegistry:
             model = self.models.pop(key, None)
             if model is None:
                 return
-            self.metrics.drop_model(key, model.labels())
+            self._retire(model)
         if not await model.batcher.close(self.settings.drain_timeout_s):
             log.warning("%s: queue not drained within %.0f s", key, self.settings.drain_timeout_s)
         log.info("%s (%s) unloaded", key, model.version)
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Drop the series of a model no longer served, except those another served model of
+        the same bundle shares (a canary promoted without an experiments file is loaded under
+        the arm's key before its canary key is unloaded)."""
+        labels = model.labels()
+        serving = list(self.models.values())
+        if any(m.labels() == labels for m in serving):
+            return
+        self.metrics.drop_model(labels, queue=not any(m.name == model.name for m in serving))
 
     async def _warm_items(self, old: LoadedModel | None) -> tuple[list[str], list[Any]]:
         if old is None:

@@ -11,6 +11,8 @@ import math
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,14 +24,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import chi2, norm
 
 from ctrserve.service.app import ENDPOINTS, create_app
+from ctrserve.service.deployments import VERSION_KEY, deploy, promote
 from ctrserve.service.drainer_metrics import DrainerMetrics
 from ctrserve.service.metrics import Metrics
+from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
 from ctrserve.service.settings import Settings
+from tests.serving import LiveServer, copy_registry
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "ctrserve.json"
+OPERATIONS = REPO / "docs" / "operations.md"
 RULE_FILES = ("recording_rules.yml", "alert_rules.yml")
 
 # Series Prometheus makes itself for every target; neither the scorer nor the drainer
@@ -411,6 +417,95 @@ def test_label_matchers_and_groupings_name_labels_the_metrics_carry(exporters) -
                         assert endpoint in ENDPOINTS, f"{where}: endpoint {endpoint!r}"
 
 
+LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+ANNOTATION_LABEL = re.compile(r"\$labels\.(\w+)")
+# Grafana's own columns of a table of series
+TABLE_FIELDS = {"Time", "Value", "__name__"}
+
+
+def _labels_behind(expr: str, labels: dict[str, set[str]], recorded: dict[str, str]
+                   ) -> set[str]:
+    """Every label the raw metrics behind `expr` carry (recorded series followed to their
+    rules), and the labels Prometheus adds to every target's samples."""
+    raw = _raw_names([("", expr)], recorded)
+    return set().union(TARGET_LABELS, *(labels.get(name, set()) for name in raw))
+
+
+def test_legends_table_columns_and_alert_texts_name_labels_the_series_carry(exporters) -> None:
+    """A legend `{{arm}}`, a table column `arm` or an alert's `$labels.arm` over series
+    labelled `bundle` shows nothing: each names a label of the metrics behind it."""
+    _, labels = exporters
+    recorded = _recorded()
+    named = 0
+    for panel in _panels(json.loads(DASHBOARD.read_text())):
+        targets = panel.get("targets", [])
+        behind = [_labels_behind(t["expr"], labels, recorded) for t in targets]
+        for target, carried in zip(targets, behind, strict=True):
+            for label in LEGEND_LABEL.findall(target.get("legendFormat", "")):
+                assert label in carried, f"panel {panel['title']!r}: legend {{{{{label}}}}}"
+                named += 1
+        for step in panel.get("transformations", []):
+            options = step.get("options", {})
+            columns = {name for key in ("indexByName", "renameByName", "excludeByName")
+                       for name in options.get(key, {})} - TABLE_FIELDS
+            missing = columns - set().union(*behind)
+            assert not missing, f"panel {panel['title']!r}: columns {sorted(missing)}"
+            named += len(columns)
+    for name, rule in _alerts().items():
+        carried = _labels_behind(rule["expr"], labels, recorded) | set(rule.get("labels", {}))
+        for text in rule["annotations"].values():
+            for label in ANNOTATION_LABEL.findall(text):
+                assert label in carried, f"alert {name}: $labels.{label}"
+                named += 1
+    assert named > 40, "the parsers found almost no label: broken?"
+
+
+# Metrics per loaded bundle (label `bundle`): the batcher's and the model's
+BUNDLE_METRICS = {"ctrserve_batch_rows", "ctrserve_batch_requests", "ctrserve_queue_wait_seconds",
+                  "ctrserve_inference_seconds", "ctrserve_queue_depth_rows",
+                  "ctrserve_queue_capacity_rows", "ctrserve_model_info", "ctrserve_swaps"}
+
+
+def _family_labels(metrics: object) -> dict[str, set[str]]:
+    """Metric family name -> label names, of the metric objects that are attributes of
+    `metrics`."""
+    return {wrapper.describe()[0].name: set(wrapper._labelnames)  # no public accessor
+            for wrapper in vars(metrics).values() if isinstance(wrapper, MetricWrapperBase)}
+
+
+def test_labels_are_named_for_what_they_carry() -> None:
+    """`arm` is an experiment's arm, so it never comes without `experiment`; the batcher's and
+    the models' series are per loaded bundle, labelled `bundle` (a bundle can serve several
+    arms, of several experiments)."""
+    families = _family_labels(Metrics())
+    for name, labels in families.items():
+        if "arm" in labels:
+            assert "experiment" in labels, f"{name}: arm without experiment"
+            assert "bundle" not in labels, name
+    assert {name for name, labels in families.items() if "bundle" in labels} == BUNDLE_METRICS
+
+
+def test_the_operations_metrics_table_gives_every_metric_its_labels() -> None:
+    """docs/operations.md lists each metric of the scorer with exactly the labels it carries."""
+    families = _family_labels(Metrics())
+    counters = {w.describe()[0].name for w in vars(Metrics()).values()
+                if isinstance(w, MetricWrapperBase) and w.describe()[0].type == "counter"}
+    exported = {f"{name}_total" if name in counters else name: labels
+                for name, labels in families.items()}
+    section = OPERATIONS.read_text().split("## Metrics", 1)[1]
+    documented: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`ctrserve_"):
+            for name in re.findall(r"`(ctrserve_\w+)`", cells[0]):
+                documented[name] = set(re.findall(r"`(\w+)`", cells[1]))
+    assert exported.keys() <= documented.keys(), \
+        f"not in the table: {sorted(exported.keys() - documented.keys())}"
+    wrong = {name: (sorted(documented[name]), sorted(labels))
+             for name, labels in exported.items() if documented[name] != labels}
+    assert not wrong, f"documented labels differ from the exported ones: {wrong}"
+
+
 def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """{sorted label pairs: value} of one sample name in a /metrics text."""
     return {tuple(sorted(s.labels.items())): s.value
@@ -508,3 +603,142 @@ def test_grafana_provisioning() -> None:
         assert needed in titles, needed
     exprs = " ".join(expr for _, expr in _dashboard_exprs())
     assert "ctrserve_model_info" in exprs and "ctrserve_ctr:uplift_1d" in exprs
+
+
+# ---- what the labels carry, on a live scorer -----------------------------------------------
+
+API_KEY = "test-key"
+CAPACITY = 1024
+BODY = {"user_id": "u1", "candidates": [{"item_id": f"a{i:04d}"} for i in range(1, 4)]}
+
+
+@pytest.fixture
+def single_arm(bundles, tmp_path) -> Iterator[dict]:
+    """A scorer without an experiments file: its one arm `control` serves LR from a registry
+    of LR, DeepFM, FM and a DeepFM copy that fails verification; its own embedded Redis."""
+    registry = copy_registry(bundles, tmp_path / "registry", ("lr", "deepfm", "fm"),
+                             broken=True)
+    store = start_embedded(tmp_path / "store.rdb")
+    try:
+        settings = Settings(registry=registry, bundle=bundles["lr"].name,
+                            redis_url=embedded_url(store), admin_api_key=API_KEY,
+                            deploy_poll_s=0.1, max_candidates=50, queue_capacity_rows=CAPACITY,
+                            warmup_rounds=1)
+        with LiveServer(settings) as server:
+            yield {"url": server.url, "registry": registry, "redis": store,
+                   "names": {m: bundles[m].name for m in ("lr", "deepfm", "fm")}}
+    finally:
+        stop_embedded(store)
+
+
+def _scrape(url: str) -> str:
+    return httpx.get(url + "/metrics").text
+
+
+def _by_bundle(text: str, name: str) -> dict[str, float]:
+    """{bundle: value} of a sample labelled by `bundle` only (any other label fails)."""
+    out = {}
+    for labels, value in _samples(text, name).items():
+        assert [k for k, _ in labels] == ["bundle"], (name, labels)
+        out[labels[0][1]] = value
+    return out
+
+
+def _model_info(text: str) -> dict[str, str]:
+    """{bundle: version} of the ctrserve_model_info series, each at 1."""
+    info = {}
+    for labels, value in _samples(text, "ctrserve_model_info").items():
+        found = dict(labels)
+        assert set(found) == {"bundle", "version", "model_type", "providers"} and value == 1
+        info[found["bundle"]] = found["version"]
+    return info
+
+
+def _swaps(text: str) -> dict[tuple[str, str], float]:
+    return {(dict(k)["bundle"], dict(k)["result"]): v
+            for k, v in _samples(text, "ctrserve_swaps_total").items()}
+
+
+def _versions(registry: Path) -> dict[str, str]:
+    return {p.name: json.loads((p / "manifest.json").read_text())["version"]
+            for p in registry.iterdir()}
+
+
+def _score(url: str) -> None:
+    reply = httpx.post(url + "/v1/score", json=BODY, timeout=30)
+    assert reply.status_code == 200, reply.text
+
+
+def test_batch_queue_and_model_series_carry_the_served_bundles_name(single_arm) -> None:
+    """Without an experiments file the model is kept under the arm's name (`control`), but its
+    series carry its bundle's name; a swap moves the queue gauges and the info to the new
+    bundle, and a refused bundle is counted under its own name."""
+    url, names = single_arm["url"], single_arm["names"]
+    lr, deepfm = names["lr"], names["deepfm"]
+    versions = _versions(single_arm["registry"])
+    _score(url)
+    text = _scrape(url)
+    for name in ("ctrserve_batch_rows_count", "ctrserve_batch_requests_sum",
+                 "ctrserve_queue_wait_seconds_count", "ctrserve_inference_seconds_count"):
+        assert _by_bundle(text, name) == {lr: 1}, name
+    assert _by_bundle(text, "ctrserve_batch_rows_sum") == {lr: len(BODY["candidates"])}
+    assert _by_bundle(text, "ctrserve_queue_depth_rows") == {lr: 0}
+    assert _by_bundle(text, "ctrserve_queue_capacity_rows") == {lr: CAPACITY}
+    assert _model_info(text) == {lr: versions[lr]}
+    assert _swaps(text) == {(lr, "loaded"): 1, (lr, "refused"): 0}
+
+    admin = {"X-API-Key": API_KEY}
+    swapped = httpx.post(url + "/admin/swap", json={"bundle": deepfm}, headers=admin, timeout=60)
+    assert swapped.status_code == 200, swapped.text
+    _score(url)
+    text = _scrape(url)
+    assert _by_bundle(text, "ctrserve_batch_rows_count") == {lr: 1, deepfm: 1}
+    assert _by_bundle(text, "ctrserve_queue_depth_rows") == {deepfm: 0}
+    assert _by_bundle(text, "ctrserve_queue_capacity_rows") == {deepfm: CAPACITY}
+    assert _model_info(text) == {deepfm: versions[deepfm]}
+
+    refused = httpx.post(url + "/admin/swap", json={"bundle": "deepfm-broken"}, headers=admin,
+                         timeout=60)
+    assert refused.status_code == 422, refused.text
+    text = _scrape(url)
+    assert _swaps(text) == {(lr, "loaded"): 1, (lr, "refused"): 0, (deepfm, "loaded"): 1,
+                            (deepfm, "refused"): 0, ("deepfm-broken", "loaded"): 0,
+                            ("deepfm-broken", "refused"): 1}
+    assert _model_info(text) == {deepfm: versions[deepfm]}
+
+
+def _applied(single: dict, timeout_s: float = 30) -> None:
+    """Until the scorer has applied the deployment state's current version."""
+    target = int(single["redis"].get(VERSION_KEY) or 0)
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(single["url"] + "/v1/models").json()["deployment"]["version"] < target:
+        assert time.monotonic() < deadline, f"deployment version {target} never applied"
+        time.sleep(0.05)
+
+
+def test_a_promoted_canary_keeps_its_bundles_series(single_arm) -> None:
+    """Promoting a canary without an experiments file loads its bundle under the arm's name
+    before the canary's own model is unloaded: one bundle, two models for a moment. Unloading
+    the canary's must leave the series of the bundle, which the arm now serves."""
+    url, names, client = single_arm["url"], single_arm["names"], single_arm["redis"]
+    lr, fm = names["lr"], names["fm"]
+    versions = _versions(single_arm["registry"])
+    deploy(client, "default", "control", fm, "test", "canary", registry=single_arm["registry"],
+           canary=0.5)
+    _applied(single_arm)
+    text = _scrape(url)
+    assert _model_info(text) == {lr: versions[lr], fm: versions[fm]}
+    assert _by_bundle(text, "ctrserve_queue_capacity_rows") == {lr: CAPACITY, fm: CAPACITY}
+
+    promote(client, "default", "control", "test", "promote", registry=single_arm["registry"])
+    _applied(single_arm)
+    models = httpx.get(url + "/v1/models").json()["models"]
+    assert [(m["arm"], m["version"]) for m in models] == [("control", versions[fm])]
+    text = _scrape(url)
+    assert _model_info(text) == {fm: versions[fm]}
+    assert _by_bundle(text, "ctrserve_queue_capacity_rows") == {fm: CAPACITY}
+    assert _by_bundle(text, "ctrserve_queue_depth_rows") == {fm: 0}
+    assert _swaps(text) == {(lr, "loaded"): 1, (lr, "refused"): 0, (fm, "loaded"): 2,
+                            (fm, "refused"): 0}
+    _score(url)
+    assert _by_bundle(_scrape(url), "ctrserve_batch_rows_count") == {lr: 0, fm: 1}

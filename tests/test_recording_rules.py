@@ -32,6 +32,9 @@ GUARDRAIL_SERIES = {"ctrserve_arm_request_duration_seconds_bucket",
                     "ctrserve_arm_request_duration_seconds_count",
                     "ctrserve_arm_request_errors_total", "ctrserve_arm_returned_items_total",
                     "ctrserve_arm_returned_probability_total"}
+# The batcher's histograms, labelled {bundle}: per loaded bundle, whichever arms it serves.
+BATCHER_SERIES = {"ctrserve_batch_rows_sum", "ctrserve_batch_rows_count",
+                  "ctrserve_queue_wait_seconds_bucket"}
 
 # A series name: letters, digits, underscores and colons. Raw metrics have no colon;
 # recorded series (level:metric:operations) do, and are skipped.
@@ -116,16 +119,20 @@ def test_rules_use_only_exported_metrics() -> None:
     assert used, "no ctrserve_ metric found in the rules: the parser is broken"
     unknown = {name: sorted(records) for name, records in used.items() if name not in exported}
     assert not unknown, f"rules read metrics the scorer does not export: {unknown}"
-    # every A/B counter, guardrail series and the latency histogram feed at least one rule
-    assert used.keys() >= AB_COUNTERS | GUARDRAIL_SERIES
+    # every A/B counter, guardrail series, batcher series and the latency histogram feed at
+    # least one rule
+    assert used.keys() >= AB_COUNTERS | GUARDRAIL_SERIES | BATCHER_SERIES
     assert "ctrserve_request_duration_seconds_bucket" in used
 
 
 def test_rules_group_by_labels_the_metrics_carry() -> None:
-    """`sum by (experiment, arm)` over a metric without an `arm` label silently merges arms."""
+    """`sum by (experiment, arm)` over a metric without an `arm` label silently merges arms, and
+    `sum by (arm)` over one labelled `bundle` merges bundles."""
     labels = _exported_label_names()
     for name in AB_COUNTERS | GUARDRAIL_SERIES:
         assert labels[name] == {"experiment", "arm"}, name
+    for name in BATCHER_SERIES:
+        assert labels[name] == {"bundle"}, name
     for rule in _rules():
         grouping = {label.strip() for clause in GROUP_BY.findall(rule["expr"])
                     for label in clause.split(",") if label.strip()} - {"le"}

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ctrserve.loadtest.redis_servers import LocalRedis
 from tests.serving import copy_registry, metric_value
@@ -39,7 +40,7 @@ def scorer(bundles, redis_binaries, tmp_path):
         try:
             url = listening(proc)
             wait_ready(url, proc)
-            yield url, proc
+            yield url, proc, lr
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -68,7 +69,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None
 
 
 def test_two_workers_share_the_port_and_count_exactly(scorer):
-    url, proc = scorer
+    url, proc, lr = scorer
     workers = psutil.Process(proc.pid).children()  # the two workers (and spawn's tracker)
     assert len([w for w in workers if "ctrserve" in " ".join(w.cmdline()) or
                 "spawn_main" in " ".join(w.cmdline())]) >= 2
@@ -93,6 +94,11 @@ def test_two_workers_share_the_port_and_count_exactly(scorer):
         assert metric_value(text, 'ctrserve_users_total{arm="control",'
                                   'experiment="default"}') == 40
         assert metric_value(text, "ctrserve_request_duration_seconds_count") >= 80
+        # each score request ran in one batch of a worker, labelled by the bundle it served
+        assert metric_value(text, f'ctrserve_batch_requests_sum{{bundle="{lr}"}}') == 40
+        info = [(s.labels["bundle"], s.value) for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "ctrserve_model_info"]
+        assert info == [(lr, 1)]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(workers, timeout=30)

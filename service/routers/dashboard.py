@@ -16,16 +16,18 @@ from typing import Any
 from urllib.parse import quote
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ctrserve.service.counts import build_report, experiment_configs
 from ctrserve.service.dashboard.page import experiment_page, index_page, not_found_page
 from ctrserve.service.dashboard.timeline import serving_days
+from ctrserve.service.dependencies import ModelsDep, RedisDep, RoutingDep, SettingsDep
 from ctrserve.service.deployments import history
 from ctrserve.service.errors import NotReady
 from ctrserve.service.redis_server import RedisHandle
 from ctrserve.service.routers.experiments import describe
+from ctrserve.service.routing import Routing
 
 router = APIRouter(tags=["dashboard"])
 # the page loads nothing from anywhere: inline styles and SVG only, no script
@@ -36,9 +38,9 @@ RETRAIN_DIR = ".retrain"  # training/retrain.py's records: REGISTRY/.retrain/<E>
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-async def dashboard_index(request: Request) -> Response:
+async def dashboard_index(routing: RoutingDep) -> Response:
     """The experiments with links to their dashboards; with only one, a redirect to it."""
-    names = _names(request)
+    names = _names(routing)
     if len(names) == 1:
         return RedirectResponse(f"/dashboard/{quote(names[0], safe='')}", status_code=307)
     return HTMLResponse(index_page(names), headers=HEADERS)
@@ -46,23 +48,22 @@ async def dashboard_index(request: Request) -> Response:
 
 @router.get("/dashboard/{experiment}", response_class=HTMLResponse,
             responses={404: {"description": "unknown experiment (an HTML page naming it)"}})
-async def experiment_dashboard(request: Request, experiment: str) -> Response:
+async def experiment_dashboard(experiment: str, settings: SettingsDep, routing: RoutingDep,
+                               models: ModelsDep, handle: RedisDep) -> Response:
     """The verdict per treatment arm (always-valid intervals), the sample-ratio check, totals
     with uplift, daily CTR and CVR (downloads per user) charts with 95% bands on the
     experiment's days, the per-day figures, the model each arm serves, and the deployment
     history of one experiment."""
-    state = request.app.state
-    config = experiment_configs(state.routing.experiments).get(experiment)
+    config = experiment_configs(routing.experiments).get(experiment)
     if config is None:
-        return HTMLResponse(not_found_page(experiment, _names(request)), status_code=404,
+        return HTMLResponse(not_found_page(experiment, _names(routing)), status_code=404,
                             headers=HEADERS)
-    described = describe(state.routing.experiments, state.models)
+    described = describe(routing.experiments, models)
     serving = next(e for e in described.experiments if e.name == experiment)
-    settings = state.settings
     # only under clock=client do the retrain records place deployments (timeline.py)
     registry = settings.registry if settings.clock == "client" else None
     try:
-        rep, records, retrains = await asyncio.to_thread(_read, state.redis, experiment, config,
+        rep, records, retrains = await asyncio.to_thread(_read, handle, experiment, config,
                                                          registry)
     except redis.RedisError as exc:
         raise NotReady(["redis"], f"counts unavailable: {exc}",
@@ -72,8 +73,8 @@ async def experiment_dashboard(request: Request, experiment: str) -> Response:
     return HTMLResponse(page, headers=HEADERS)
 
 
-def _names(request: Request) -> list[str]:
-    return [e.name for e in request.app.state.routing.experiments.config.experiments]
+def _names(routing: Routing) -> list[str]:
+    return [e.name for e in routing.experiments.config.experiments]
 
 
 def _read(handle: RedisHandle, name: str, config: dict[str, Any], registry: Path | None

@@ -13,6 +13,7 @@ from pydantic_core import to_json
 from starlette.responses import Response
 
 from ctrserve.service.counts import build_report, experiment_configs
+from ctrserve.service.dependencies import IngestDep, RedisDep, RoutingDep, SettingsDep
 from ctrserve.service.errors import NotFound, NotReady, Unauthorized
 from ctrserve.service.events import Download, Impression
 from ctrserve.service.redis_server import RedisHandle
@@ -47,7 +48,7 @@ class EventsRequest(BaseModel):
              responses={s: {"model": ErrorResponse} for s in (401, 413, 422, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": f"#/components/schemas/{EventsRequest.__name__}"}}}}})
-async def events(request: Request) -> Response:
+async def events(request: Request, settings: SettingsDep, ingest: IngestDep) -> Response:
     """Impressions and downloads, each accepted, a duplicate, or rejected with its reason.
 
     A 200 answers every event; an accepted event is counted and in the event log. A body that
@@ -55,16 +56,14 @@ async def events(request: Request) -> Response:
     the event log is full (the drainer is behind): send the batch again after Retry-After.
     With `CTRSERVE_EVENTS_API_KEY` set, the X-API-Key header must carry it (else 401).
     """
-    state = request.app.state
-    settings = state.settings
     key = settings.events_api_key
     if key is not None and not hmac.compare_digest(request.headers.get("x-api-key", ""), key):
         raise Unauthorized(["header", "X-API-Key"], "POST /v1/events needs the events API key "
                            "(CTRSERVE_EVENTS_API_KEY)")
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings)
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        reply = await state.ingest.ingest(body)
+        reply = await ingest.ingest(body)
     except redis.RedisError as exc:
         raise NotReady(["redis"], f"event store unavailable: {exc}", retry) from None
     if reply.pop("log_full"):  # accepted ones come back as duplicates when sent again
@@ -74,18 +73,18 @@ async def events(request: Request) -> Response:
 
 
 @router.get("/v1/experiments/{name}/report", responses={404: {"model": ErrorResponse}})
-async def experiment_report(request: Request, name: str) -> Response:
+async def experiment_report(name: str, settings: SettingsDep, routing: RoutingDep,
+                            handle: RedisDep) -> Response:
     """Per day and in total: impressions, downloads, users, CTR and CVR with intervals, uplift
     over control with p-values, and the sample-ratio check against the configured weights."""
-    state = request.app.state
-    config = experiment_configs(state.routing.experiments).get(name)
+    config = experiment_configs(routing.experiments).get(name)
     if config is None:
         raise NotFound(["path", "name"], f"unknown experiment {name!r}")
     try:
-        rep = await asyncio.to_thread(_report, state.redis, name, config)
+        rep = await asyncio.to_thread(_report, handle, name, config)
     except redis.RedisError as exc:
         raise NotReady(["redis"], f"counts unavailable: {exc}",
-                       {"Retry-After": str(state.settings.retry_after_s)}) from None
+                       {"Retry-After": str(settings.retry_after_s)}) from None
     return Response(to_json(rep), media_type="application/json")
 
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from ctrserve.service.dependencies import ModelsDep, RoutingDep, SettingsDep
 from ctrserve.service.errors import InvalidBody, NotFound
 from ctrserve.service.experiments.assignment import BUCKETS, Assignment
 from ctrserve.service.experiments.config import (
@@ -37,26 +38,26 @@ CONFIG_EXAMPLE = {"experiments": [{"name": "ranker", "salt": "ranker-1", "arms":
 
 
 @router.get("/v1/experiments", response_model=ExperimentsResponse)
-async def list_experiments(request: Request) -> Response:
+async def list_experiments(routing: RoutingDep, models: ModelsDep) -> Response:
     """Every experiment with its arms' weights, bundles, model versions, bucket ranges and
     canaries."""
-    return _json(describe(request.app.state.routing.experiments, request.app.state.models))
+    return _json(describe(routing.experiments, models))
 
 
 @router.get("/v1/assignment", response_model=AssignmentResponse,
             responses={404: {"model": ErrorResponse}})
-async def assignment(request: Request, user_id: str = Query(min_length=1, max_length=256),
+async def assignment(routing: RoutingDep, models: ModelsDep,
+                     user_id: str = Query(min_length=1, max_length=256),
                      experiment: str | None = Query(None)) -> Response:
     """The bucket and arm of one user in the named (or default) experiment (forced
     assignments, the holdout, namespaces and canaries included), and `experiments`: the user
     in every experiment."""
-    state = request.app.state
-    experiments = state.routing.experiments
+    experiments = routing.experiments
     try:
-        named = _placed(state.models, *experiments.assign(experiment, user_id))
+        named = _placed(models, *experiments.assign(experiment, user_id))
     except UnknownExperiment as exc:
         raise NotFound(["query", "experiment"], str(exc)) from None
-    every = [_placed(state.models, a, key) for a, key in experiments.assign_all(user_id)]
+    every = [_placed(models, a, key) for a, key in experiments.assign_all(user_id)]
     return _json(AssignmentResponse(user_id=user_id, **named.model_dump(), experiments=every))
 
 
@@ -72,22 +73,22 @@ def _placed(models: ModelRegistry, a: Assignment, key: str) -> ExperimentAssignm
             responses={s: {"model": ErrorResponse} for s in (401, 403, 422)},
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"example": CONFIG_EXAMPLE}, "application/yaml": {}}}})
-async def replace_experiments(request: Request, x_api_key: str | None = Header(None)
+async def replace_experiments(request: Request, settings: SettingsDep, routing: RoutingDep,
+                              models: ModelsDep, x_api_key: str | None = Header(None)
                               ) -> Response:
     """Validate a new config (JSON or YAML body), load and warm its new bundles, switch to it.
 
     Invalid: 422 naming the field, and the running config stays.
     """
-    state = request.app.state
-    authorize(state.settings.admin_api_key, x_api_key)
+    authorize(settings.admin_api_key, x_api_key)
     fmt = "yaml" if "yaml" in request.headers.get("content-type", "") else "json"
     try:
-        text = await read_body(request, state.settings.max_body_bytes)
-        new = parse_experiments(parse_text(text, fmt), state.settings.registry)
-        await state.routing.replace(new)
+        text = await read_body(request, settings)
+        new = parse_experiments(parse_text(text, fmt), settings.registry)
+        await routing.replace(new)
     except ExperimentConfigError as exc:
         raise InvalidBody([{**i, "loc": ["body", *i["loc"]]} for i in exc.items]) from None
-    return _json(describe(new, state.models))
+    return _json(describe(new, models))
 
 
 def describe(experiments: ExperimentSet, models: ModelRegistry) -> ExperimentsResponse:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic_core import to_json
 from starlette.responses import Response
 
+from ctrserve.service.dependencies import ReadyDep
 from ctrserve.service.errors import error_response
 
 router = APIRouter(tags=["health"])
@@ -21,20 +22,16 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> Response:
+async def readyz(ready: ReadyDep) -> Response:
     """Models loaded and warmed, and Redis answering: 200, else 503 saying what is missing."""
-    state = request.app.state
-    problems = []
-    if not getattr(state, "ready", False):
-        problems.append({"loc": ["models"], "msg": "models not loaded yet", "type": "not_ready"})
-    else:
-        try:
-            await asyncio.wait_for(state.redis.client.ping(), REDIS_TIMEOUT_S)
-        except Exception as exc:
-            problems.append({"loc": ["redis"], "msg": f"Redis does not answer: {exc!r}",
-                             "type": "not_ready"})
-    if problems:
-        return error_response(503, problems)
-    versions = {arm: m.version for arm, m in state.models.models.items()}
+    if ready is None:
+        return error_response(503, [{"loc": ["models"], "msg": "models not loaded yet",
+                                     "type": "not_ready"}])
+    try:
+        await asyncio.wait_for(ready.redis.client.ping(), REDIS_TIMEOUT_S)
+    except Exception as exc:
+        return error_response(503, [{"loc": ["redis"], "msg": f"Redis does not answer: {exc!r}",
+                                     "type": "not_ready"}])
+    versions = {key: m.version for key, m in ready.models.models.items()}
     return Response(to_json({"status": "ready", "models": versions}),
                     media_type="application/json")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
+
+from ctrserve.service.dependencies import MetricsDep
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(scorer_metrics: MetricsDep) -> Response:
+    return Response(scorer_metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from ctrserve.bundles import BundleError
+from ctrserve.service.dependencies import FollowerDep, ModelsDep, RoutingDep, SettingsDep
 from ctrserve.service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
 from ctrserve.service.errors import validation_items as _items
 from ctrserve.service.experiments.config import ExperimentConfigError, ExperimentSet
@@ -22,13 +23,11 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelsResponse)
-async def models(request: Request) -> Response:
+async def models(routing: RoutingDep, loaded: ModelsDep, follower: FollowerDep) -> Response:
     """What each arm serves: version, model type, bundle, providers, since when, field sources;
     and the deployment state version it follows (with the last refusal, if any)."""
-    state = request.app.state
-    follower = getattr(state, "follower", None)
-    body = ModelsResponse(experiment=state.routing.experiments.default,
-                          models=[m.info() for m in state.models.models.values()],
+    body = ModelsResponse(experiment=routing.experiments.default,
+                          models=[m.info() for m in loaded.models.values()],
                           deployment=follower.status() if follower else None)
     return Response(body.model_dump_json(), media_type="application/json")
 
@@ -37,18 +36,17 @@ async def models(request: Request) -> Response:
              responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 422)},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/SwapRequest"}}}}})
-async def swap(request: Request, x_api_key: str | None = Header(None)) -> Response:
+async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
+               x_api_key: str | None = Header(None)) -> Response:
     """Verify, load and warm a bundle of the registry, then serve it for an arm of the default
     experiment (`arm`: an arm name; default the only arm), atomically; /v1/experiments lists
     what is served. A body over max_body_bytes is a 413 before it is read in full."""
-    settings = request.app.state.settings
     authorize(settings.admin_api_key, x_api_key)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings)
     try:
         req = SwapRequest.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidBody(_items(exc)) from None
-    routing = request.app.state.routing
     experiment = routing.experiments.default
     arm = req.arm or only_arm(routing.experiments, experiment)
     started = time.perf_counter()

@@ -13,8 +13,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from ctrserve.service.dependencies import ScorerDep, SettingsDep
 from ctrserve.service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 from ctrserve.service.score_endpoint import read_body as read_raw_body
+from ctrserve.service.settings import Settings
 
 router = APIRouter(tags=["score"])
 
@@ -26,16 +28,17 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
 @router.post("/v1/score", response_model=ScoreResponse, responses=ERRORS,
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": f"#/components/schemas/{ScoreRequest.__name__}"}}}}})
-async def score(request: Request) -> Response:
+async def score(request: Request, settings: SettingsDep, scorer: ScorerDep) -> Response:
     """Probability of a click/download for each candidate of one user."""
     # not reached through ScorerApp (service/score_endpoint.py answers first); kept working
     # for an app mounted without it
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    reply = await request.app.state.scorer.score(body)
+    body = await read_body(request, settings)
+    reply = await scorer.score(body)
     return Response(reply, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body of a routed request, with the score endpoint's bounds (413, 408, 499)."""
-    return await read_raw_body(request.scope, request.receive, limit,
-                               request.app.state.settings.body_timeout_s)
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The body of a routed request, with the score endpoint's bounds (413 past
+    max_body_bytes, 408, 499)."""
+    return await read_raw_body(request.scope, request.receive, settings.max_body_bytes,
+                               settings.body_timeout_s)
