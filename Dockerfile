@@ -47,9 +47,10 @@ FROM python AS deps
 # onnxruntime or onnxruntime-gpu (never both: they ship the same module)
 ARG ORT=onnxruntime
 WORKDIR /opt/ctrserve
-COPY pyproject.toml deploy/docker/requirements.py ./
+COPY pyproject.toml deploy/docker/requirements.py deploy/docker/constraints.txt ./
+# constraints.txt: the exact versions, so that two builds of one commit install the same
 RUN python requirements.py --ort "$ORT" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 
 # ---- serve: the scorer ----------------------------------------------------------------------
@@ -83,7 +84,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX" torch==2.13.0
 # then the train extra (pyproject.toml's .[train]; its torch range admits the one installed)
 RUN python requirements.py --extra train > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt -c constraints.txt \
     && rm /tmp/requirements.txt
 COPY . .
 RUN pip install --no-deps . && rm -rf build

@@ -120,6 +120,24 @@ def test_requirements_helper() -> None:
     assert "onnxruntime-gpu==1.20.1" in pinned and len(pinned) == len(requirements(_pyproject()))
 
 
+def test_the_images_install_the_pinned_versions_of_every_dependency() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (REPO / "deploy" / "docker" / "constraints.txt").read_text().splitlines()
+    pins = {canonicalize_name(n): v for n, v in (line.split("==") for line in lines
+                                                 if line and not line.startswith("#"))}
+    for req in map(Requirement, requirements(_pyproject())):
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(version), f"{req.name}=={version} is outside {req}"
+    for target in ("serve", "trainer"):
+        installs = [r for k, r in instructions(target) if k == "RUN" and "pip install -r" in r]
+        assert installs and all("-c constraints.txt" in r for r in installs), target
+    copied = [r for k, r in instructions("deps") if k == "COPY"]
+    assert any("deploy/docker/constraints.txt" in r for r in copied)
+
+
 def test_dependencies_are_installed_before_the_source_is_copied() -> None:
     for target in ("serve", "trainer"):
         steps = instructions(target)
@@ -203,10 +221,10 @@ def test_dockerignore_keeps_the_source_out_of_nothing() -> None:
     for needed in (".venv", "demo", "runs", "registry", "bench-out", ".git"):
         assert needed in patterns, needed
     assert any("datasets" in p for p in patterns)
-    packages = [p.rstrip("*") for p in _pyproject()["tool"]["setuptools"]["packages"]["find"]
-                ["include"]]
-    kept = [*packages, "pyproject.toml", "README.md", "deploy/docker/requirements.py",
-            "deploy/compose/setup.sh", "deploy/schedule/retrain-loop.sh"]
+    folders = list(_pyproject()["tool"]["setuptools"]["package-dir"].values())
+    kept = [*folders, "pyproject.toml", "README.md", "deploy/docker/requirements.py",
+            "deploy/docker/constraints.txt", "deploy/compose/setup.sh",
+            "deploy/schedule/retrain-loop.sh"]
     for path in kept:
         assert (REPO / path).exists(), path
         for pattern in patterns:
