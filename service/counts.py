@@ -30,6 +30,12 @@ The guardrail sums (service/experiments/guardrails.py) come from the scorers, no
 script: each scorer adds its requests up in memory per arm and day and adds them to the day's
 `guard` hash every second (one pipeline), so a score request pays no Redis call for them; a
 scorer that stops hard loses at most that last second of them. They expire with the day's sums.
+
+The list metrics (service/experiments/list_metrics.py: personalization@L, coverage@L and
+popularity@L per arm and day, and over the period) do not come from the counters: the drainer
+recomputes them with DuckDB from the drained Parquet logs after each drain that moved rows of
+the experiment (event_log.drain) and stores them whole in `ctrserve:exp:E:lists`
+(`save_list_metrics`); the report shows what is there (`read_list_metrics`), else null.
 """
 
 from __future__ import annotations
@@ -46,7 +52,16 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, TOTAL, arm_key, config_key, days_key, log_key
+from ctrserve.common.keys import (
+    LOG_KINDS,
+    LOGS_KEY,
+    TOTAL,
+    arm_key,
+    config_key,
+    days_key,
+    lists_key,
+    log_key,
+)
 from ctrserve.service.experiments import guardrails
 from ctrserve.service.experiments.config import ExperimentSet
 from ctrserve.service.experiments.guardrails import BUCKET_FIELDS, LATENCY_BUCKETS_S, GuardSums
@@ -56,6 +71,15 @@ log = logging.getLogger("ctrserve.counts")
 SUMS = ("users", "impressions", "downloads", "sum_x2", "sum_y2", "sum_xy")
 GUARD = "guard"  # the arm_key part of an arm-day's guardrail sums
 DAY_S = 86_400
+LISTS_META = "meta"  # the field of lists_key beside the days and TOTAL: L, catalogue, ...
+LISTS_ABSENT = ("list metrics appear after the logs are drained (ctrserve drain-events), by a "
+                "drainer with DuckDB (pip install 'ctrserve[analysis]')")
+# replaces the hash whole in one step (one key: any node of a cluster runs it)
+SAVE_LISTS = """
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+"""
 
 
 def experiment_configs(experiments: ExperimentSet) -> dict[str, dict[str, Any]]:
@@ -121,11 +145,45 @@ def arm_stats(sums: Mapping[str, int]) -> ArmStats:
     return ArmStats(*(sums.get(k, 0) for k in SUMS))
 
 
+def expire_at(day: str, retention_s: float) -> int:
+    """When a key of `day` expires: `retention_s` after the day's end, or after now when that
+    is later (a simulated or backfilled day long past)."""
+    try:
+        day_end = calendar.timegm(time.strptime(day, "%Y-%m-%d")) + DAY_S
+    except ValueError:
+        day_end = 0
+    return int(max(day_end, time.time()) + retention_s)
+
+
+def save_list_metrics(client: redis.Redis, metrics: Mapping[str, Any], retention_days: int
+                      ) -> None:
+    """Replace the experiment's stored list metrics (list_metrics.list_metrics's dict) in one
+    step: a field per day, TOTAL, and LISTS_META for the rest. They expire `retention_days`
+    after their last day or after now, whichever is later: each recompute starts that again."""
+    fields = {day: json.dumps(by_arm) for day, by_arm in metrics["days"].items()}
+    fields[TOTAL] = json.dumps(metrics["total"])
+    fields[LISTS_META] = json.dumps({k: v for k, v in metrics.items()
+                                     if k not in ("days", "total")})
+    when = expire_at(max(metrics["days"], default=""), retention_days * DAY_S)
+    args = [a for pair in fields.items() for a in pair]
+    client.eval(SAVE_LISTS, 1, lists_key(metrics["experiment"]), when, *args)
+
+
+def read_list_metrics(client: redis.Redis, experiment: str) -> dict[str, Any] | None:
+    """The stored list metrics, in the shape of list_metrics.list_metrics plus "computed"
+    ({"at", "logs"}), the days in order; None before a drainer with DuckDB stored any."""
+    stored = {k.decode(): json.loads(v) for k, v in client.hgetall(lists_key(experiment)).items()}
+    if LISTS_META not in stored:
+        return None
+    meta, total = stored.pop(LISTS_META), stored.pop(TOTAL, {})
+    return {**meta, "days": dict(sorted(stored.items())), "total": total}
+
+
 def build_report(client: redis.Redis, experiment: str, control: str,
                  weights: Mapping[str, float], thresholds: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
     """{"experiment", "control", "weights", "days": {day: report}, "total": report,
-    "guardrails": guardrails.section(...)}.
+    "guardrails": guardrails.section(...), "list_metrics": read_list_metrics(...)}.
 
     Days past the retention have expired and are left out (their day stays in the days set).
     "days" holds the days with counts; the guardrails' "days" also those with scored requests
@@ -143,7 +201,8 @@ def build_report(client: redis.Redis, experiment: str, control: str,
     return {"experiment": experiment, "control": control, "weights": dict(weights),
             "days": days, "total": report({a: arm_stats(total[a]) for a in arms}, control,
                                           weights),
-            "guardrails": guardrail_section(counts, guards, total, thresholds)}
+            "guardrails": guardrail_section(counts, guards, total, thresholds),
+            "list_metrics": read_list_metrics(client, experiment)}
 
 
 def guardrail_section(counts: Mapping[str, Mapping[str, Mapping[str, int]]],
@@ -238,8 +297,7 @@ class GuardrailSums:
             for name, n in zip(BUCKET_FIELDS, buckets, strict=True):
                 if n:
                     pipe.hincrby(key, name, n)
-            day_end = calendar.timegm(time.strptime(day, "%Y-%m-%d")) + DAY_S
-            pipe.expireat(key, int(max(day_end, time.time()) + self.retention_s))
+            pipe.expireat(key, expire_at(day, self.retention_s))
             pipe.sadd(days_key(experiment, arm), day)
         await pipe.execute()
 
@@ -252,7 +310,8 @@ class GuardrailSums:
 
 
 def format_full_report(rep: Mapping[str, Any]) -> str:
-    """Every day's table and the total's, as text."""
+    """Every day's table and the total's, the guardrails, and the list metrics when the report
+    has the section (a line saying when they appear when it is null)."""
     from ctrserve.service.experiments.stats import format_report
 
     name = rep["experiment"]
@@ -261,4 +320,20 @@ def format_full_report(rep: Mapping[str, Any]) -> str:
                                                    "each user once, over all days)"))
     if rep.get("guardrails", {}).get("days"):
         parts.append("\n".join(guardrails.format_section(rep["guardrails"])))
+    if "list_metrics" in rep:
+        parts.append(format_stored_lists(rep["list_metrics"]))
     return "\n\n".join(parts)
+
+
+def format_stored_lists(lists: Mapping[str, Any] | None) -> str:
+    """The list metrics' table, with when and from which logs they were computed."""
+    from ctrserve.service.experiments.list_metrics import format_list_metrics
+
+    if lists is None:
+        return f"List metrics: none yet; {LISTS_ABSENT}."
+    text = format_list_metrics(lists)
+    computed = lists.get("computed")
+    if computed:
+        text += (f"\n(computed {computed['at']} from the logs in {computed['logs']}, at the "
+                 "last drain; ctrserve list-metrics --logs DIR recomputes them)")
+    return text

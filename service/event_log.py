@@ -20,11 +20,22 @@ stops the log. A per-stream lock keeps two drainers off the same stream.
 
 `follow` drains in a loop until SIGTERM/SIGINT (`ctrserve drain-events --follow`): what the
 streams hold is bounded by the drain lag, which the scorer exports (log_lag.py).
+
+After writing, `drain` recomputes the list metrics (personalization@L, coverage@L,
+popularity@L: experiments/list_metrics.py) of every experiment whose serve or event log got
+rows, over every file under OUT (every day drained so far: the period's total and popularity
+need them all), and stores them in Redis (`ctrserve:exp:E:lists`) for the report and the
+dashboard. The event log counts too: popularity rests on its downloads. This needs DuckDB, an
+optional dependency: without it the drain is complete all the same and says once, on stderr,
+that the list metrics were not computed and why. `follow` recomputes at most every
+LISTS_EVERY_S, and at most LISTS_TIME_SHARE of its time (each recompute reads every file, and
+draining waits meanwhile), and once more when it stops.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -38,6 +49,9 @@ import pyarrow.parquet as pq
 import redis
 
 from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, log_parts
+from ctrserve.service.settings import Settings
+
+log = logging.getLogger("ctrserve.event_log")
 
 EVENTS_SCHEMA = pa.schema([
     ("stream_id", pa.string()), ("event_id", pa.string()), ("type", pa.string()),
@@ -56,6 +70,11 @@ SERVE_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"events": EVENTS_SCHEMA, "serve": SERVE_SCHEMA}
 LOCK_MS = 120_000
+RETENTION_DAYS: int = Settings.model_fields["counts_retention_days"].default
+LISTS_EVERY_S = 60.0  # follow: the least time between two recomputes of the list metrics
+LISTS_TIME_SHARE = 0.1  # follow: the most of the drainer's time the recomputes take
+NO_DUCKDB = "DuckDB is not installed (pip install 'ctrserve[analysis]')"
+_told: set[str] = set()  # the reasons already logged by this process
 
 
 def event_row(stream_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -175,21 +194,25 @@ def streams(client: redis.Redis) -> list[str]:
     return sorted(s.decode() for s in client.smembers(LOGS_KEY))
 
 
-def drain(client: redis.Redis, out: Path, chunk: int = 10_000,
-          limit: int | None = None) -> dict[str, Any]:
-    """Move every log stream's entries into Parquet files.
+def drain(client: redis.Redis, out: Path, chunk: int = 10_000, limit: int | None = None,
+          lists: bool = True, retention_days: int = RETENTION_DAYS) -> dict[str, Any]:
+    """Move every log stream's entries into Parquet files, then (`lists`) recompute the list
+    metrics of the experiments that got rows.
 
-    Returns {"events", "served", "files", "days", "dead_letters", "left": {kind: entries}};
-    `limit` bounds the entries moved per stream.
+    Returns {"events", "served", "files", "days", "dead_letters", "left": {kind: entries},
+    "experiments": those that got rows, "list_metrics": update_list_metrics's result (with
+    `lists` and rows)}; `limit` bounds the entries moved per stream. The list metrics expire
+    `retention_days` after their last day or the recompute (counts_retention_days).
     """
     moved = dict.fromkeys(LOG_KINDS, 0)
     left = dict.fromkeys(LOG_KINDS, 0)
     files: list[str] = []
     days: set[str] = set()
+    touched: set[str] = set()
     dead = DeadLetters(out)
     owner = uuid.uuid4().hex
     for stream in streams(client):
-        kind = log_parts(stream)[2]
+        experiment, _, kind = log_parts(stream)
         lock = stream + ":drain-lock"
         if not client.set(lock, owner, nx=True, px=LOCK_MS):
             left[kind] += client.xlen(stream)  # another drainer has it
@@ -203,20 +226,86 @@ def drain(client: redis.Redis, out: Path, chunk: int = 10_000,
         files += written
         days |= on
         left[kind] += client.xlen(stream)
-    return {"events": moved["events"], "served": moved["serve"], "files": files,
-            "days": sorted(days), "dead_letters": dead.count, "left": left}
+        if written:
+            touched.add(experiment)
+    result = {"events": moved["events"], "served": moved["serve"], "files": files,
+              "days": sorted(days), "dead_letters": dead.count, "left": left,
+              "experiments": sorted(touched)}
+    if lists and touched:
+        result["list_metrics"] = update_list_metrics(client, out, touched, retention_days)
+    return result
+
+
+def update_list_metrics(client: redis.Redis, out: Path, experiments: set[str],
+                        retention_days: int = RETENTION_DAYS) -> dict[str, Any]:
+    """list_metrics.refresh over every file under `out`: {"experiments": stored, "failed",
+    "seconds"}; without DuckDB {"experiments": [], "not_computed": why}, said once per
+    process on stderr (the log line), the drain being complete all the same."""
+    try:
+        from ctrserve.service.experiments.list_metrics import refresh
+
+        return refresh(client, out, experiments, retention_days)
+    except ModuleNotFoundError as exc:
+        if exc.name != "duckdb":
+            raise
+    if NO_DUCKDB not in _told:
+        _told.add(NO_DUCKDB)
+        log.warning("list metrics not computed for %s: %s; the logs are drained all the same "
+                    "(ctrserve list-metrics computes them where DuckDB is)",
+                    ", ".join(sorted(experiments)), NO_DUCKDB)
+    return {"experiments": [], "not_computed": NO_DUCKDB}
+
+
+class ListsDue:
+    """follow's recomputes: the experiments drained since the last one, recomputed (the first
+    drained at once) when `every_s` and LISTS_TIME_SHARE⁻¹ times the last recompute's duration
+    have passed since it, so that they never take more than that share of the drainer's time
+    (a recompute reads every file: it grows with the folder); and by `flush` at the end."""
+
+    def __init__(self, client: redis.Redis, out: Path, every_s: float, retention_days: int):
+        self.client, self.out, self.every_s = client, out, every_s
+        self.retention_days = retention_days
+        self.pending: set[str] = set()
+        self.next_at = -float("inf")
+
+    def add(self, experiments: list[str]) -> dict[str, Any] | None:
+        """Note the experiments drained; the recompute's result when one is due."""
+        self.pending.update(experiments)
+        if not self.pending or time.monotonic() < self.next_at:
+            return None
+        return self.flush()
+
+    def flush(self) -> dict[str, Any] | None:
+        if not self.pending:
+            return None
+        start = time.monotonic()
+        done = update_list_metrics(self.client, self.out, self.pending, self.retention_days)
+        now = time.monotonic()
+        self.pending = set()
+        self.next_at = now + max(self.every_s, (now - start) / LISTS_TIME_SHARE)
+        return done
 
 
 def follow(client: redis.Redis, out: Path, interval_s: float, chunk: int,
-           stop: Callable[[], bool], report: Callable[[dict[str, Any]], None]) -> None:
-    """Drain until `stop()`; sleeps `interval_s` only when a pass moved nothing."""
+           stop: Callable[[], bool], report: Callable[[dict[str, Any]], None],
+           lists_every_s: float = LISTS_EVERY_S, retention_days: int = RETENTION_DAYS
+           ) -> dict[str, Any] | None:
+    """Drain until `stop()`; sleeps `interval_s` only when a pass moved nothing. The list
+    metrics of what was drained are recomputed at most every `lists_every_s` (and at most
+    LISTS_TIME_SHARE of the time: ListsDue), in the pass's result as "list_metrics", and at the
+    end: that last recompute's result is returned."""
+    lists = ListsDue(client, out, lists_every_s, retention_days)
     while not stop():
-        result = drain(client, out, chunk)
+        result = drain(client, out, chunk, lists=False)
+        done = lists.add(result["experiments"])
+        if done is not None:
+            result["list_metrics"] = done
         report(result)
         if not result["events"] and not result["served"]:
             deadline = time.monotonic() + interval_s
             while not stop() and time.monotonic() < deadline:
                 time.sleep(min(0.1, interval_s))
+    return lists.flush()
 
 
 def _read(directory: Path, kind: str) -> pa.Table:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from ctrserve.cli import main
 from ctrserve.common.keys import TOTAL, arm_key, days_key
 from ctrserve.service.counts import SUMS
 from ctrserve.service.dashboard.page import CVR_LABEL, MIN_DAY_USERS, MIN_SRM_USERS, WHY_CHARS
@@ -162,6 +163,41 @@ def test_dashboard_shows_the_reports_figures_models_and_history(world):
     # 40 users: too few for the sample-ratio check, every point hollow and joined by no line
     assert 'id="srm-note"' in html and 'id="srm"' not in html
     assert all("small" in (a.get("class") or "") for a in points) and "<polyline" not in html
+
+
+def test_list_metrics_show_per_arm_and_day_once_the_logs_are_drained(world, tmp_path,
+                                                                      monkeypatch, capsys):
+    """`ctrserve drain-events` computes the list metrics; the page then shows, per arm over all
+    days and per day, what `ctrserve list-metrics` computes on the drained logs. An experiment
+    whose logs were never drained says when they appear."""
+    url = world["url"]
+    absent = "list metrics appear after the logs are drained (ctrserve drain-events)"
+    assert absent in httpx.get(url + "/dashboard/quiet").text
+    monkeypatch.setenv("REDIS_URL", embedded_url(world["store"]))
+    logs = tmp_path / "logs"
+    assert main(["drain-events", "--out", str(logs)]) == 0
+    assert "ab" in json.loads(capsys.readouterr().out)["list_metrics"]["experiments"]
+    assert main(["list-metrics", "--logs", str(logs), "--experiment", "ab", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    expected = {("all", arm): m for arm, m in want["total"].items()}
+    expected |= {(day, arm): m for day, by_arm in want["days"].items()
+                 for arm, m in by_arm.items()}
+    html = httpx.get(url + "/dashboard/ab").text
+    rows = {(a["data-period"], a["data-arm"]): a for a in Tags(html).having("data-period")}
+    assert set(want["total"]) == {"lr", "deepfm"} and rows.keys() == expected.keys()
+    for key, m in expected.items():
+        row = rows[key]
+        assert (int(row["data-list-users"]), int(row["data-top"])) == (m["users"], m["top"])
+        for metric in ("personalization", "coverage", "popularity"):
+            shown = row[f"data-{metric}"]
+            assert (float(shown) if shown else None) == m[metric], (key, metric)
+    lr = want["total"]["lr"]
+    assert (f"<td>{lr['personalization']:.3f}</td><td>{lr['coverage']:.1%}</td>"
+            f"<td>{lr['popularity']:.3%}</td>") in html
+    for name in ("personalization@L", "coverage@L", "popularity@L"):
+        assert f"<strong>{name}</strong>: " in html  # named, with its one-line definition
+    assert absent not in html and html.index('id="days"') < html.index('id="lists"')
+    assert absent in httpx.get(url + "/dashboard/quiet").text  # nothing of it was drained
 
 
 def test_index_empty_and_unknown_experiments(world, bundles):
@@ -400,6 +436,8 @@ def test_week_on_the_clients_clock_over_http(week):
     drawn = [a["data-drawn"] for a in tags.having("data-drawn")]
     assert drawn == ["false", "true"]  # newest first
     assert html.index('id="days"') < html.index('id="history"')
+    # counts, and no drained logs: the list metrics' place says when they appear
+    assert html.index('id="days"') < html.index('id="lists-absent"') < html.index('id="history"')
     assert f'title="{LONG_WHY}"' in html and f"{LONG_WHY[: WHY_CHARS - 1].rstrip()}…<" in html
     one = httpx.get(week["url"] + "/dashboard/one").text
     assert 'id="srm"' not in one and 'id="srm-note"' in one and "(expected" not in one

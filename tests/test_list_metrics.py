@@ -1,20 +1,35 @@
 """The list metrics and the user-level sums of sql/, on small hand-built Parquet logs whose
-answers are known, and against a brute force over every pair of users on a random log."""
+answers are known, and against a brute force over every pair of users on a random log; then
+the drainer's recompute of them (stored for `ctrserve report`, the API and the dashboard) from
+log entries in a real redis-server: every drain, `--follow`, and without DuckDB.
+
+The whole path on a live scorer's traffic: tests/test_warehouse.py (the API report against
+`ctrserve list-metrics`) and tests/test_dashboard.py (the page)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import redis
+import yaml
 
 from ctrserve.cli import main
-from ctrserve.service.event_log import SCHEMAS
+from ctrserve.common.keys import LOGS_KEY, lists_key, log_key
+from ctrserve.loadtest.redis_servers import LocalRedis
+from ctrserve.service.event_log import SCHEMAS, drain, read_serve_log
 from ctrserve.service.experiments.list_metrics import list_metrics
 from ctrserve.service.experiments.stats import ArmStats
 from ctrserve.service.experiments.warehouse import arm_sums, open_logs
@@ -195,3 +210,195 @@ def test_list_metrics_command_names_the_problem(tmp_path, capsys):
     assert main(["list-metrics", "--logs", str(tmp_path), "--experiment", "e",
                  "--catalogue-size", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+# ---- the drainer's recompute, from log entries in Redis --------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+NO_DUCKDB = "DuckDB is not installed (pip install 'ctrserve[analysis]')"
+
+
+@pytest.fixture
+def redis_url(redis_binaries, tmp_path):
+    """A redis-server of the test's own: a drain moves every stream it finds."""
+    with LocalRedis(tmp_path / "redis") as server:
+        yield server.url
+
+
+@pytest.fixture
+def store(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def log_entry(client: redis.Redis, experiment: str, arm: str, user: str, items: list[str],
+              day: str = DAY, downloads: tuple[str, ...] = ()) -> None:
+    """A scored request and its downloads, as the scorer and the event script log them."""
+    rid = f"{experiment}-{user}-{day}-{len(items)}-{items[0]}"
+    record = {"request_id": rid, "ts": time.time(), "day": day, "client_ts": None,
+              "experiment": experiment, "arm": arm, "model_version": "v1", "user": user,
+              "holdout": False, "items": items, "features": {}, "item_features": {}}
+    claims = {"request_id": rid, "experiment": experiment, "arm": arm, "model_version": "v1",
+              "user": user, "day": day, "ts": record["ts"], "holdout": False}
+    streams = {kind: log_key(experiment, arm, kind) for kind in ("serve", "events")}
+    client.sadd(LOGS_KEY, *streams.values())
+    client.xadd(streams["serve"], {"r": json.dumps(record)})
+    for item in downloads:
+        event = {"event_id": f"{rid}-{item}", "type": "download", "request_id": rid,
+                 "user_id": user, "ts": f"{day}T10:00:00Z", "item_id": item}
+        client.xadd(streams["events"], {"event": json.dumps(event),
+                                        "claims": json.dumps(claims)})
+
+
+def config_file(tmp_path: Path, experiment: str) -> Path:
+    arms = [{"name": "a", "weight": 0.5, "bundle": "lr-x", "control": True},
+            {"name": "b", "weight": 0.5, "bundle": "deepfm-x"}]
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump({"experiments": [
+        {"name": experiment, "salt": experiment, "arms": arms}]}))
+    return path
+
+
+def cli_json(capsys, *argv: str) -> Any:
+    """A command's JSON on stdout (`drain-events` prints nothing else; the others need --json)."""
+    assert main([*argv, *(["--json"] if argv[0] != "drain-events" else [])]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def stored(capsys, experiment: str, experiments: Path) -> dict[str, Any] | None:
+    """The report's list metrics (`ctrserve report --json`)."""
+    return cli_json(capsys, "report", "--experiment", experiment, "--experiments",
+                    str(experiments))["list_metrics"]
+
+
+def computed(capsys, logs: Path, experiment: str) -> dict[str, Any]:
+    """`ctrserve list-metrics --json` on the logs."""
+    return cli_json(capsys, "list-metrics", "--logs", str(logs), "--experiment", experiment)
+
+
+def without_when(lists: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in lists.items() if k != "computed"}
+
+
+def test_every_drain_recomputes_the_list_metrics_over_every_drained_day(
+        store, redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    experiments, logs = config_file(tmp_path, "lm1"), tmp_path / "logs"
+    assert stored(capsys, "lm1", experiments) is None
+    assert main(["report", "--experiment", "lm1", "--experiments", str(experiments)]) == 0
+    assert "List metrics: none yet; list metrics appear after the logs are drained" in (
+        capsys.readouterr().out)
+    log_entry(store, "lm1", "a", "u1", ["i1", "i2", "i3"], downloads=("i1",))
+    log_entry(store, "lm1", "a", "u2", ["i1", "i4", "i5"])
+    log_entry(store, "lm1", "b", "u3", ["i2", "i6", "i7"], downloads=("i2", "i6"))
+    drained = cli_json(capsys, "drain-events", "--out", str(logs))
+    assert drained["experiments"] == drained["list_metrics"]["experiments"] == ["lm1"]
+    first = stored(capsys, "lm1", experiments)
+    assert without_when(first) == computed(capsys, logs, "lm1")
+    assert first["computed"]["logs"] == str(logs) and list(first["days"]) == [DAY]
+    assert first["total"]["a"]["personalization"] == pytest.approx(1 - 1 / 3)
+    assert first["total"]["b"]["popularity"] == pytest.approx((1 + 1 + 0) / 3 / 3)
+    # a second day: the total is over both (u1's last list is the second day's)
+    log_entry(store, "lm1", "a", "u1", ["i4", "i5", "i6"], day=DAY2)
+    assert cli_json(capsys, "drain-events", "--out", str(logs))["list_metrics"][
+        "experiments"] == ["lm1"]
+    second = stored(capsys, "lm1", experiments)
+    assert without_when(second) == computed(capsys, logs, "lm1")
+    assert list(second["days"]) == [DAY, DAY2] and second["total"]["a"]["users"] == 2
+    assert second["total"]["a"]["personalization"] == pytest.approx(1 - 2 / 3)
+    # nothing drained: nothing recomputed; the metrics expire like the counts' `all` sums
+    assert "list_metrics" not in cli_json(capsys, "drain-events", "--out", str(logs))
+    assert 89 * 86_400 < store.ttl(lists_key("lm1")) <= 91 * 86_400
+    assert main(["report", "--experiment", "lm1", "--experiments", str(experiments)]) == 0
+    text = capsys.readouterr().out
+    assert "lm1 list metrics: the first L = 10" in text and f"from the logs in {logs}" in text
+    # the experiment is not listed twice among those Redis holds (its metrics' key aside)
+    assert main(["report", "--experiment", "nope"]) == 2
+    assert "'lm1:lists'" not in capsys.readouterr().err
+
+
+def test_logs_duckdb_cannot_read_keep_the_stored_metrics_and_the_drain_goes_on(
+        store, redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    experiments, logs = config_file(tmp_path, "lm4"), tmp_path / "logs"
+    log_entry(store, "lm4", "a", "u1", ["i1", "i2"])
+    assert drain(store, logs)["list_metrics"]["experiments"] == ["lm4"]
+    before = stored(capsys, "lm4", experiments)
+    (logs / f"day={DAY}" / "serve-cut-short.parquet").write_bytes(b"PAR1 not parquet")
+    log_entry(store, "lm4", "a", "u2", ["i3", "i4"])
+    result = drain(store, logs)
+    assert result["served"] == 1 and result["list_metrics"]["experiments"] == []
+    assert "serve-cut-short.parquet" in result["list_metrics"]["failed"]["lm4"]
+    assert stored(capsys, "lm4", experiments) == before  # not half-replaced, not deleted
+    assert [Path(f).name.startswith("serve-lm4-a-") for f in result["files"]] == [True]
+
+
+def fake_duckdb(tmp_path: Path) -> str:
+    """A PYTHONPATH on which `import duckdb` fails as where it is not installed."""
+    package = tmp_path / "no-duckdb" / "duckdb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'duckdb'\", name='duckdb')\n")
+    return os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")])
+
+
+def test_without_duckdb_the_drain_succeeds_and_says_once_why_there_are_no_list_metrics(
+        store, redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    experiments, logs = config_file(tmp_path, "lm2"), tmp_path / "logs"
+    log_entry(store, "lm2", "a", "u1", ["i1", "i2"], downloads=("i1",))
+    log_entry(store, "lm2", "b", "u2", ["i2", "i3"])
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": fake_duckdb(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "ctrserve", "drain-events", "--out",
+                           str(logs)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["served"], result["events"], result["left"]) == (
+        2, 1, {"events": 0, "serve": 0})
+    assert result["list_metrics"] == {"experiments": [], "not_computed": NO_DUCKDB}
+    assert proc.stderr.splitlines() == [
+        f"list metrics not computed for lm2: {NO_DUCKDB}; the logs are drained all the same "
+        "(ctrserve list-metrics computes them where DuckDB is)"]
+    assert len(read_serve_log(logs)) == 2
+    assert stored(capsys, "lm2", experiments) is None
+    # where DuckDB is, the same logs give them
+    assert computed(capsys, logs, "lm2")["total"]["a"]["users"] == 1
+
+
+def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_follow_recomputes_at_most_every_minute_and_once_more_at_the_end(
+        store, redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    experiments, logs = config_file(tmp_path, "lm3"), tmp_path / "logs"
+    log_entry(store, "lm3", "a", "u1", ["i1", "i2"])
+    log_entry(store, "lm3", "a", "u2", ["i1", "i3"])
+    cmd = [sys.executable, "-m", "ctrserve", "drain-events", "--follow", "--out", str(logs),
+           "--interval", "0.1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "REDIS_URL": redis_url}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = wait_for(lambda: stored(capsys, "lm3", experiments), proc)
+        assert first["total"]["a"]["users"] == 2  # the first pass recomputes at once
+        log_entry(store, "lm3", "a", "u3", ["i4", "i5"])
+        wait_for(lambda: len(read_serve_log(logs)) == 3, proc)
+        assert stored(capsys, "lm3", experiments) == first  # not due for a minute
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["list_metrics_recomputed"] == 2
+    assert stderr.count("list metrics of lm3 recomputed in") == 2
+    last = stored(capsys, "lm3", experiments)
+    assert last["total"]["a"]["users"] == 3  # at the end, over everything drained
+    assert without_when(last) == computed(capsys, logs, "lm3")

@@ -3,7 +3,8 @@
 Real traffic: a live scorer (uvicorn) on a real embedded Redis, driven by the simulator over
 three simulated days (client clock) with duplicate deliveries and a holdout, plus events the
 scorer rejects; the logs drained to Parquet (in small chunks, one file then written twice as a
-crashed drain would); then `ctrserve analyze` against `ctrserve report`, count for count.
+crashed drain would); then `ctrserve analyze` against `ctrserve report`, count for count, and
+the list metrics the drain stored for the online report against `ctrserve list-metrics`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,9 +34,22 @@ from tests.serving import LiveServer, copy_registry
 WEIGHTS = {"lr": 0.5, "deepfm": 0.5}
 
 
+@dataclass
+class Traffic:
+    client: Any  # the Redis
+    redis_url: str
+    experiments_file: Path
+    logs: Path
+    summary: dict
+    rejected: dict
+    drained: dict  # the drain's result
+    url: str  # the scorer, still serving
+
+
 @pytest.fixture(scope="module")
 def traffic(bundles, synth_dir, tmp_path_factory):
-    """(Redis client, its URL, the experiments file, the drained logs, the simulation)."""
+    """Three simulated days of experiment `wh` served, counted and drained, the scorer kept
+    running for its report."""
     tmp = tmp_path_factory.mktemp("warehouse")
     store = start_embedded(tmp / "store.rdb")
     load_tables(store, synth_dir / "users.parquet", synth_dir / "apps.parquet")
@@ -51,10 +68,11 @@ def traffic(bundles, synth_dir, tmp_path_factory):
                             event_batch=25, experiment="wh", max_seconds=120)
             summary = simulate(synth_dir, cfg)
             rejected = send_rejected_events(server.url)
-        logs = tmp / "logs"
-        drain(store, logs, chunk=37)
-        rewrite_one_file(logs)
-        yield store, embedded_url(store), tmp / "experiments.yaml", logs, summary, rejected
+            logs = tmp / "logs"
+            drained = drain(store, logs, chunk=37)
+            rewrite_one_file(logs)
+            yield Traffic(store, embedded_url(store), tmp / "experiments.yaml", logs, summary,
+                          rejected, drained, server.url)
     finally:
         stop_embedded(store)
 
@@ -86,49 +104,80 @@ def rewrite_one_file(logs) -> None:
 
 
 def test_the_traffic_has_what_the_rules_are_about(traffic):
-    _, _, _, logs, summary, rejected = traffic
+    summary, rejected = traffic.summary, traffic.rejected
     assert summary["requests"]["answered"] == 180
     assert summary["events"]["duplicate"] > 0 and summary["events"]["rejected"] == 0
     assert rejected["first"]["rejected"] == 2 and rejected["again"]["duplicate"] == 1
-    events = read_log(logs)
+    events = read_log(traffic.logs)
     assert any(events["holdout"].to_pylist())  # holdout users' events are logged
     assert len(events) > len(set(events["stream_id"].to_pylist()))  # a file drained twice
     assert not set(events["event_id"].to_pylist()) & {"forged", "unserved"}
 
 
 def test_duckdb_report_equals_the_online_report_per_arm_and_day(traffic):
-    client, _, _, logs, _, _ = traffic
-    online = counts.build_report(client, "wh", "lr", WEIGHTS)
-    offline = warehouse.build_report(warehouse.open_logs(logs), "wh", "lr", WEIGHTS)
+    online = counts.build_report(traffic.client, "wh", "lr", WEIGHTS)
+    con = warehouse.open_logs(traffic.logs)
+    offline = warehouse.build_report(con, "wh", "lr", WEIGHTS)
     assert len(online["days"]) >= 3
     # the guardrails need the scorers' latency and errors, which the logs do not hold
     assert online.pop("guardrails")["total"]
+    # the list metrics the drain stored, against the same SQL over the logs as they are now
+    # (one file of which was written a second time after the drain)
+    stored = online.pop("list_metrics")
+    assert stored.pop("computed")["logs"] == str(traffic.logs)
+    assert stored == list_metrics(con, "wh", arms=list(WEIGHTS))
+    assert list(stored["total"]) == list(WEIGHTS)  # the control first, as in the report
+    assert set(stored["days"]) == set(online["days"])
     assert offline == online  # every count, sum and statistic, every day and the total
     arms = online["total"]["arms"]
     assert all(arms[a]["users"] > 0 and arms[a]["downloads"] > 0 for a in WEIGHTS)
 
 
 def test_analyze_command_equals_report_command(traffic, monkeypatch, capsys):
-    _, url, experiments_file, logs, _, _ = traffic
-    monkeypatch.setenv("REDIS_URL", url)
+    logs = traffic.logs
+    monkeypatch.setenv("REDIS_URL", traffic.redis_url)
     assert main(["report", "--experiment", "wh", "--json"]) == 0
     online = json.loads(capsys.readouterr().out)
     assert main(["analyze", "--logs", str(logs), "--experiment", "wh", "--experiments",
-                 str(experiments_file), "--json"]) == 0
+                 str(traffic.experiments_file), "--json"]) == 0
     offline = json.loads(capsys.readouterr().out)
     assert "cuped" in offline["total"]["arms"]["deepfm"]["uplift"]["ctr"]  # --pre-days 7
     offline = without_cuped(offline)  # what CUPED adds: the online report has no pre-period
     online.pop("guardrails")  # the scorers' latency and errors: not in the logs
-    assert {k: offline[k] for k in online} == online
+    assert online["list_metrics"].pop("computed")["logs"] == str(logs)  # when and where from
+    assert online["list_metrics"]["total"]["deepfm"]["users"] > 1
+    assert {k: offline[k] for k in online} == online  # the list metrics included
     assert offline["source"]["dead_letters"] == {"events": 0, "serve": 0}
     # without --experiments, the arms come from the config the scorer left in Redis
     assert main(["analyze", "--logs", str(logs), "--experiment", "wh"]) == 0
     text = capsys.readouterr().out
-    assert "wh total" in text and "personalization@L" in text
+    assert "wh total" in text and text.count("personalization@L") == 1
+    # the text report prints the stored list metrics' table the same way
+    assert main(["report", "--experiment", "wh"]) == 0
+    text = capsys.readouterr().out
+    lists = text[text.index("wh list metrics"):]
+    assert "personalization@L" in lists and f"from the logs in {logs}, at the last drain" in lists
+
+
+def test_api_report_list_metrics_equal_the_list_metrics_command(traffic, capsys):
+    """What GET .../report serves after the drain is what `ctrserve list-metrics` computes on
+    the same logs, day by day and in total."""
+    assert traffic.drained["experiments"] == ["wh"]
+    assert traffic.drained["list_metrics"]["experiments"] == ["wh"]
+    api = httpx.get(traffic.url + "/v1/experiments/wh/report").json()["list_metrics"]
+    assert main(["list-metrics", "--logs", str(traffic.logs), "--experiment", "wh",
+                 "--json"]) == 0
+    command = json.loads(capsys.readouterr().out)
+    computed = api.pop("computed")
+    assert computed["logs"] == str(traffic.logs) and computed["at"].endswith("+00:00")
+    assert api == command
+    assert len(api["days"]) >= 3 and set(api["total"]) == set(WEIGHTS)
+    assert all(m["users"] > 1 and m["personalization"] is not None
+               for m in api["total"].values())
 
 
 def test_list_metrics_cover_every_non_holdout_user_of_the_serve_log(traffic):
-    _, _, _, logs, _, _ = traffic
+    logs = traffic.logs
     metrics = list_metrics(warehouse.open_logs(logs), "wh", top=10)
     users, longest = defaultdict(set), defaultdict(int)
     for r in read_serve_log(logs).to_pylist():

@@ -158,7 +158,7 @@ def demo(args: argparse.Namespace) -> None:
     cfg = DemoConfig(out=args.out, seed=args.seed, days=args.days,
                      impressions_per_day=args.impressions_per_day, models=args.models,
                      epochs=args.epochs, ab_days=args.ab_days,
-                     ab_requests_per_day=args.ab_requests_per_day,
+                     ab_requests_per_day=args.ab_requests_per_day, pre_days=args.pre_days,
                      retrain=not args.no_retrain, port=args.port, once=args.once,
                      progress=not args.no_progress)
     run_demo(cfg)
@@ -342,6 +342,7 @@ def known_experiments_text(client: Any) -> str:
 
     prefix = config_key("")
     names = sorted(k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*"))
+    names = [n for n in names if ":" not in n]  # ctrserve:exp:E:lists and the like
     return f"experiments there: {names}" if names else "it holds no experiment (serve one once)"
 
 
@@ -378,16 +379,19 @@ def report(args: argparse.Namespace) -> dict[str, Any] | str:
 
 
 def drain_events(args: argparse.Namespace) -> dict[str, Any]:
+    """The drain's summary; the list metrics of the experiments drained are recomputed too
+    (event_log.drain), and expire with the counts (counts_retention_days)."""
     from ctrserve.service.event_log import drain
 
     if args.chunk < 1:
         raise UserError("--chunk must be at least 1")
+    retention = _settings(registry=args.registry, redis_db=args.redis_db).counts_retention_days
 
     def work(client: Any) -> dict[str, Any]:
         try:
             if args.follow:
-                return _follow(client, args)
-            return drain(client, args.out, args.chunk, args.limit)
+                return _follow(client, args, retention)
+            return drain(client, args.out, args.chunk, args.limit, retention_days=retention)
         except OSError as exc:
             # a read-only or full disk: one line instead of a traceback; nothing is lost, as a
             # stream is trimmed only up to what a synced file holds
@@ -398,8 +402,9 @@ def drain_events(args: argparse.Namespace) -> dict[str, Any]:
     return _with_redis(args, work)
 
 
-def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The long-running drainer: a line per pass that moved something, totals at the end."""
+def _follow(client: Any, args: argparse.Namespace, retention_days: int) -> dict[str, Any]:
+    """The long-running drainer: a line per pass that moved something or recomputed the list
+    metrics, totals at the end."""
     import signal
 
     from ctrserve.service.drainer_metrics import DrainerMetrics
@@ -409,7 +414,8 @@ def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stopping.append(signum))
     metrics = DrainerMetrics(args.metrics_port)
-    totals = {"events": 0, "served": 0, "dead_letters": 0, "passes": 0}
+    totals = {"events": 0, "served": 0, "dead_letters": 0, "passes": 0,
+              "list_metrics_recomputed": 0}
 
     def report(result: dict[str, Any]) -> None:
         metrics.observe(result)
@@ -420,8 +426,16 @@ def _follow(client: Any, args: argparse.Namespace) -> dict[str, Any]:
             print(f"drained {result['events']} event(s), {result['served']} served "
                   f"request(s), {result['dead_letters']} dead letter(s); left "
                   f"{result['left']}", file=sys.stderr, flush=True)
+        lists(result.get("list_metrics"))
 
-    follow(client, args.out, args.interval, args.chunk, lambda: bool(stopping), report)
+    def lists(done: dict[str, Any] | None) -> None:
+        if done and done["experiments"]:
+            totals["list_metrics_recomputed"] += 1
+            print(f"list metrics of {', '.join(done['experiments'])} recomputed in "
+                  f"{done['seconds']:.2f} s", file=sys.stderr, flush=True)
+
+    lists(follow(client, args.out, args.interval, args.chunk, lambda: bool(stopping), report,
+                 retention_days=retention_days))
     return totals
 
 
@@ -504,10 +518,13 @@ def analyze(args: argparse.Namespace) -> dict[str, Any] | str:
     rep["source"] = {"logs": str(args.logs), "engine": "duckdb", "dead_letters": dead}
     if args.json:
         return rep
+    # the list metrics come last, after the CUPED lines (format_full_report prints them when
+    # the report has them: the online report's)
+    lists = rep.pop("list_metrics")
     parts = [f"From the Parquet logs in {args.logs} (DuckDB; the counts equal the online "
              "counters' on the same traffic)", format_full_report(rep),
              *([format_cuped_window(rep["cuped"])] if "cuped" in rep else []),
-             format_list_metrics(rep["list_metrics"])]
+             format_list_metrics(lists)]
     if dead["events"]:
         parts.append(f"!!! {dead['events']} accepted event(s) of {experiment} are dead letters "
                      f"in {args.logs / 'dead-letter'}: counted online, missing here !!!")

@@ -21,6 +21,12 @@ an experiment spread over the nodes.
     ctrserve:logs                set of the stream names above (the drainer's list)
     ctrserve:exp:E               JSON {"control", "weights", "guardrails"}: the config the
                                  scorer last served
+    ctrserve:exp:E:lists         hash D -> JSON {arm: list metrics} for each day of the drained
+                                 serve log, `all` -> the whole period's, `meta` -> JSON L,
+                                 catalogue, downloads, when and from which logs: the list
+                                 metrics the drainer recomputes from the Parquet logs
+                                 (list_metrics.py; replaced whole on every recompute; EXPIRE:
+                                 retention after the last day or recompute, like `ab:all`)
     ctrserve:attribution:key     the signing key shared by replicas without a configured one
 
 The deployment state (service/deployments.py), under one hash tag because a deploy changes
@@ -81,6 +87,11 @@ def log_parts(stream: str) -> tuple[str, str, str]:
 
 def config_key(experiment: str) -> str:
     return f"{PREFIX}exp:{experiment}"
+
+
+def lists_key(experiment: str) -> str:
+    """The experiment's list metrics, as the drainer last computed them from the logs."""
+    return f"{config_key(experiment)}:lists"
 
 
 DEPLOY_PREFIX = PREFIX + "{deploy}:"

@@ -10,8 +10,11 @@ the always-valid intervals, daily CTR and CVR charts on the experiment's own day
 deployments marked, the per-day figures, what each arm serves now, and the deployment history.
 The guardrails (latency p99, error share, calibration per arm: the report's "guardrails") follow
 the sample-ratio check, with each arm's breached days flagged; they show even before any event
-is counted, as an arm whose every request fails counts none. Plain functions of plain data: no
-I/O here.
+is counted, as an arm whose every request fails counts none. The list metrics of the DeepFM
+paper's online evaluation (personalization@L, coverage@L, popularity@L per arm, over all days
+and per day: the report's "list_metrics", which the drainer computes from the Parquet logs)
+follow the per-day figures; before a drain has computed them, a line says when they appear.
+Plain functions of plain data: no I/O here.
 
 Minimum samples: a day on which an arm has fewer than MIN_DAY_USERS users or
 MIN_DAY_IMPRESSIONS impressions is drawn hollow, without its interval, and does not set the
@@ -30,6 +33,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
+from ctrserve.service.counts import LISTS_ABSENT
 from ctrserve.service.dashboard.svg import PALETTE, Marker, Point, Series, Shade, line_chart
 from ctrserve.service.dashboard.timeline import DayAxis, Placement, place
 
@@ -39,6 +43,7 @@ MIN_SRM_USERS = 100  # users of all arms together before the sample-ratio check 
 WHY_CHARS = 120  # longer reasons are cut in the history table; the full text is its tooltip
 DODGE = 0.04  # days between the points of two arms on one day
 CLUSTER = 0.15  # days: deployments closer than this share one marker
+LIST_DAYS_OPEN = 14  # the list metrics' per-day table starts open up to this many days
 CVR_LABEL = "CVR (downloads per user)"  # the one name of downloads / users, everywhere
 METRICS = (("ctr", "CTR"), ("cvr", CVR_LABEL))
 CLOCKS = {"server": "UTC days of the scorer's clock",
@@ -92,13 +97,14 @@ def experiment_page(rep: Mapping[str, Any], serving: Mapping[str, Any],
     if rep["days"]:
         total = rep["total"]
         body += [_verdicts(total), _srm(total["srm"]), guard, _totals(total),
-                 _charts(rep, axis, records, placements), _days(rep)]
+                 _charts(rep, axis, records, placements), _days(rep),
+                 _lists(rep.get("list_metrics"))]
     else:
         body.append('<section class="empty" id="no-data"><strong>No data yet.</strong> No '
                     "scored request of this experiment has been counted. Figures appear once "
                     "clients score with it and send impressions and downloads to "
                     "<code>POST /v1/events</code>.</section>")
-        body.append(guard)
+        body += [guard, _lists(rep.get("list_metrics"))]
     body += [_serving(serving), _history(records, placements)]
     return _document(f"{name}: A/B dashboard", "".join(body))
 
@@ -445,6 +451,66 @@ def _day_srm(srm: Mapping[str, Any], rowspan: int) -> str:
     if _srm_users(srm) < MIN_SRM_USERS:
         return f'<td rowspan="{rowspan}" class="ci">too few users</td>'
     return _p_cell(srm["p_value"], rowspan, srm["alpha"])
+
+
+LIST_METRICS = (
+    ("personalization", "personalization@L", lambda v: f"{v:.3f}",
+     "1 − the mean share of their top L that two users' lists have in common: 0 when everyone "
+     "gets the same list, 1 when no two lists share an item"),
+    ("coverage", "coverage@L", lambda v: f"{v:.1%}",
+     "the share of the catalogue in anyone's top L"),
+    ("popularity", "popularity@L", lambda v: f"{v:.3%}",
+     "the mean share of the period's downloads that the top-L items have (1/catalogue: a "
+     "uniform choice; higher: more popular items)"))
+
+
+def _lists(lists: Mapping[str, Any] | None) -> str:
+    """The list metrics per arm over all days, then per day; or when they will appear."""
+    title = "<h2>Lists: personalization@L, coverage@L, popularity@L</h2>"
+    if lists is None:
+        return (f'{title}<p class="note" id="lists-absent">The DeepFM paper\'s list metrics '
+                f"of each arm's top-L lists: {escape(LISTS_ABSENT)}.</p>")
+    if not lists["total"]:
+        return (f'{title}<p class="note" id="lists-none">No list served outside the holdout in '
+                "the drained logs.</p>")
+    head = ("<tr><th class=name>days</th><th class=name>arm</th><th>users</th><th>L</th>"
+            + "".join(f'<th title="{escape(text)}">{label}</th>'
+                      for _, label, _, text in LIST_METRICS) + "</tr>")
+    total = "".join(_list_row("all", arm, m) for arm, m in lists["total"].items())
+    days = "".join(_list_row(day, arm, m) for day, by_arm in lists["days"].items()
+                   for arm, m in by_arm.items())
+    opened = " open" * (len(lists["days"]) <= LIST_DAYS_OPEN)
+    return (f'{title}<div class="wide"><table id="lists">{head}{total}</table></div>'
+            f"<details{opened}><summary>Each day on its own</summary><div class=\"wide\">"
+            f'<table id="lists-days">{head}{days}</table></div></details>{_lists_note(lists)}')
+
+
+def _list_row(period: str, arm: str, m: Mapping[str, Any]) -> str:
+    attrs = "".join(f' data-{key}="{_raw(m[key])}"' for key, *_ in LIST_METRICS)
+    cells = "".join(f"<td>{'n/a' if m[key] is None else fmt(m[key])}</td>"
+                    for key, _, fmt, _ in LIST_METRICS)
+    label = "all days" if period == "all" else period
+    return (f'<tr data-period="{escape(period)}" data-arm="{escape(arm)}" '
+            f'data-list-users="{m["users"]}" data-top="{m["top"]}"{attrs}>'
+            f'<td class="name">{escape(label)}</td><td class="name">{escape(arm)}</td>'
+            f'<td>{m["users"]:,}</td><td>{m["top"]}</td>{cells}</tr>')
+
+
+def _lists_note(lists: Mapping[str, Any]) -> str:
+    size = lists["catalogue"]["size"]
+    computed = lists.get("computed") or {}
+    definitions = "".join(f"<li><strong>{label}</strong>: {escape(text)}</li>"
+                          for _, label, _, text in LIST_METRICS)
+    return (f'<ul class="note" id="lists-definitions">{definitions}</ul>'
+            f'<p class="note" id="lists-note">Of each user\'s last list (over all days: their '
+            f"last one; per day: that day's), its first L = {lists['top']} items (L capped at "
+            f"the longest list), holdout users left out. Catalogue: "
+            f"{'n/a' if size is None else f'{size:,}'} items "
+            f"({escape(lists['catalogue']['basis'])}); popularity: "
+            f"{escape(lists['popularity_basis'])}, {lists['downloads']:,} downloads. "
+            f"Computed from the drained Parquet logs at the last drain "
+            f"({escape(str(computed.get('at', 'n/a')))}); definitions and sources: "
+            "docs/experiments.md, \"List metrics\".</p>")
 
 
 def _serving(serving: Mapping[str, Any]) -> str:

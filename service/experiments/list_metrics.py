@@ -24,18 +24,30 @@ A user's list for a day is the last one served to them that day (for the total: 
 period), first L items in the order returned: best first for requests with top_k (the
 scorer sorts by score), request order otherwise, since the serve log keeps no scores. Holdout
 users are left out, as they are from the counts.
+
+`ctrserve list-metrics` and `ctrserve analyze` compute them on demand; the drainer
+(event_log.drain) calls `refresh` after each drain that wrote rows of an experiment, which
+stores them in Redis for the online report and the dashboard (counts.read_list_metrics).
+DuckDB is imported only when they are computed, so the scorer can import this module to
+format stored ones (`format_list_metrics`) without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-import duckdb
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ctrserve.common.keys import TOTAL
-from ctrserve.service.experiments.warehouse import query
 
+if TYPE_CHECKING:
+    import duckdb
+    import redis
+
+log = logging.getLogger("ctrserve.list_metrics")
 DEFAULT_TOP = 10
 FIELDS = ("users", "top", "mean_length", "personalization", "coverage", "popularity",
           "distinct_items")
@@ -50,6 +62,8 @@ def list_metrics(con: duckdb.DuckDBPyConnection, experiment: str, top: int = DEF
     "days": {day: {arm: metrics}}, "total": {arm: metrics}}; metrics hold FIELDS, `top` being
     the L used (capped at the longest list). `arms` come first, in that order (the control
     first, as in the report), then the others by name."""
+    from ctrserve.service.experiments.warehouse import query
+
     if top < 1:
         raise ValueError(f"top L must be at least 1, got {top}")
     if catalogue_size is not None and catalogue_size < 1:
@@ -69,6 +83,62 @@ def list_metrics(con: duckdb.DuckDBPyConnection, experiment: str, top: int = DEF
             "downloads": int(rows[0]["downloads"]) if rows else 0,
             "days": {d: by_arm for d, by_arm in days.items() if d != TOTAL},
             "total": days.get(TOTAL, {})}
+
+
+def refresh(client: redis.Redis, logs: Path, experiments: Iterable[str], retention_days: int
+            ) -> dict[str, Any]:
+    """Recompute the list metrics of `experiments` (L = DEFAULT_TOP, the served catalogue) from
+    every drained file under `logs` and store each in Redis (counts.save_list_metrics), with
+    `computed` = {"at", "logs"}; the drainer calls this after writing (event_log.drain).
+
+    Returns {"experiments": those stored, "failed": {experiment: reason}, "seconds"}. Needs
+    DuckDB: ModuleNotFoundError (name "duckdb") without it. Logs DuckDB cannot read (a file cut
+    short by hand, say) leave the stored metrics as they were, with a warning."""
+    import duckdb
+
+    from ctrserve.service.counts import save_list_metrics
+    from ctrserve.service.experiments.warehouse import open_logs
+
+    start, names = time.perf_counter(), sorted(set(experiments))
+    stored: list[str] = []
+    failed: dict[str, str] = {}
+    try:
+        con = open_logs(logs)
+    except duckdb.Error as exc:
+        return _refreshed(start, logs, stored, dict.fromkeys(names, str(exc)))
+    try:
+        for experiment in names:
+            try:
+                metrics = list_metrics(con, experiment, arms=_arms(client, experiment))
+            except duckdb.Error as exc:
+                failed[experiment] = str(exc)
+                continue
+            metrics["computed"] = {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                                   "logs": str(logs)}
+            save_list_metrics(client, metrics, retention_days)
+            stored.append(experiment)
+    finally:
+        con.close()
+    return _refreshed(start, logs, stored, failed)
+
+
+def _refreshed(start: float, logs: Path, stored: list[str], failed: dict[str, str]
+               ) -> dict[str, Any]:
+    for experiment, reason in failed.items():
+        log.warning("list metrics of %s not recomputed (the stored ones stay): DuckDB cannot "
+                    "read the logs in %s: %s", experiment, logs, reason)
+    return {"experiments": stored, "failed": failed,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _arms(client: redis.Redis, experiment: str) -> list[str]:
+    """The control first, then the other configured arms, as in the report (none: by name)."""
+    from ctrserve.service.counts import load_config
+
+    config = load_config(client, experiment)
+    if not config:
+        return []
+    return [config["control"], *(a for a in config["weights"] if a != config["control"])]
 
 
 def _check_catalogue(rows: list[dict[str, Any]], catalogue_size: int | None) -> None:

@@ -64,13 +64,15 @@ downloads AS (
         AS counted
     GROUP BY item_id
 ),
-popularity AS (
-    SELECT item_id, CAST(n AS DOUBLE) / SUM(n) OVER () AS share FROM downloads
-),
+-- the mean share of the slots' items, as one division of integers (mean of n_i / N =
+-- Σ n_i / (slots · N)): exact, so the same logs give the same figure whatever order a parallel
+-- engine adds the slots up in (an average of floats can differ in the last digit)
 mean_popularity AS (
-    SELECT t.arm, t.day, AVG(COALESCE(p.share, 0)) AS popularity
+    SELECT t.arm, t.day,
+           CAST(SUM(COALESCE(d.n, 0)) AS DOUBLE)
+               / (COUNT(*) * (SELECT SUM(n) FROM downloads)) AS popularity
     FROM top_items AS t
-    LEFT JOIN popularity AS p ON p.item_id = t.item_id
+    LEFT JOIN downloads AS d ON d.item_id = t.item_id
     GROUP BY t.arm, t.day
 )
 SELECT
