@@ -11,6 +11,8 @@ from ctrserve.service.dependencies import MetricsDep
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "every metric in the Prometheus text format",
+    "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(scorer_metrics: MetricsDep) -> Response:
     return Response(scorer_metrics.render(), media_type=CONTENT_TYPE_LATEST)
