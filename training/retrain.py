@@ -242,8 +242,12 @@ class _Run:
             warm = WarmStart(self.champion.encoder, bundle_weights(self.champion.path))
         self.say(f"train: {model_config.name}, {cfg.epochs} epoch(s)"
                  + (", warm start from the champion" if warm else ""))
+        # a day's window of events always has users and days train never saw: the warnings
+        # are the retrain's lines (and in its run's inspect), not stderr's
         info = train(self.source, model_config, cfg, self.work / "run",
-                     progress=self.opts.progress, warm_start=warm)
+                     progress=self.opts.progress, warm_start=warm, warn=False)
+        for warning in info.get("inspect", {}).get("warnings", []):
+            self.say(f"data: {warning}")
         self.record["train"] = {
             "model": info["model"], "train": info["train"], "best_epoch": info["best_epoch"],
             "epochs_run": info["epochs_run"], "metrics_torch": info["metrics"],

@@ -62,15 +62,17 @@ def seed_everything(seed: int) -> None:
 
 
 def train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
-          progress: bool = True, warm_start: WarmStart | None = None) -> dict[str, Any]:
+          progress: bool = True, warm_start: WarmStart | None = None,
+          warn: bool = True) -> dict[str, Any]:
     """Train on `source`, evaluate the best epoch on its test split, write the run to `out`.
 
     With `warm_start`, its encoder is used as it is (not refitted) and the model starts from
-    its weights (training/warm_start.py)."""
+    its weights (training/warm_start.py). The data's warnings go to stderr unless `warn` is
+    false (they are in the run's `inspect` either way)."""
     world = init_world(cfg.device)
     try:
         return _train(source, model_config, cfg, out, world, progress and world.is_main,
-                      warm_start)
+                      warm_start, warn)
     finally:
         leave(world)
 
@@ -84,9 +86,10 @@ class WarmStart:
 
 
 def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out: Path,
-           world: World, progress: bool, warm: WarmStart | None) -> dict[str, Any]:
+           world: World, progress: bool, warm: WarmStart | None, warn: bool
+           ) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    report = _data_report(source) if world.is_main else None
+    report = _data_report(source, warn) if world.is_main else None
     encoder, positive_rate = _fit_encoder(source, warm.encoder if warm else None)
     model = build_model(model_config, encoder.layout())
     model.set_prior(positive_rate)
@@ -129,12 +132,12 @@ def _train(source: DataSource, model_config: ModelConfig, cfg: TrainConfig, out:
 _REPORTS: weakref.WeakKeyDictionary[DataSource, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _data_report(source: DataSource) -> dict[str, Any]:
+def _data_report(source: DataSource, warn: bool) -> dict[str, Any]:
     """`ctrserve inspect`'s numbers for run.json, its warnings on stderr before training.
     Once per source: compare and scaling train one source many times."""
     if source not in _REPORTS:
         _REPORTS[source] = report = inspect_source(source)
-        for warning in report["warnings"]:
+        for warning in report["warnings"] if warn else ():
             print(f"warning: data: {warning}", file=sys.stderr, flush=True)
     return _REPORTS[source]
 
