@@ -1,16 +1,28 @@
 """The coverage harness (loadtest/ab_coverage.py) in small: bounds on the A/B statistics that fail
 when the always-valid interval stops being valid under daily looks, or stops being needed, and
-when CUPED stops covering the truth or stops reducing the variance."""
+when CUPED stops covering the truth or stops reducing the variance; and its spot check through
+the real counting path (the event script into an embedded Redis, the report read back), which
+fails when one count or figure of the report differs from the harness's."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from ctrserve.loadtest import ab_coverage
-from ctrserve.loadtest.ab_coverage import Config, World, arm_stats, run, user_grams, user_vectors
+from ctrserve.loadtest.ab_coverage import (
+    Config,
+    World,
+    arm_stats,
+    format_table,
+    json_diff,
+    run,
+    user_grams,
+    user_vectors,
+)
 from ctrserve.service.experiments.cuped import CupedStats
 from ctrserve.service.experiments.stats import ArmStats
 
@@ -125,14 +137,70 @@ def test_user_grams_are_the_sums_of_the_report() -> None:
 def test_cli_writes_json_and_prints_the_table(tmp_path, capsys) -> None:
     out = tmp_path / "cov.json"
     argv = ["--experiments", "20", "--days", "3", "--seed", "5", "--out", str(out)]
-    assert ab_coverage.main(argv) == 0
+    assert ab_coverage.main([*argv, "--through-redis", "1"]) == 0
     printed = capsys.readouterr().out
     assert "sequential" in printed and "FPR 3 looks" in printed and str(out) in printed
     assert "cuped sequential" in printed and "day 3" in printed
+    assert "Through Redis (coverage-ab-1: 3 looks" in printed
+    assert "equals the harness's figures at every look" in printed
     first = json.loads(out.read_text())
     assert first["config"]["experiments"] == 20 and first["config"]["tuned_for_units"] == 2400
     assert len(first["results"]["ctr"]["fixed"]["coverage_by_look"]) == 3
-    ab_coverage.main(argv)  # the same seed gives the same figures
-    second = json.loads(out.read_text())
-    assert {k: v for k, v in first.items() if k != "seconds"} == \
-        {k: v for k, v in second.items() if k != "seconds"}
+    assert first["through_redis"]["equal"] and first["through_redis"]["looks"] == 3
+    ab_coverage.main([*argv, "--through-redis", "0"])  # the same seed gives the same figures,
+    second = json.loads(out.read_text())  # with or without the spot check
+    assert second["through_redis"] is None and "Through Redis" not in capsys.readouterr().out
+    same = {"seconds", "through_redis", "config"}
+    assert {k: v for k, v in first.items() if k not in same} == \
+        {k: v for k, v in second.items() if k not in same}
+    assert {**first["config"], "through_redis": 0} == second["config"]
+    with pytest.raises(SystemExit):
+        ab_coverage.main(["--experiments", "1", "--through-redis", "3"])
+
+
+SPOT = Config(experiments=5, days=4, seed=11, world=World(users_per_arm=150), through_redis=2)
+
+
+def test_spot_check_through_redis_equals_the_harness() -> None:
+    """Two experiments (one A/B, one A/A) through the event script into an embedded Redis: the
+    report read back equals the harness's at each of the 4 looks, to the count and the bit."""
+    spot = run(SPOT)["through_redis"]
+    print({k: v for k, v in spot.items() if k != "entry"})
+    assert spot["checked"] == ["coverage-ab-1", "coverage-aa-1"] and spot["looks"] == 8
+    assert spot["equal"] is True and spot["max_abs_diff"] == 0.0
+    assert spot["first_difference"] is None
+    assert spot["counted"] == spot["events"] > 0
+    # 300 new users a day for 4 days in each, every one with impressions (~20 on average)
+    assert spot["users"] == 2 * 4 * 300
+    assert spot["users"] + spot["downloads"] == spot["events"]  # one impression event a user
+    assert 10 * spot["users"] < spot["impressions"] and spot["downloads"] > 0
+
+
+def test_spot_check_fails_when_redis_counts_differ(monkeypatch) -> None:
+    """One download of each simulated day withheld from Redis: the check says so, and where."""
+    real = ab_coverage.day_events
+
+    def one_download_less(*args):
+        events = list(real(*args))
+        lost = next(i for i, (event, _) in enumerate(events) if event.type == "download")
+        return iter(events[:lost] + events[lost + 1:])
+
+    monkeypatch.setattr(ab_coverage, "day_events", one_download_less)
+    result = run(replace(SPOT, through_redis=1))
+    spot = result["through_redis"]
+    assert spot["equal"] is False and spot["max_abs_diff"] >= 1.0
+    assert spot["counted"] == spot["events"] > 0  # Redis counted all it was given
+    first = spot["first_difference"]
+    assert first.startswith("coverage-ab-1 look 1 total.arms.") and ".downloads: Redis " in first
+    assert "DIFFERS from the harness's figures" in format_table(result)
+
+
+def test_json_diff() -> None:
+    assert json_diff({"a": [1, None, 0.5]}, {"a": [1, float("nan"), 0.5]})[0] == 0.0
+    assert json_diff({"a": 1, "b": 2.0}, {"a": 1, "b": 2.25}, "r") == (0.25, "r.b: Redis 2.0, "
+                                                                       "harness 2.25")
+    assert json_diff({"a": 1}, {"a": 1, "b": 2})[0] == float("inf")
+    assert json_diff({"d": "keep running"}, {"d": "treatment better"})[0] == float("inf")
+    assert json_diff({"f": True}, {"f": 1})[0] == float("inf")
+    assert json_diff(None, {"users": 3})[0] == float("inf")
+    assert json_diff([1, 2], [1, 2, 3])[0] == float("inf")
