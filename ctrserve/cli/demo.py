@@ -97,6 +97,8 @@ def run_ab_test(cfg: DemoConfig, bundles: dict[str, str]) -> dict[str, Any]:
                              base_rows=RETRAIN_BASE_ROWS, epochs=1) if cfg.retrain else None
     with _scorer(cfg, experiments) as scorer:
         url = scorer.url
+        _say(f"the scorer is up: the dashboard fills in as the days run, "
+             f"{url}/dashboard/ranker")
         client, embedded = open_sync(Settings(registry=cfg.out / "registry"))
         try:
             days = run_days(ABDays(url=url, world_dir=cfg.out / "data",
