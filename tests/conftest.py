@@ -97,3 +97,11 @@ def redis_server_url(redis_binaries: None, tmp_path_factory: pytest.TempPathFact
     """A standalone redis-server of the test module's own (a start costs ~20 ms)."""
     with LocalRedis(tmp_path_factory.mktemp("redis-server")) as server:
         yield server.url
+
+
+@pytest.fixture
+def own_redis_url(redis_binaries: None, tmp_path: Path) -> Iterator[str]:
+    """A redis-server of the test's own, for tests that touch every key (a drain moves every
+    stream it finds)."""
+    with LocalRedis(tmp_path / "redis") as server:
+        yield server.url

@@ -17,7 +17,6 @@ import pytest
 import redis
 
 from ctrserve.common.keys import LOGS_KEY, log_key
-from ctrserve.loadtest.redis_servers import LocalRedis
 from ctrserve.service.event_log import drain, read_log, read_serve_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,15 +39,8 @@ def event(eid: str, position: int = 1) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def redis_url(redis_binaries, tmp_path):
-    """A redis-server of the test's own: a drain moves every stream it finds."""
-    with LocalRedis(tmp_path / "redis") as server:
-        yield server.url
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis.Redis.from_url(redis_url)
+def client(own_redis_url):
+    c = redis.Redis.from_url(own_redis_url)
     c.sadd(LOGS_KEY, *(log_key("dl", "a", kind) for kind in ("events", "serve")))
     yield c
     c.close()
@@ -79,8 +71,8 @@ def test_a_bad_entry_goes_to_the_dead_letters_and_the_drain_moves_on(client, tmp
     assert drain(client, tmp_path / "log")["events"] == 1
 
 
-def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_url, tmp_path):
-    env = {**os.environ, "REDIS_URL": redis_url}
+def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, own_redis_url, tmp_path):
+    env = {**os.environ, "REDIS_URL": own_redis_url}
     cmd = [sys.executable, "-m", "ctrserve", "drain-events", "--follow", "--out",
            str(tmp_path / "log"), "--interval", "0.1"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -104,13 +96,13 @@ def test_follow_drains_as_entries_come_and_stops_on_sigterm(client, redis_url, t
     assert "drained" in stderr
 
 
-def test_a_drain_that_cannot_write_exits_2_in_one_line_and_keeps_the_entries(client, redis_url,
+def test_a_drain_that_cannot_write_exits_2_in_one_line_and_keeps_the_entries(client, own_redis_url,
                                                                               tmp_path):
     client.xadd(log_key("dl", "a", "events"), event("kept"))
     (tmp_path / "a-file").write_text("not a directory")
     out = tmp_path / "a-file" / "log"  # mkdir fails as on a read-only mount (tests run as root)
     proc = subprocess.run([sys.executable, "-m", "ctrserve", "drain-events", "--out", str(out)],
-                          env={**os.environ, "REDIS_URL": redis_url}, cwd=REPO,
+                          env={**os.environ, "REDIS_URL": own_redis_url}, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

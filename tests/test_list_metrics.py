@@ -28,7 +28,6 @@ import yaml
 
 from ctrserve.cli import main
 from ctrserve.common.keys import LOGS_KEY, lists_key, log_key
-from ctrserve.loadtest.redis_servers import LocalRedis
 from ctrserve.service.event_log import SCHEMAS, drain, read_serve_log
 from ctrserve.service.experiments.list_metrics import list_metrics
 from ctrserve.service.experiments.stats import ArmStats
@@ -218,15 +217,8 @@ NO_DUCKDB = "DuckDB is not installed (pip install 'ctrserve[analysis]')"
 
 
 @pytest.fixture
-def redis_url(redis_binaries, tmp_path):
-    """A redis-server of the test's own: a drain moves every stream it finds."""
-    with LocalRedis(tmp_path / "redis") as server:
-        yield server.url
-
-
-@pytest.fixture
-def store(redis_url):
-    client = redis.Redis.from_url(redis_url)
+def store(own_redis_url):
+    client = redis.Redis.from_url(own_redis_url)
     yield client
     client.close()
 
@@ -281,8 +273,8 @@ def without_when(lists: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_drain_recomputes_the_list_metrics_over_every_drained_day(
-        store, redis_url, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REDIS_URL", redis_url)
+        store, own_redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", own_redis_url)
     experiments, logs = config_file(tmp_path, "lm1"), tmp_path / "logs"
     assert stored(capsys, "lm1", experiments) is None
     assert main(["report", "--experiment", "lm1", "--experiments", str(experiments)]) == 0
@@ -318,8 +310,8 @@ def test_every_drain_recomputes_the_list_metrics_over_every_drained_day(
 
 
 def test_logs_duckdb_cannot_read_keep_the_stored_metrics_and_the_drain_goes_on(
-        store, redis_url, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REDIS_URL", redis_url)
+        store, own_redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", own_redis_url)
     experiments, logs = config_file(tmp_path, "lm4"), tmp_path / "logs"
     log_entry(store, "lm4", "a", "u1", ["i1", "i2"])
     assert drain(store, logs)["list_metrics"]["experiments"] == ["lm4"]
@@ -343,12 +335,12 @@ def fake_duckdb(tmp_path: Path) -> str:
 
 
 def test_without_duckdb_the_drain_succeeds_and_says_once_why_there_are_no_list_metrics(
-        store, redis_url, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REDIS_URL", redis_url)
+        store, own_redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", own_redis_url)
     experiments, logs = config_file(tmp_path, "lm2"), tmp_path / "logs"
     log_entry(store, "lm2", "a", "u1", ["i1", "i2"], downloads=("i1",))
     log_entry(store, "lm2", "b", "u2", ["i2", "i3"])
-    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": fake_duckdb(tmp_path)}
+    env = {**os.environ, "REDIS_URL": own_redis_url, "PYTHONPATH": fake_duckdb(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "ctrserve", "drain-events", "--out",
                            str(logs)], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -376,14 +368,14 @@ def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, timeout_s: fl
 
 
 def test_follow_recomputes_at_most_every_minute_and_once_more_at_the_end(
-        store, redis_url, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REDIS_URL", redis_url)
+        store, own_redis_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", own_redis_url)
     experiments, logs = config_file(tmp_path, "lm3"), tmp_path / "logs"
     log_entry(store, "lm3", "a", "u1", ["i1", "i2"])
     log_entry(store, "lm3", "a", "u2", ["i1", "i3"])
     cmd = [sys.executable, "-m", "ctrserve", "drain-events", "--follow", "--out", str(logs),
            "--interval", "0.1"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "REDIS_URL": redis_url}, cwd=REPO,
+    proc = subprocess.Popen(cmd, env={**os.environ, "REDIS_URL": own_redis_url}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = wait_for(lambda: stored(capsys, "lm3", experiments), proc)
