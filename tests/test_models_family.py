@@ -1,22 +1,18 @@
-"""The rest of the product-nets family: FNN, FFM, CCPM, KPNN, PIN, KFM, NIFM via the CLI."""
+"""The rest of the product-nets family (FNN, FFM, CCPM, KPNN, PIN, KFM, NIFM): their layers, and
+FNN's start from a trained FM (every model's training, export and serving:
+tests/test_model_contract.py)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from ctrserve.bundles import load_bundle
-from ctrserve.cli import main
 from ctrserve.models.ccpm import KMaxPooling
 from ctrserve.models.ffm import FFMInteraction
 from ctrserve.models.kpnn import KernelProduct
 from tests.conftest import train_cli
-from tests.model_checks import PARITY, independent_parity
-
-FAMILY_MODELS = ("fnn", "ffm", "ccpm", "kpnn", "pin", "kfm", "nifm")
 
 
 def test_ffm_interaction_matches_a_brute_force_loop():
@@ -43,25 +39,6 @@ def test_k_max_pooling_keeps_the_largest():
     x = torch.tensor([3.0, 1.0, 5.0, 2.0, 4.0]).view(1, 1, 5, 1)
     assert KMaxPooling(3, 5)(x).flatten().tolist() == [5.0, 4.0, 3.0]
     assert KMaxPooling(3, 5, keep_order=True)(x).flatten().tolist() == [3.0, 5.0, 4.0]
-
-
-@pytest.mark.parametrize("model", FAMILY_MODELS)
-def test_family_model_trains_exports_and_verifies(synth_dir, tmp_path, model):
-    run, registry = tmp_path / "run", tmp_path / "registry"
-    assert train_cli(synth_dir, run, model, "--epochs", "1") == 0
-    assert main(["export", str(run), "--registry", str(registry)]) == 0
-    (bundle_dir,) = list(registry.iterdir())
-    assert main(["verify", str(bundle_dir)]) == 0
-    m = load_bundle(bundle_dir).manifest
-    assert m.model_type == model
-    assert all(t.shape[0] == "batch" for t in m.inputs), "dynamic batch axis"
-    assert m.parity.rows >= 1000 and m.parity.max_abs_diff <= 1e-5
-    # recomputed here, not read from the exporter's record: ONNX against the run's weights
-    assert independent_parity(run, bundle_dir, synth_dir) <= PARITY
-    auc = json.loads((Path(run) / "run.json").read_text())["metrics"]["test"]["auc"]
-    print(f"{model}: test auc {auc:.4f}, parity {m.parity.max_abs_diff:.2e}")
-    assert auc > 0.55
-    assert m.metrics["test"]["auc"] == pytest.approx(auc)
 
 
 def test_fnn_starts_from_a_trained_fm(trained_runs, synth_dir, tmp_path):
