@@ -28,14 +28,21 @@ LAYERS = ("service", "training", "models", "features", "bundles", "loadtest")
 def installed(tmp_path_factory) -> Path:
     """The wheel built from the checkout, unpacked into a folder (a pip --target install)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ into the source tree, which tests running in
+    # parallel must not share
+    source = tmp / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("ctrserve", *LAYERS):
+        shutil.copytree(REPO / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp), str(REPO)], check=True,
+                    "--no-build-isolation", "-w", str(tmp), str(source)], check=True,
                    capture_output=True, cwd=tmp)
     (wheel,) = tmp.glob("ctrserve-*.whl")
     target = tmp / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(target)
-    shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' scratch, not the project's
     return target
 
 
