@@ -20,12 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ctrserve demo --out $(DEMO_DIR) $(DEMO_FLAGS)
 
-# the suite runs in a random order (pytest-randomly prints its seed first; rerun an order with
-# `pytest -p randomly --randomly-seed=N`) on TEST_WORKERS processes (pytest-xdist)
+# the suite runs in a random order (pytest-randomly) on TEST_WORKERS processes (pytest-xdist);
+# the order's seed is printed first: `make test SEED=N` runs that order again
 TEST_WORKERS ?= 2
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	@echo "test order: --randomly-seed=$(SEED) (make test SEED=$(SEED) repeats it)"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -p randomly --randomly-seed=$(SEED)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
