@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +38,10 @@ class Replica:
     """`ctrserve serve` on a port of its own choosing (port 0), found in its log."""
 
     def __init__(self, registry: Path, bundle: str, redis_url: str, port: int = 0):
-        env = {**os.environ, "REDIS_URL": redis_url, "CTRSERVE_DEPLOY_POLL_S": "0.2"}
+        # admission off: this test is about failover; on a loaded machine (tests in parallel)
+        # the admission limit would shed requests with 503s of its own
+        env = {**os.environ, "REDIS_URL": redis_url, "CTRSERVE_DEPLOY_POLL_S": "0.2",
+               "CTRSERVE_ADMISSION": "false"}
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
                "--bundle", bundle, "--port", str(port), "--log-level", "info"]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -118,6 +122,16 @@ def served_everywhere(replicas: list[Replica], version: str, timeout_s: float = 
     return False
 
 
+def servers_up(stats_socket: Path) -> set[str]:
+    """The servers HAProxy has in rotation (status UP), from its stats socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(stats_socket))
+        conn.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: conn.recv(65536), b"")).decode()
+    rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
+    return {r[1] for r in rows if len(r) > 17 and r[1].startswith("scorer") and r[17] == "UP"}
+
+
 def wait_for(condition, what: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -132,19 +146,21 @@ def test_replicas_behind_haproxy_survive_kill_restart_and_deploy(bundles, redis_
     registry = copy_registry(bundles, tmp_path / "registry", models=("lr", "fm"))
     lr = next(p.name for p in registry.iterdir() if p.name.startswith("lr-"))
     fm = next(p.name for p in registry.iterdir() if p.name.startswith("fm-"))
-    sock = tmp_path / "proxy.sock"
+    sock, stats = tmp_path / "proxy.sock", tmp_path / "stats.sock"
     with LocalRedis(tmp_path / "redis") as redis_server:
         replicas = [Replica(registry, lr, redis_server.url) for _ in range(2)]
         env = {**os.environ, "HAPROXY_BIND": f"unix@{sock}",
-               "HAPROXY_STATS_SOCKET": str(tmp_path / "stats.sock")}
+               "HAPROXY_STATS_SOCKET": str(stats)}
         proxy = subprocess.Popen(["haproxy", "-f", str(haproxy_config(
             tmp_path, [r.port for r in replicas])), "-db"], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stop, log = threading.Event(), {"ok": 0, "acknowledged": 0, "failed": []}
         clients = [threading.Thread(target=traffic, args=(sock, stop, log))
                    for _ in range(CLIENTS)]
+        both = {"scorer0", "scorer1"}
         try:
             wait_for(sock.exists, "haproxy listening")
+            wait_for(lambda: servers_up(stats) == both, "both replicas in rotation")
             for c in clients:
                 c.start()
             wait_for(lambda: log["ok"] >= 20, "traffic flowing")
@@ -154,6 +170,8 @@ def test_replicas_behind_haproxy_survive_kill_restart_and_deploy(bundles, redis_
             replicas[0] = Replica(registry, lr, redis_server.url, port)  # same address again
             wait_for(lambda: httpx.get(replicas[0].url + "/readyz").status_code == 200,
                      "the killed replica back")
+            # back in HAProxy's rotation before the other one is stopped
+            wait_for(lambda: servers_up(stats) == both, "the killed replica back in rotation")
             before = log["ok"]
             wait_for(lambda: log["ok"] >= before + 20, "traffic after the restart")
             port = replicas[1].port
