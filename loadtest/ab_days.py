@@ -89,7 +89,8 @@ def _online(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _retrain_all(cfg: ABDays, client: redis.Redis, say: Say) -> dict[str, dict[str, Any]]:
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    sources: dict[str, Any] = {}  # this round's data, shared by arms that read the same rows
     for arm in arms_of(client, cfg.experiment):
         def tell(line: str, arm: str = arm) -> None:
             if cfg.progress:
@@ -97,7 +98,7 @@ def _retrain_all(cfg: ABDays, client: redis.Redis, say: Say) -> dict[str, dict[s
 
         try:
             run = retrain(cfg.experiment, arm, cfg.registry, cfg.events_dir, client,
-                          replace(cfg.retrain), tell)
+                          replace(cfg.retrain), tell, sources)
         except RetrainError as exc:
             out[arm] = {"decision": "failed", "error": str(exc)}
             continue

@@ -390,3 +390,22 @@ def test_the_default_gate_deploys_a_clearly_better_challenger(world, trained_run
     assert record["decision"] == "deployed"
     assert client.hget(state_key("ranker"), "lr").decode() == record["challenger"]["bundle"]
     assert served_version(url, record["challenger"]["version"], timeout_s=60)
+
+
+def test_a_round_of_retrains_shares_the_data_built_from_the_same_logs(world):
+    """The arms of one round read the same rows with the same spec: given one `sources` dict,
+    the data is built once, and the second arm trains, gates and deploys on it as well."""
+    from ctrserve.training.retrain import RetrainOptions, retrain
+
+    opts = RetrainOptions(epochs=1, gate=Gate(auc_tolerance=0.5, logloss_tolerance=0.5,
+                                              calibration_bounds=(0.2, 5.0)))
+    sources: dict = {}
+    records = [retrain("ranker", arm, world["registry"], world["events"], world["redis"],
+                       dataclasses.replace(opts), [].append, sources)
+               for arm in ("lr", "deepfm")]
+    assert len(sources) == 1
+    assert records[0]["data"] == records[1]["data"]
+    assert records[0]["data"]["splits"]["train"]["rows"] > 0
+    for record in records:
+        assert record["decision"] == "deployed", record
+        assert record["challenger"]["version"] != record["champion"]["version"]

@@ -112,12 +112,16 @@ def arms_of(client: redis.Redis, experiment: str) -> list[str]:
 
 def retrain(experiment: str, arm: str, registry: str | Path, events_dir: str | Path,
             client: redis.Redis, options: RetrainOptions | None = None,
-            say: Say = print) -> dict[str, Any]:
-    """One retrain of `experiment`/`arm`; returns the run record (also written to disk)."""
+            say: Say = print, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One retrain of `experiment`/`arm`; returns the run record (also written to disk).
+
+    `sources`, a dict the caller keeps for one round of retrains over the same logs (every arm
+    after a day), shares the data built from them between arms that read the same rows with
+    the same spec; the caller drops it when the logs or the feature store change."""
     registry = Path(registry)
     with arm_lock(registry, experiment, arm):
         run = _Run(experiment, arm, registry, Path(events_dir), client,
-                   options or RetrainOptions(), say)
+                   options or RetrainOptions(), say, sources)
         return run.execute()
 
 
@@ -148,9 +152,11 @@ class _Run:
     """The steps of one retrain, sharing the record they fill in."""
 
     def __init__(self, experiment: str, arm: str, registry: Path, events: Path,
-                 client: redis.Redis, opts: RetrainOptions, say: Say):
+                 client: redis.Redis, opts: RetrainOptions, say: Say,
+                 sources: dict[str, Any] | None = None):
         self.experiment, self.arm, self.registry, self.events = experiment, arm, registry, events
         self.client, self.opts, self.say = client, opts, say
+        self.sources = {} if sources is None else sources
         self.record: dict[str, Any] = {
             "experiment": experiment, "arm": arm, "events": str(events), "pid": os.getpid(),
             "started_at": _now(), "options": asdict(opts), "decision": None}
@@ -212,8 +218,13 @@ class _Run:
         return champion
 
     def _data(self) -> Any:
-        source = _source(self.champion, self.experiment, self.arm, self.events, self.client,
-                         self.opts)
+        key = json.dumps([self.champion.encoder.spec.to_dict(), str(self.events.resolve()),
+                          self.experiment, self.arm if self.opts.own_traffic else None,
+                          asdict(self.opts)], sort_keys=True, default=str)
+        if key not in self.sources:
+            self.sources[key] = _source(self.champion, self.experiment, self.arm, self.events,
+                                        self.client, self.opts)
+        source = self.sources[key]
         self.steps.key = run_key(self.experiment, self.arm, source.last_day.isoformat())
         self.record.update(key=self.key, data=source.describe())
         splits = self.record["data"]["splits"]
