@@ -9,7 +9,6 @@ rollback then run through the CLI against the cluster.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ from ctrserve.service.feature_store import load_tables
 from ctrserve.service.redis_server import sync_client
 from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
+from tests.waiting import latest_when, wait_until
 
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",
          "0.2,5"]
@@ -124,24 +124,18 @@ def test_drain_report_retrain_deploy_and_rollback_on_the_cluster(runs, monkeypat
 
 def settled_report(url: str, requests: int, timeout_s: float = 15) -> dict:
     """The report once the scorer's guardrail sums (written once a second) hold every request."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        report = httpx.get(url + "/v1/experiments/parity/report").json()
-        guarded = sum(arm["requests"] for arm in report["guardrails"]["total"].values())
-        if guarded >= requests or time.monotonic() > deadline:
-            return report
-        time.sleep(0.1)
+    return latest_when(lambda: httpx.get(url + "/v1/experiments/parity/report").json(),
+                       lambda r: sum(a["requests"] for a in r["guardrails"]["total"].values())
+                       >= requests, timeout_s)
 
 
 def served(url: str, version: str, present: bool = True, timeout_s: float = 15) -> bool:
-    """Whether the scorer comes to serve (or no longer serve) `version` within timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The scorer comes to serve (or no longer serve) `version` within timeout_s."""
+    def now() -> bool:
         models = httpx.get(url + "/v1/models").json()["models"]
-        if (version in {m["version"] for m in models}) == present:
-            return True
-        time.sleep(0.1)
-    return False
+        return (version in {m["version"] for m in models}) == present
+
+    return wait_until(now, f"version {version} {'served' if present else 'gone'}", timeout_s)
 
 
 def without_guardrails(report: dict) -> dict:

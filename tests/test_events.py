@@ -28,6 +28,7 @@ from ctrserve.service.redis_server import embedded_url, start_embedded, stop_emb
 from ctrserve.service.settings import Settings
 from tests.serve_process import ServeProcess
 from tests.serving import LiveServer, copy_registry, metric_value
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"a{i:04d}" for i in range(1, 21)]
@@ -253,10 +254,9 @@ def _start(registry: Path, db: Path) -> ServeProcess:
 
 def _wait_gone(pid: int, timeout_s: float = 10) -> None:
     """Until the killed process is reaped (its pidfile and port are free for the restart)."""
-    deadline = time.monotonic() + timeout_s
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, f"process {pid} still alive"
-        time.sleep(0.02)
+    wait_until(lambda: not psutil.pid_exists(pid)
+               or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               f"process {pid} gone", timeout_s, interval_s=0.02)
 
 
 def _redis_pid(db: Path) -> int:

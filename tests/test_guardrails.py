@@ -40,6 +40,7 @@ from ctrserve.service.settings import Settings
 from tests.conftest import train_cli
 from tests.serving import LiveServer
 from tests.test_prometheus import _promtool
+from tests.waiting import latest_when
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
@@ -272,12 +273,8 @@ def _frozen_requests(url: str, pid: int) -> int:
 
 def _report_when(url: str, ready: Any, timeout_s: float = 20.0) -> dict[str, Any]:
     """The report once `ready(report)` holds (the scorers add their sums every second)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rep = httpx.get(url + "/v1/experiments/ranker/report", timeout=10).json()
-        if ready(rep) or time.monotonic() > deadline:
-            return rep
-        time.sleep(0.2)
+    return latest_when(lambda: httpx.get(url + "/v1/experiments/ranker/report",
+                                         timeout=10).json(), ready, timeout_s, interval_s=0.2)
 
 
 def _metric(text: str, name: str, arm: str) -> float:

@@ -32,6 +32,7 @@ from ctrserve.service.event_log import SCHEMAS, drain, read_serve_log
 from ctrserve.service.experiments.list_metrics import list_metrics
 from ctrserve.service.experiments.stats import ArmStats
 from ctrserve.service.experiments.warehouse import arm_sums, open_logs
+from tests.waiting import wait_until
 
 DAY, DAY2 = "2026-01-05", "2026-01-06"
 
@@ -359,12 +360,12 @@ def test_without_duckdb_the_drain_succeeds_and_says_once_why_there_are_no_list_m
 
 
 def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
+    """The condition's value once it holds, while the drainer runs."""
+    def check() -> Any:
         assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return value
+        return condition()
+
+    return wait_until(check, "the drainer's recompute", timeout_s)
 
 
 def test_follow_recomputes_at_most_every_minute_and_once_more_at_the_end(

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +21,7 @@ from ctrserve.loadtest.redis_servers import LocalRedis
 from ctrserve.service.admission import AdaptiveLimit
 from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry, metric_value
+from tests.waiting import wait_until
 
 BODY = json.dumps({"user_id": "u00001", "candidates": [{"item_id": "a0001"},
                                                         {"item_id": "a0002"}]}).encode()
@@ -68,13 +68,6 @@ def response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     while len(rest) < int(headers.get("content-length", 0)):
         rest += sock.recv(65536)
     return int(lines[0].split()[1]), headers, rest
-
-
-def wait_until(condition, what: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def requests_with_status(url: str, status: int) -> float:

@@ -11,7 +11,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ctrserve.service.metrics import Metrics
 from ctrserve.service.redis_server import embedded_url, start_embedded, stop_embedded
 from ctrserve.service.settings import Settings
 from tests.serving import LiveServer, copy_registry
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
@@ -710,10 +710,8 @@ def test_batch_queue_and_model_series_carry_the_served_bundles_name(single_arm) 
 def _applied(single: dict, timeout_s: float = 30) -> None:
     """Until the scorer has applied the deployment state's current version."""
     target = int(single["redis"].get(VERSION_KEY) or 0)
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(single["url"] + "/v1/models").json()["deployment"]["version"] < target:
-        assert time.monotonic() < deadline, f"deployment version {target} never applied"
-        time.sleep(0.05)
+    wait_until(lambda: httpx.get(single["url"] + "/v1/models").json()["deployment"]["version"]
+               >= target, f"deployment version {target} applied", timeout_s)
 
 
 def test_a_promoted_canary_keeps_its_bundles_series(single_arm) -> None:

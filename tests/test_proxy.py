@@ -27,6 +27,7 @@ import pytest
 from ctrserve.cli import main
 from ctrserve.loadtest.redis_servers import LocalRedis
 from tests.serving import copy_registry
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -114,12 +115,8 @@ def send_event(client: httpx.Client, event: dict, log: dict, attempts: int = 3) 
 
 
 def served_everywhere(replicas: list[Replica], version: str, timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(r.version() == version for r in replicas):
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: all(r.version() == version for r in replicas),
+                      f"every replica serving {version}", timeout_s)
 
 
 def servers_up(stats_socket: Path) -> set[str]:
@@ -130,13 +127,6 @@ def servers_up(stats_socket: Path) -> set[str]:
         text = b"".join(iter(lambda: conn.recv(65536), b"")).decode()
     rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
     return {r[1] for r in rows if len(r) > 17 and r[1].startswith("scorer") and r[17] == "UP"}
-
-
-def wait_for(condition, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None and not os.environ.get("CI"),
@@ -159,21 +149,21 @@ def test_replicas_behind_haproxy_survive_kill_restart_and_deploy(bundles, redis_
                    for _ in range(CLIENTS)]
         both = {"scorer0", "scorer1"}
         try:
-            wait_for(sock.exists, "haproxy listening")
-            wait_for(lambda: servers_up(stats) == both, "both replicas in rotation")
+            wait_until(sock.exists, "haproxy listening", 60)
+            wait_until(lambda: servers_up(stats) == both, "both replicas in rotation")
             for c in clients:
                 c.start()
-            wait_for(lambda: log["ok"] >= 20, "traffic flowing")
+            wait_until(lambda: log["ok"] >= 20, "traffic flowing")
             port = replicas[0].port
             replicas[0].proc.send_signal(signal.SIGKILL)
             replicas[0].proc.wait()
             replicas[0] = Replica(registry, lr, redis_server.url, port)  # same address again
-            wait_for(lambda: httpx.get(replicas[0].url + "/readyz").status_code == 200,
+            wait_until(lambda: httpx.get(replicas[0].url + "/readyz").status_code == 200,
                      "the killed replica back")
             # back in HAProxy's rotation before the other one is stopped
-            wait_for(lambda: servers_up(stats) == both, "the killed replica back in rotation")
+            wait_until(lambda: servers_up(stats) == both, "the killed replica back in rotation")
             before = log["ok"]
-            wait_for(lambda: log["ok"] >= before + 20, "traffic after the restart")
+            wait_until(lambda: log["ok"] >= before + 20, "traffic after the restart")
             port = replicas[1].port
             replicas[1].proc.send_signal(signal.SIGTERM)  # drains, then exits by the signal
             assert replicas[1].proc.wait(60) in (0, -signal.SIGTERM)
@@ -184,7 +174,7 @@ def test_replicas_behind_haproxy_survive_kill_restart_and_deploy(bundles, redis_
             fm_version = fm.split("-", 1)[1]
             assert served_everywhere(replicas, fm_version)
             before = log["ok"]
-            wait_for(lambda: log["ok"] >= before + 20, "traffic after the deploy")
+            wait_until(lambda: log["ok"] >= before + 20, "traffic after the deploy")
         finally:
             stop.set()
             for c in clients:

@@ -31,6 +31,7 @@ from ctrserve.training.data.events import EventLogSource, event_day
 from ctrserve.training.data.source import DataError
 from ctrserve.training.retrain import Gate, arm_lock
 from tests.serving import LiveServer, World, copy_registry
+from tests.waiting import wait_until
 
 DAYS, PER_DAY = 3, 150
 LOOSE = ["--auc-tolerance", "0.5", "--logloss-tolerance", "0.5", "--calibration-bounds",
@@ -97,13 +98,9 @@ def retrain_cli(world: dict, arm: str, *extra: str) -> int:
 
 
 def served_version(url: str, arm_bundle_version: str, timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        models = httpx.get(url + "/v1/models").json()["models"]
-        if arm_bundle_version in {m["version"] for m in models}:
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: arm_bundle_version in {
+        m["version"] for m in httpx.get(url + "/v1/models").json()["models"]},
+        f"version {arm_bundle_version} served", timeout_s)
 
 
 def test_event_log_source_rows_labels_and_days(logged, bundles, synth_dir):
