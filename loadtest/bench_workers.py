@@ -1,6 +1,6 @@
 """One scorer process against several on one port: `ctrserve serve --workers N`.
 
-    python -m ctrserve.loadtest.bench_workers --registry demo/registry [--workers 1,2]
+    python -m ctrserve.loadtest.bench_workers --registry demo/registry [--workers 1,2,2:thread]
         [--candidates 10,100,500] [--concurrency 16,64] [--duration 10] [--out FILE]
 
 Scorers with each worker count as subprocesses (bench_serving.Server: embedded Redis loaded
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limits = {t: ort_limit(args.registry / bundle, users, apps, 2.0, threads=t)
               for t in sorted({1, os.cpu_count() or 1})}
     best = max(v["best_rows_per_s"] for v in limits.values())
-    servers = {n: Server(f"w{n}", args.registry, bundle, features, workdir, ["--workers", str(n)])
-               for n in args.workers}
+    servers = {v: Server(f"w{v.replace(':', '-')}", args.registry, bundle, features, workdir,
+                         variant_flags(v)) for v in args.workers}
     cells = []
     try:
         for server in servers.values():
@@ -72,14 +72,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 HEADER = (f"{'workers':>7} {'cand':>5} {'conc':>5} {'req/s':>8} {'cand/s':>9} {'limit':>6} "
-          f"{'1-thr':>6} {'p50 ms':>7} {'p99 ms':>7} {'server':>6} {'client':>6}")
+          f"{'1-thr':>6} {'p50 ms':>7} {'p99 ms':>7} {'server':>6} {'client':>6} "
+          f"{'ort ms':>7} {'other':>7} {'redis':>7}")
 
 
 def row(c: dict[str, Any]) -> str:
+    cpu = c["cpu_ms_per_request"]
     return (f"{c['workers']:>7} {c['candidates']:>5} {c['concurrency']:>5} "
             f"{c['requests_per_s']:>8,.0f} {c['candidates_per_s']:>9,} "
             f"{c['ratio_to_limit']:>6.2f} {c['ratio_to_one_thread']:>6.2f} {c['p50_ms']:>7.1f} "
-            f"{c['p99_ms']:>7.1f} {c['server_cpu_cores']:>6.2f} {c['client_cpu_cores']:>6.2f}")
+            f"{c['p99_ms']:>7.1f} {c['server_cpu_cores']:>6.2f} {c['client_cpu_cores']:>6.2f} "
+            f"{cpu['inference']:>7.3f} {cpu['scorer_other']:>7.3f} {cpu['redis_server']:>7.3f}")
 
 
 def table(result: dict[str, Any]) -> str:
@@ -108,7 +111,30 @@ def markdown(result: dict[str, Any]) -> str:
                                         *(f"{c['ratio_to_limit']:.2f} / "
                                           f"{c['ratio_to_one_thread']:.2f}" if c else "-"
                                           for c in got)]) + " |")
+    return "\n".join([*lines, "", cpu_markdown(result["cells"])])
+
+
+def cpu_markdown(cells: list[dict[str, Any]]) -> str:
+    """Where a request's CPU went, per cell: onnxruntime, the rest of the scorer, Redis."""
+    lines = ["| workers | candidates | connections | onnxruntime ms | rest of the scorer ms | "
+             "redis-server ms |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        cpu = c["cpu_ms_per_request"]
+        lines.append(f"| {c['workers']} | {c['candidates']} | {c['concurrency']} | "
+                     f"{cpu['inference']:.3f} | {cpu['scorer_other']:.3f} | "
+                     f"{cpu['redis_server']:.3f} |")
     return "\n".join(lines)
+
+
+def variant_flags(variant: str) -> list[str]:
+    """`ctrserve serve` flags of a variant "N" or "N:thread" / "N:loop"."""
+    workers, _, where = variant.partition(":")
+    flags = ["--workers", str(int(workers))]
+    if where:
+        if where not in ("thread", "loop"):
+            raise SystemExit(f"--workers {variant}: expected N, N:thread or N:loop")
+        flags.append("--inference-thread" if where == "thread" else "--no-inference-thread")
+    return flags
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--registry", type=Path, default=Path("demo/registry"))
     p.add_argument("--bundle")
     p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
-    p.add_argument("--workers", type=ints, default=(1, 2))
+    p.add_argument("--workers", type=lambda text: tuple(text.split(",")), default=("1", "2"),
+                   help="worker counts, each optionally with where inference runs: 1,2,2:thread "
+                        "(default: the scorer's own choice for that count)")
     p.add_argument("--candidates", type=ints, default=(10, 100, 500))
     p.add_argument("--concurrency", type=ints, default=(16, 64))
     p.add_argument("--duration", type=float, default=10.0)

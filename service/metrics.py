@@ -60,6 +60,10 @@ class Metrics:
                                     ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("ctrserve_inference_seconds", "onnxruntime time per batch",
                                    ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
+        # CPU, where the histogram above is wall time: apart they show a starved core
+        self.inference_cpu = Counter("ctrserve_inference_cpu_seconds", "CPU time of the "
+                                     "thread that ran onnxruntime, over its runs", ["bundle"],
+                                     registry=r)
         self.queue_depth = Gauge("ctrserve_queue_depth_rows", "rows waiting for inference",
                                  ["bundle"], registry=r, multiprocess_mode="livesum")
         self.queue_capacity = Gauge("ctrserve_queue_capacity_rows", "rows the queue takes "

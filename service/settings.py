@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(0.0, ge=0, description="how long the first request of "
                                                             "a batch waits for company")
     queue_capacity_rows: int = Field(8192, ge=1, description="rows waiting; past it 503")
+    inference_thread: bool | None = Field(
+        None, description="run onnxruntime on a thread beside the event loop, or on the loop "
+        "itself (unset: a thread with one worker, the loop with several; service/batcher.py)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
     admission: bool = Field(True, description="shed score requests before reading them past "
                                               "an adaptive in-flight limit (service/admission.py)")
@@ -168,6 +171,12 @@ class Settings(BaseSettings):
             raise ValueError(f"dedup_window_s ({self.dedup_window_s}) must be <= "
                              f"attribution_window_s ({self.attribution_window_s})")
         return self
+
+    @property
+    def inference_on_thread(self) -> bool:
+        """One process overlaps inference with the loop on a thread; several use the cores
+        as processes, without the hand-off's cost (service/batcher.py)."""
+        return self.workers == 1 if self.inference_thread is None else self.inference_thread
 
     @property
     def admission_target_s(self) -> float:

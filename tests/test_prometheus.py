@@ -462,7 +462,8 @@ def test_legends_table_columns_and_alert_texts_name_labels_the_series_carry(expo
 
 # Metrics per loaded bundle (label `bundle`): the batcher's and the model's
 BUNDLE_METRICS = {"ctrserve_batch_rows", "ctrserve_batch_requests", "ctrserve_queue_wait_seconds",
-                  "ctrserve_inference_seconds", "ctrserve_queue_depth_rows",
+                  "ctrserve_inference_seconds", "ctrserve_inference_cpu_seconds",
+                  "ctrserve_queue_depth_rows",
                   "ctrserve_queue_capacity_rows", "ctrserve_model_info", "ctrserve_swaps"}
 
 

@@ -97,13 +97,14 @@ async def post_all(url: str, bodies: list[dict], concurrency: int) -> list[httpx
 
 
 # ---- scores ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("batching", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize(("batching", "thread"), [(True, True), (True, False), (False, True)],
+                         ids=["batched", "batched-on-the-loop", "unbatched"])
 def test_scores_equal_direct_onnxruntime_under_concurrency(registry, redis_url, world,
-                                                           batching):
+                                                           batching, thread):
     bodies = requests_for(world, 48, seed=1)
     # admission off: this test is about the scores; 24 at once may pass the adaptive limit
     settings = settings_for(registry, redis_url, batching=batching, batch_max_delay_ms=20,
-                            admission=False)
+                            admission=False, inference_thread=thread)
     with LiveServer(settings) as server:
         replies = asyncio.run(post_all(server.url, bodies, concurrency=24))
         batches = metric_value(httpx.get(server.url + "/metrics").text,
@@ -308,14 +309,16 @@ async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float,
         await asyncio.sleep(0.02)
 
 
-def test_overload_sheds_503_with_retry_after_then_recovers(registry, redis_url, world):
+@pytest.mark.parametrize("thread", [True, False], ids=["thread", "on-the-loop"])
+def test_overload_sheds_503_with_retry_after_then_recovers(registry, redis_url, world, thread):
     # A request of 60 rows waits in its batch window (a minute) for company, holding 60 rows
     # of the 100-row queue; another one of 60 rows does not fit, so each that arrives meanwhile
     # is shed at once (503) instead of waiting. A request of 40 rows fits, fills the batch to
     # its 100-row budget and runs it at once: the held request is answered with it.
     settings = settings_for(registry, redis_url, queue_capacity_rows=MAX_CANDIDATES,
                             batch_max_rows=MAX_CANDIDATES, batch_max_delay_ms=60_000,
-                            request_deadline_ms=120_000, retry_after_s=2)
+                            request_deadline_ms=120_000, retry_after_s=2,
+                            inference_thread=thread)
     apps, user = sorted(world.apps), sorted(world.users)[0]
     held = {"user_id": user, "candidates": [{"item_id": a} for a in apps[:60]]}
     closer = {"user_id": user, "candidates": [{"item_id": a} for a in apps[60:100]]}
@@ -348,8 +351,10 @@ def test_overload_sheds_503_with_retry_after_then_recovers(registry, redis_url, 
         assert [r.status_code for r in later] == [200] * 3
 
 
-def test_request_past_its_deadline_is_a_504(registry, redis_url):
-    settings = settings_for(registry, redis_url, batch_max_delay_ms=400, request_deadline_ms=50)
+@pytest.mark.parametrize("thread", [True, False], ids=["thread", "on-the-loop"])
+def test_request_past_its_deadline_is_a_504(registry, redis_url, thread):
+    settings = settings_for(registry, redis_url, batch_max_delay_ms=400, request_deadline_ms=50,
+                            inference_thread=thread)
     with LiveServer(settings) as server:
         reply = httpx.post(server.url + "/v1/score", content=_body(), timeout=10)
     assert reply.status_code == 504
@@ -499,7 +504,8 @@ def test_serving_runs_without_torch_on_the_embedded_redis(registry, synth_dir, t
 
 
 # ---- the batcher on its own -------------------------------------------------------------------
-def test_batcher_close_finishes_queued_requests_and_refuses_new_ones():
+@pytest.mark.parametrize("thread", [True, False], ids=["thread", "on-the-loop"])
+def test_batcher_close_finishes_queued_requests_and_refuses_new_ones(thread):
     from ctrserve.service.batcher import Batcher, BatcherClosed
     from ctrserve.service.metrics import Metrics
 
@@ -508,7 +514,8 @@ def test_batcher_close_finishes_queued_requests_and_refuses_new_ones():
         return feeds["x"][:, 0] * 2
 
     async def scenario() -> tuple[list[np.ndarray], bool]:
-        settings = Settings(batch_max_rows=4, queue_capacity_rows=1000, max_candidates=10)
+        settings = Settings(batch_max_rows=4, queue_capacity_rows=1000, max_candidates=10,
+                            inference_thread=thread)
         batcher = Batcher(run, "t", settings, Metrics())
         batcher.start()
         far = time.monotonic() + 30

@@ -167,7 +167,8 @@ def demo(args: argparse.Namespace) -> None:
 # ---- the scorer ----------------------------------------------------------------------------
 SERVE_FLAGS = ("registry", "bundle", "experiments_file", "host", "port", "workers",
                "load_features",
-               "batching", "admission", "batch_max_rows", "batch_max_delay_ms",
+               "batching", "admission", "inference_thread", "batch_max_rows",
+               "batch_max_delay_ms",
                "queue_capacity_rows", "max_candidates", "providers", "ort_threads")
 
 

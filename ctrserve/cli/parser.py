@@ -185,6 +185,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
                    help="shed past the adaptive in-flight limit before reading a request")
+    p.add_argument("--inference-thread", action=argparse.BooleanOptionalAction, default=None,
+                   help="onnxruntime on a thread beside the event loop (default with one "
+                        "worker) or on the loop (default with several)")
     p.add_argument("--batch-max-rows", type=int)
     p.add_argument("--batch-max-delay-ms", type=float)
     p.add_argument("--queue-capacity-rows", type=int)
