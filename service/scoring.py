@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from ctrserve.service.serve_log import Served, ServeLog
 from ctrserve.service.settings import Settings
 
 ATTEMPTS = 3
+_ITEM_ID = itemgetter("item_id")
 
 
 def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
@@ -105,6 +107,7 @@ class Scorer:
         """Route, infer and reply (over again when a swap closed the model's queue); a 5xx
         once the arm is chosen counts against its guardrails."""
         arm = None
+        ids, custom = candidate_ids(req)
         try:
             for _ in range(ATTEMPTS):
                 arm, key = self._route(req)
@@ -113,10 +116,10 @@ class Scorer:
                     raise InvalidInput(["body", "user_id"], "required: the model of arm "
                                        f"{arm.arm!r} has the user field {model.plan.user_id!r}")
                 try:
-                    probs, values = await self._infer(model, req, user, deadline)
+                    probs, values = await self._infer(model, req, user, ids, custom, deadline)
                 except BatcherClosed:
                     continue
-                return await self._reply(req, arm, model, probs, values, started)
+                return await self._reply(req, arm, model, probs, values, ids, custom, started)
             raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
         except redis.RedisError as exc:
             self._failed(arm, req, started)
@@ -162,15 +165,14 @@ class Scorer:
             self._sums.add(arm.experiment, arm.arm, self._day(ts), seconds, True, 0, 0.0)
 
     async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
+                     ids: list[str], custom: list[int],
                      deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
         """Probabilities, and the shared field values they were computed from."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
         self._check_missing(missing_fields(plan, values, req.candidates))
         shared = enc.shared(values)
-        ids = [c["item_id"] for c in req.candidates]
         feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
-        custom = [i for i, c in enumerate(req.candidates) if c.get("features")]
         if custom:
             await self._custom_rows(model, req, custom, values, feeds)
         future = model.batcher.submit(feeds, len(ids), deadline)
@@ -228,9 +230,9 @@ class Scorer:
         overwrite(feeds, np.array(custom), model.encoder.full_rows(rows))
 
     async def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
-                     probs: np.ndarray, values: dict[str, Any], started: float) -> bytes:
+                     probs: np.ndarray, values: dict[str, Any], ids: list[str],
+                     custom: list[int], started: float) -> bytes:
         scores = probs.astype(np.float64)  # the float32 values exactly
-        ids = [c["item_id"] for c in req.candidates]
         positions = None
         if req.top_k is not None:
             order = np.argsort(-probs, kind="stable")[: req.top_k]
@@ -239,10 +241,10 @@ class Scorer:
         ts = req.ts if self._client_clock and req.ts is not None else time.time()
         attribution = None
         if self.serve_log is not None and self.signer is not None and req.user_id is not None:
-            custom = {c["item_id"]: c["features"] for c in req.candidates if c.get("features")}
+            own = {req.candidates[i]["item_id"]: req.candidates[i]["features"] for i in custom}
             await self.serve_log.record(Served(request_id, arm.experiment, arm.arm,
                                                model.version, req.user_id, ids, arm.holdout,
-                                               ts, values, custom, req.ts))
+                                               ts, values, own, req.ts))
             attribution = self.signer.issue(request_id, arm.experiment, arm.arm, model.version,
                                             req.user_id, ts, arm.holdout, ids)
         returned = scores.tolist()
@@ -280,6 +282,14 @@ def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
     low, high = config.calibration
     return {"latency_p99_seconds": config.latency_p99_ms / 1000,
             "error_share": config.error_share, "calibration_min": low, "calibration_max": high}
+
+
+def candidate_ids(req: ScoreRequest) -> tuple[list[str], list[int]]:
+    """The candidates' item ids, and the positions of those that bring their own features."""
+    ids = list(map(_ITEM_ID, req.candidates))
+    # a candidate holds item_id and, if anything else, features (its schema forbids more)
+    custom = [i for i, c in enumerate(req.candidates) if len(c) > 1 and c["features"]]
+    return ids, custom
 
 
 def missing_fields(plan: FieldPlan, values: dict[str, Any],
