@@ -70,6 +70,10 @@ class NotFound(ApiError):
     status, kind = 404, "not_found"
 
 
+class Conflict(ApiError):
+    status, kind = 409, "conflict"
+
+
 class Overloaded(ApiError):
     status, kind = 503, "overloaded"
 

@@ -33,7 +33,7 @@ def scorer(bundles, redis_binaries, tmp_path):
     registry = copy_registry(bundles, tmp_path / "registry", models=("lr",))
     lr = next(p.name for p in registry.iterdir())
     with LocalRedis(tmp_path / "redis") as redis_server:
-        env = {**os.environ, "REDIS_URL": redis_server.url}
+        env = {**os.environ, "REDIS_URL": redis_server.url, "CTRSERVE_ADMIN_API_KEY": "k" * 16}
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
                "--bundle", lr, "--port", "0", "--workers", "2", "--log-level", "info"]
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -99,6 +99,11 @@ def test_two_workers_share_the_port_and_count_exactly(scorer):
         info = [(s.labels["bundle"], s.value) for family in text_string_to_metric_families(text)
                 for s in family.samples if s.name == "ctrserve_model_info"]
         assert info == [(lr, 1)]
+    # a swap would reach one worker only: refused, naming the way that reaches every worker
+    swap = httpx.post(url + "/admin/swap", json={"bundle": lr}, headers={"X-API-Key": "k" * 16})
+    assert swap.status_code == 409
+    assert swap.json()["detail"][0]["loc"] == ["workers"]
+    assert "ctrserve deploy" in swap.json()["detail"][0]["msg"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(workers, timeout=30)

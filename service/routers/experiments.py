@@ -18,7 +18,7 @@ from ctrserve.service.experiments.config import (
     parse_text,
 )
 from ctrserve.service.models import ModelRegistry
-from ctrserve.service.routers.models import authorize
+from ctrserve.service.routers.models import authorize, one_process
 from ctrserve.service.routers.score import read_body
 from ctrserve.service.schemas import (
     ArmInfo,
@@ -70,7 +70,7 @@ def _placed(models: ModelRegistry, a: Assignment, key: str) -> ExperimentAssignm
 
 
 @router.put("/admin/experiments", response_model=ExperimentsResponse,
-            responses={s: {"model": ErrorResponse} for s in (401, 403, 422)},
+            responses={s: {"model": ErrorResponse} for s in (401, 403, 409, 422)},
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"example": CONFIG_EXAMPLE}, "application/yaml": {}}}})
 async def replace_experiments(request: Request, settings: SettingsDep, routing: RoutingDep,
@@ -81,6 +81,7 @@ async def replace_experiments(request: Request, settings: SettingsDep, routing: 
     Invalid: 422 naming the field, and the running config stays.
     """
     authorize(settings.admin_api_key, x_api_key)
+    one_process(settings, "a new experiments config")
     fmt = "yaml" if "yaml" in request.headers.get("content-type", "") else "json"
     try:
         text = await read_body(request, settings)

@@ -11,13 +11,21 @@ from starlette.responses import Response
 
 from ctrserve.bundles import BundleError
 from ctrserve.service.dependencies import FollowerDep, ModelsDep, RoutingDep, SettingsDep
-from ctrserve.service.errors import Forbidden, InvalidBody, InvalidInput, NotFound, Unauthorized
+from ctrserve.service.errors import (
+    Conflict,
+    Forbidden,
+    InvalidBody,
+    InvalidInput,
+    NotFound,
+    Unauthorized,
+)
 from ctrserve.service.errors import validation_items as _items
 from ctrserve.service.experiments.config import ExperimentConfigError, ExperimentSet
 from ctrserve.service.models import resolve_bundle
 from ctrserve.service.routers.score import read_body
 from ctrserve.service.routing import UnknownArm
 from ctrserve.service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
+from ctrserve.service.settings import Settings
 
 router = APIRouter(tags=["models"])
 
@@ -33,7 +41,7 @@ async def models(routing: RoutingDep, loaded: ModelsDep, follower: FollowerDep) 
 
 
 @router.post("/admin/swap", response_model=SwapResponse,
-             responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 422)},
+             responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422)},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/SwapRequest"}}}}})
 async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
@@ -42,6 +50,7 @@ async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
     experiment (`arm`: an arm name; default the only arm), atomically; /v1/experiments lists
     what is served. A body over max_body_bytes is a 413 before it is read in full."""
     authorize(settings.admin_api_key, x_api_key)
+    one_process(settings, "a swap")
     body = await read_body(request, settings)
     try:
         req = SwapRequest.model_validate_json(body)
@@ -61,6 +70,15 @@ async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
     reply = SwapResponse(arm=arm, from_version=old, to_version=new, bundle=str(path),
                          seconds=round(time.perf_counter() - started, 3))
     return Response(reply.model_dump_json(), media_type="application/json")
+
+
+def one_process(settings: Settings, change: str) -> None:
+    """With several workers, a change made through one request would reach only the worker
+    that took it: refused (409), naming the way that reaches every worker."""
+    if settings.workers > 1:
+        raise Conflict(["workers"], f"this scorer runs {settings.workers} worker processes and "
+                       f"{change} reaches only one of them: deploy with `ctrserve deploy`, "
+                       "which every worker follows (the deployment state in Redis)")
 
 
 def only_arm(experiments: ExperimentSet, experiment: str) -> str:
