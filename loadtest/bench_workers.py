@@ -115,14 +115,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def cpu_markdown(cells: list[dict[str, Any]]) -> str:
-    """Where a request's CPU went, per cell: onnxruntime, the rest of the scorer, Redis."""
-    lines = ["| workers | candidates | connections | onnxruntime ms | rest of the scorer ms | "
-             "redis-server ms |", "|---|---|---|---|---|---|"]
+    """Where a request's CPU went, per cell: onnxruntime, the rest of the scorer, Redis (per
+    request answered or shed: where most were shed, the figures mix the two)."""
+    lines = ["| workers | candidates | connections | answered | shed | onnxruntime ms | "
+             "rest of the scorer ms | redis-server ms |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         cpu = c["cpu_ms_per_request"]
         lines.append(f"| {c['workers']} | {c['candidates']} | {c['concurrency']} | "
-                     f"{cpu['inference']:.3f} | {cpu['scorer_other']:.3f} | "
-                     f"{cpu['redis_server']:.3f} |")
+                     f"{c['requests']:,} | {c['shed']:,} | {cpu['inference']:.3f} | "
+                     f"{cpu['scorer_other']:.3f} | {cpu['redis_server']:.3f} |")
     return "\n".join(lines)
 
 
