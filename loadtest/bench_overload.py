@@ -2,7 +2,7 @@
 
     python -m ctrserve.loadtest.bench_overload --registry demo/registry [--bundle NAME]
         [--features demo/data] [--candidates 10,100,500] [--loads 1.5,2,3] [--duration 10]
-        [--quick] [--out bench-out/overload.json]
+        [--workers 1] [--quick] [--out bench-out/overload.json]
 
 Two scorers as subprocesses (bench_serving.Server, each with its own embedded Redis loaded
 from the synth dir): `admission` (the default) and `no-admission` (`CTRSERVE_ADMISSION=false`,
@@ -164,8 +164,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.admission_target_ms:
         modes[f"admission-{args.admission_target_ms:g}ms"] = (
             [], {"CTRSERVE_ADMISSION_TARGET_MS": str(args.admission_target_ms)})
-    servers = {mode: Server(mode, args.registry, bundle, features, workdir, extra, env)
-               for mode, (extra, env) in modes.items()}
+    worker_flags = ["--workers", str(args.workers)]
+    servers = {mode: Server(mode, args.registry, bundle, features, workdir,
+                            [*extra, *worker_flags], env) for mode, (extra, env) in modes.items()}
     cells: list[dict[str, Any]] = []
     try:
         for server in servers.values():
@@ -204,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for server in servers.values():
             server.stop()
-    return {"bundle": bundle, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {"bundle": bundle, "workers": args.workers,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "duration_s": duration, "quick": args.quick, "cells": cells,
             "targets": targets(cells)}
 
@@ -298,6 +300,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one short cell: a smoke run")
     p.add_argument("--admission-target-ms", type=float,
                    help="also run a scorer with this admission target (compared interleaved)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="scorer processes of each scorer (`ctrserve serve --workers`)")
     p.add_argument("--out", type=Path, default=Path("bench-out/overload.json"))
     return p.parse_args(argv)
 

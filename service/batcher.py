@@ -12,10 +12,10 @@ Where inference runs (`inference_thread`): on the worker thread, the event loop 
 encodes the next requests while onnxruntime runs, so one process uses more than one core; but
 every batch crosses threads twice (a condition wake-up one way, the loop's self-pipe the other)
 and both threads contend for the GIL around it, which measured 0.06-0.5 ms of CPU per request
-(bench_request_cpu, docs/operations.md). Inline, the loop itself runs each batch, as a callback scheduled when the
-first request of an empty queue arrives: the requests parsed in the same loop turn, and those
-that arrived while the previous batch ran, go together. No thread, no hand-off; the process
-uses one core, and `--workers` uses the others.
+(bench_request_cpu, docs/operations.md). Inline, the loop itself runs each batch, as a
+callback scheduled when the first request of an empty queue arrives: the requests parsed in the
+same loop turn, and those that arrived while the previous batch ran, go together. No thread,
+no hand-off; the process uses one core, and `--workers` uses the others.
 """
 
 from __future__ import annotations
