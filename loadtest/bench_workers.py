@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bodies_file.write_text("\n".join(make_bodies(users, apps, n, BODIES_PER_SIZE)))
             for i, c in enumerate(args.concurrency):
                 order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
-                for workers, server in order:
+                for variant, server in order:
                     cell = measure(client, server, bodies_file, n, n, c, args.duration,
                                    200_000, workdir)
-                    cell.update(workers=workers,
+                    cell.update(workers=int(variant.partition(":")[0]), variant=variant,
                                 ratio_to_limit=round(cell["candidates_per_s"] / best, 3),
                                 ratio_to_one_thread=round(
                                     cell["candidates_per_s"] / limits[1]["best_rows_per_s"], 3))
@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cells": cells}
 
 
-HEADER = (f"{'workers':>7} {'cand':>5} {'conc':>5} {'req/s':>8} {'cand/s':>9} {'limit':>6} "
+HEADER = (f"{'workers':>8} {'cand':>5} {'conc':>5} {'req/s':>8} {'cand/s':>9} {'limit':>6} "
           f"{'1-thr':>6} {'p50 ms':>7} {'p99 ms':>7} {'server':>6} {'client':>6} "
           f"{'ort ms':>7} {'other':>7} {'redis':>7}")
 
 
 def row(c: dict[str, Any]) -> str:
     cpu = c["cpu_ms_per_request"]
-    return (f"{c['workers']:>7} {c['candidates']:>5} {c['concurrency']:>5} "
+    return (f"{c['variant']:>8} {c['candidates']:>5} {c['concurrency']:>5} "
             f"{c['requests_per_s']:>8,.0f} {c['candidates_per_s']:>9,} "
             f"{c['ratio_to_limit']:>6.2f} {c['ratio_to_one_thread']:>6.2f} {c['p50_ms']:>7.1f} "
             f"{c['p99_ms']:>7.1f} {c['server_cpu_cores']:>6.2f} {c['client_cpu_cores']:>6.2f} "
@@ -96,8 +96,8 @@ def markdown(result: dict[str, Any]) -> str:
     """Requests/s per worker count side by side, and the ratios to the in-process limit."""
     limits = ", ".join(f"{t} thread(s) {v['best_rows_per_s']:,} rows/s"
                        for t, v in result["ort_limit"].items())
-    workers = sorted({c["workers"] for c in result["cells"]})
-    cells = {(c["candidates"], c["concurrency"], c["workers"]): c for c in result["cells"]}
+    workers = list(dict.fromkeys(c["variant"] for c in result["cells"]))
+    cells = {(c["candidates"], c["concurrency"], c["variant"]): c for c in result["cells"]}
     head = ["candidates", "connections", *(f"{w} worker(s) req/s" for w in workers),
             *(f"{w}: of the limit / of 1 thread" for w in workers)]
     lines = [f"In-process onnxruntime limit: {limits} ({result['cores']} cores, "
@@ -121,7 +121,7 @@ def cpu_markdown(cells: list[dict[str, Any]]) -> str:
              "rest of the scorer ms | redis-server ms |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         cpu = c["cpu_ms_per_request"]
-        lines.append(f"| {c['workers']} | {c['candidates']} | {c['concurrency']} | "
+        lines.append(f"| {c['variant']} | {c['candidates']} | {c['concurrency']} | "
                      f"{c['requests']:,} | {c['shed']:,} | {cpu['inference']:.3f} | "
                      f"{cpu['scorer_other']:.3f} | {cpu['redis_server']:.3f} |")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def test_overload_and_workers_parts_write_their_tables(bundles, synth_dir, tmp_p
     assert set(summary["targets"]["overload"]) == {"goodput_ratio", "p99_ms"}
 
     workers = json.loads((out / "workers.json").read_text())
-    assert {c["workers"] for c in workers["cells"]} == {1, 2}
+    assert {(c["workers"], c["variant"]) for c in workers["cells"]} == {(1, "1"), (2, "2")}
     best = workers["best_rows_per_s"]
     for cell in workers["cells"]:
         assert cell["requests"] > 0 and cell["errors"] == 0, cell
@@ -30,7 +30,14 @@ def test_overload_and_workers_parts_write_their_tables(bundles, synth_dir, tmp_p
     assert len(overload_rows) == 1 + 1  # header, one (candidates, load) cell
     assert overload_rows[1].startswith("| 10 | 2x |")
     workers_rows = section_rows(md, suite.TITLES["workers"])
-    assert len(workers_rows) == 1 + 1 and workers_rows[1].startswith("| 10 | 16 |")
+    # the throughput table (header, one cell), then where a request's CPU went, per variant
+    assert len(workers_rows) == 1 + 1 + 1 + 2 and workers_rows[1].startswith("| 10 | 16 |")
+    assert [r.split(" | ")[0] for r in workers_rows[3:]] == ["| 1", "| 2"]
+    for row, cell in zip(workers_rows[3:], workers["cells"], strict=True):
+        cpu = cell["cpu_ms_per_request"]
+        assert cpu["inference"] > 0 and cpu["scorer_other"] > 0, cell
+        assert row.endswith(f"| {cpu['inference']:.3f} | {cpu['scorer_other']:.3f} | "
+                            f"{cpu['redis_server']:.3f} |")
     assert "Not run: not among --parts." in section(md, suite.TITLES["serving"])
 
 
