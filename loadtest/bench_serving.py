@@ -494,9 +494,9 @@ def measure(client: str, server: Any, bodies_file: Path, n: int, per_request: fl
             "shed": shed, "errors": max(result["errors"] + result["status_errors"] - shed, 0),
             "server_cpu_cores": round((scorer_s + redis_s) / wall, 2),
             "client_cpu_cores": result["client_cpu_cores"],
-            # where a request's CPU goes: onnxruntime (its run time: one thread per session),
-            # the rest of the scorer (HTTP, parsing, features, the Redis client, the reply) and
-            # the embedded redis-server
+            # where a request's CPU goes: onnxruntime (the CPU of the thread that ran it), the
+            # rest of the scorer (HTTP, parsing, features, the Redis client, the reply) and the
+            # embedded redis-server
             "cpu_ms_per_request": {"inference": round(ort * ms_each, 3),
                                    "scorer_other": round((scorer_s - ort) * ms_each, 3),
                                    "redis_server": round(redis_s * ms_each, 3)}}

@@ -44,11 +44,11 @@ CATEGORIES = (
     ("response", ("to_json", "service/routers/score.py")),
     ("attribution + counts", ("service/attribution.py",)),
     # the scorer's own code: before http, as every request's stack passes through uvicorn
-    # (matched first, these samples were once counted as HTTP)
-    ("scorer's request path", ("service/scoring.py", "service/score_endpoint.py",
-                               "service/serve_log.py", "service/metrics.py",
-                               "service/admission.py", "service/experiments/",
-                               "service/counts.py", "service/app.py")),
+    # (these samples were once counted as HTTP); not the score endpoint and the app, the
+    # outer frames through which uvicorn's own send is also called
+    ("scorer's request path", ("service/scoring.py", "service/serve_log.py",
+                               "service/metrics.py", "service/admission.py",
+                               "service/experiments/", "service/counts.py")),
     ("http (uvicorn/starlette)", ("uvicorn", "starlette", "httptools", "h11")),
     ("event loop (asyncio, selectors)", ("asyncio/", "selectors.py")),
 )
