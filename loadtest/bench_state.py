@@ -227,6 +227,7 @@ class Tally:
     events: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "duplicate": 0,
                                                             "rejected": 0})
     max_late_s: float = 0.0
+    first_error: str = ""
     seconds: float = 0.0
     memory: list[tuple[int, int]] = field(default_factory=list)  # (scored, used_memory)
 
@@ -253,18 +254,29 @@ async def one_request(client: httpx.AsyncClient, traffic: Traffic, index: int,
             "candidates": [{"item_id": i} for i in rng.sample(traffic.items,
                                                                 traffic.candidates)]}
     try:
-        scored = await client.post("/v1/score", json=body)
-        scored.raise_for_status()
+        scored = await post(client, "/v1/score", body)
         reply = {**scored.json(), "user_id": user}
-        sent = await client.post("/v1/events",
-                                 json={"events": events_for(reply, index, traffic, rng)})
-        sent.raise_for_status()
-    except httpx.HTTPError:
+        sent = await post(client, "/v1/events",
+                          {"events": events_for(reply, index, traffic, rng)})
+    except httpx.HTTPError as exc:
         tally.errors += 1
+        tally.first_error = tally.first_error or f"{type(exc).__name__}: {exc}"
         return
     tally.scored += 1
     for status in tally.events:
         tally.events[status] += sent.json()[status]
+
+
+async def post(client: httpx.AsyncClient, path: str, body: dict,
+               attempts: int = 3) -> httpx.Response:
+    """POST as a well-behaved client: a 503 (shed) is sent again after its Retry-After. Both
+    are safe to repeat: a score is a new request, an event a duplicate by its id."""
+    for attempt in range(attempts):
+        reply = await client.post(path, json=body)
+        if reply.status_code != 503 or attempt == attempts - 1:
+            return reply.raise_for_status()
+        await asyncio.sleep(float(reply.headers.get("retry-after", "1")))
+    raise AssertionError("unreachable")
 
 
 async def sample_memory(redis_url: str, tally: Tally, done: asyncio.Event) -> None:
@@ -465,7 +477,8 @@ def phase(scorer: Scorer, redis_url: str, traffic: Traffic, first: int, n: int,
           rate: float) -> Tally:
     tally = run_traffic(scorer.url, redis_url, traffic, first, n, rate)
     if tally.errors:
-        print(f"warning: {tally.errors} of {n} requests failed", file=sys.stderr)
+        print(f"warning: {tally.errors} of {n} requests failed, the first with "
+              f"{tally.first_error}", file=sys.stderr)
     return tally
 
 
@@ -511,7 +524,8 @@ def summarize(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
                    "warmup": args.warmup, "undrained_requests": args.undrained,
                    "distinct_items": m["distinct_items"], "features": str(args.features or ""),
                    "settings": cfg, "redis_server": redis_binaries()[0]},
-        "traffic": {"scored": main.scored, "errors": main.errors, "events": main.events,
+        "traffic": {"scored": main.scored, "errors": main.errors, "first_error": main.first_error,
+                    "events": main.events,
                     "events_per_request": e, "seconds": main.seconds,
                     "achieved_rate": main.scored / main.seconds if main.seconds else 0.0,
                     "max_late_s": main.max_late_s, "drainer_passes": m["drainer"].passes,

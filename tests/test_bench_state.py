@@ -13,7 +13,7 @@ def test_quick_run_reports_positive_entries_and_bounded_bytes_per_request(bundle
     registry = copy_registry(bundles, tmp_path / "registry", models=("deepfm",))
     assert main(["--quick", "--registry", str(registry), "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "bench_state.json").read_text())
-    assert result["traffic"]["errors"] == 0
+    assert result["traffic"]["errors"] == 0, result["traffic"]
     assert result["traffic"]["events"]["accepted"] > 0
     entries = result["per_entry"]
     assert set(entries) == {"dedup_entry", "user_day", "user_total", "serve_entry",
