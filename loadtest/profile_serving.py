@@ -54,7 +54,15 @@ CATEGORIES = (
 )
 
 
+# the leaf frame of a sample taken in the event loop's own native code (uvloop's loop, without
+# --native py-spy sees no C frames): socket reads and writes for HTTP and Redis alike,
+# httptools' parsing, callback dispatch, the wake-ups from the batcher's thread
+LOOP_NATIVE = ("Runner.run (asyncio/runners.py", "run (uvloop/")
+
+
 def categorize(stack: str) -> str:
+    if stack.rsplit(";", 1)[-1].startswith(LOOP_NATIVE):
+        return "loop native: sockets, parsing"
     for name, needles in CATEGORIES:
         if any(n in stack for n in needles):
             return name
