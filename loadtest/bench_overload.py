@@ -2,7 +2,8 @@
 
     python -m ctrserve.loadtest.bench_overload --registry demo/registry [--bundle NAME]
         [--features demo/data] [--candidates 10,100,500] [--loads 1.5,2,3] [--duration 10]
-        [--workers 1] [--quick] [--out bench-out/overload.json]
+        [--workers 1] [--client-cores 0] [--open-connections 512] [--scorer NAME=FLAGS]
+        [--quick] [--out bench-out/overload.json]
 
 Two scorers as subprocesses (bench_serving.Server, each with its own embedded Redis loaded
 from the synth dir): `admission` (the default) and `no-admission` (`CTRSERVE_ADMISSION=false`,
@@ -12,13 +13,26 @@ saturation is its best closed-loop rate of answered requests over 16, 64 and 256
 `--loads` times its own saturation, and goodput is reported against the better scorer's
 saturation (the machine's capacity for the bundle). Open loop: request i is due at i / rate,
 whatever the replies, and its latency counts from that due time (no coordinated omission);
-up to 512 keep-alive connections; a request unanswered after 10 s counts as timed out; `late`
-is 504s plus 200s answered after the deadline. The two
-scorers' cells alternate (ABBA). Reported per cell: goodput (200s per second) and its ratio to
-saturation, p50/p99/max of the 200s, the 503s, 504s, other statuses and timeouts, and the
-client's CPU (a Python client on the same 2 cores takes CPU from the server: the figure says
-how much). Targets (issue 13): goodput >= 90% of saturation and p99 of 200s within the request
-deadline (1 s) at every load. Goodput counts only the 200s answered within that deadline.
+`--open-connections` keep-alive connections, all opened before the first request is due; a
+request unanswered after 10 s counts as timed out; `late` is 504s plus 200s answered after the
+deadline. The two scorers' cells alternate (ABBA); `--scorer NAME=FLAGS` adds a scorer with
+other `ctrserve serve` flags (admission on), its cells interleaved with theirs.
+
+Reported per cell: goodput (200s per second) and its ratio to saturation, p50/p99/max of the
+200s, the 503s, 504s, other statuses and timeouts; the open-loop client's send lag (p99 from a
+request's due time to its sending: large when every connection is busy or the client is
+starved, and then the cell measures the client); the client's CPU; and the scorer's CPU (its
+processes and its redis-server) in cores and per on-time answer: a scorer short of its cores
+is held back by its limit, one with a high cost per answer spends its CPU on sheds, late work
+or wake-ups. Per candidate count, a third scorer whose one admission slot is held measures
+what a shed costs: every request it gets is a 503 (`shed_cost`, in µs of its CPU).
+
+`--client-cores K` pins the clients to the first K cores and the scorers (and the redis-servers
+they start) to the others: on a small machine the Python client otherwise takes CPU from the
+scorer in proportion to the offered load, so past saturation the scorer has less CPU than when
+its saturation was measured. Targets (issue 13): goodput >= 90% of saturation and p99 of 200s
+within the request deadline (1 s) at every load. Goodput counts only the 200s answered within
+that deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,15 +78,19 @@ def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
     """Closed loop over `connections` (rate None) or open loop at `rate` requests/s."""
     host, port, payloads = score_payloads(url, bodies)
     results: list[tuple[int, float]] = []  # (status, latency s); status 0: transport error
+    lags: list[float] = []  # open loop: from a request's due time to its sending
 
-    async def connection(queue: asyncio.Queue, until: float) -> None:
-        reader = writer = None
+    async def connection(queue: asyncio.Queue, until: float, stream: tuple = (None, None)) -> None:
+        reader, writer = stream
         while time.perf_counter() < until:
             item = await queue.get() if queue is not None else (time.perf_counter(), None)
             if item is None:
                 break
             due, payload = item
-            payload = payload or payloads[len(results) % len(payloads)]
+            if payload is None:
+                payload = payloads[len(results) % len(payloads)]
+            else:
+                lags.append(time.perf_counter() - due)
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
@@ -93,8 +113,14 @@ def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
             await asyncio.gather(*(connection(None, started + duration)
                                    for _ in range(connections)))
             return time.perf_counter() - started
+        # open loop: every connection opened before the first request is due (opened on demand,
+        # hundreds of connects at once overflow the listen backlog: SYNs retried after 1-7 s)
+        streams = await asyncio.gather(*(asyncio.open_connection(host, port)
+                                         for _ in range(connections)))
+        started = time.perf_counter()
+        until = started + duration + TIMEOUT_S
         queue: asyncio.Queue = asyncio.Queue()
-        workers = [asyncio.create_task(connection(queue, until)) for _ in range(connections)]
+        workers = [asyncio.create_task(connection(queue, until, stream)) for stream in streams]
         for i in range(int(rate * duration)):
             due = started + i / rate
             if (wait := due - time.perf_counter()) > 0:
@@ -111,7 +137,11 @@ def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
         seconds = uvloop.run(main())
     except ImportError:
         seconds = asyncio.run(main())
-    return summarize_client(results, seconds)
+    summary = summarize_client(results, seconds)
+    # a client that sends late (its own loop behind, every connection busy) offers less than the
+    # rate and adds its lag to the latencies: the cell then measures the client
+    summary["send_lag_p99_ms"] = round(float(np.percentile(lags, 99)) * 1000, 1) if lags else None
+    return summary
 
 
 def summarize_client(results: list[tuple[int, float]], seconds: float) -> dict[str, Any]:
@@ -132,22 +162,67 @@ def summarize_client(results: list[tuple[int, float]], seconds: float) -> dict[s
             "max_ms": round(float(ok.max()), 1) if len(ok) else None}
 
 
-def drive(url: str, bodies_file: Path, rate: float | None, duration: float,
-          connections: int) -> dict[str, Any]:
-    """One cell from a client process; adds its CPU in cores."""
+def drive(server: Server, bodies_file: Path, rate: float | None, duration: float,
+          connections: int, cpus: list[int] | None = None) -> dict[str, Any]:
+    """One cell from a client process; adds its CPU and the scorer's (every process, the
+    embedded redis-server included) in cores, and the scorer's CPU per on-time answer."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = sum(server.cpu_seconds().values())
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "ctrserve.loadtest.bench_overload", "client", "--url", url,
+    cmd = [sys.executable, "-m", "ctrserve.loadtest.bench_overload", "client", "--url", server.url,
            "--bodies", str(bodies_file), "--duration", str(duration),
            "--connections", str(connections)]
     cmd += ["--rate", str(rate)] if rate else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+    pinned = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pinned,
                          timeout=duration + TIMEOUT_S + 120)
+    wall = time.perf_counter() - started
+    server_cpu = sum(server.cpu_seconds().values()) - server_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["client_cpu_cores"] = round(cpu / (time.perf_counter() - started), 2)
+    result["client_cpu_cores"] = round(cpu / wall, 2)
+    result["server_cpu_s"] = round(server_cpu, 3)
+    result["server_cpu_cores"] = round(server_cpu / wall, 2)
+    result["server_ms_per_on_time"] = (round(1000 * server_cpu / result["on_time"], 3)
+                                       if result["on_time"] else None)
     return result
+
+
+# ---- what a shed costs ---------------------------------------------------------------------------
+# a scorer whose one admission slot is held by a request whose body never completes: every
+# other score request is shed
+SHED_ONLY_ENV = {"CTRSERVE_ADMISSION_MIN": "1", "CTRSERVE_ADMISSION_INITIAL": "1",
+                 "CTRSERVE_ADMISSION_MAX": "1", "CTRSERVE_BODY_TIMEOUT_S": "3600"}
+
+
+def shed_cost(server: Server, bodies_file: Path, duration: float,
+              cpus: list[int] | None = None) -> dict[str, Any]:
+    """The scorer's CPU per shed request: closed loop, 64 connections, every answer a 503."""
+    host, port, payloads = score_payloads(server.url, bodies_file.read_text().splitlines()[:1])
+    holder = hold_the_slot(host, port, payloads[0])
+    try:
+        cell = drive(server, bodies_file, None, duration, 64, cpus)
+    finally:
+        holder.close()
+    sheds = cell["statuses"].get("503", 0)
+    cell["server_us_per_shed"] = round(1e6 * cell["server_cpu_s"] / sheds, 1) if sheds else None
+    return cell
+
+
+def hold_the_slot(host: str, port: int, payload: bytes, timeout: float = 30) -> socket.socket:
+    """A connection whose request holds the one admission slot: admitted at its headers, the
+    last byte of its body never sent. Held once a second request is shed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holder = socket.create_connection((host, port), timeout=10)
+        holder.sendall(payload[:-1])
+        with socket.create_connection((host, port), timeout=10) as probe:
+            probe.sendall(payload)
+            if probe.recv(64).split(b" ")[1:2] == [b"503"]:
+                return holder
+        holder.close()  # the probe came first: try again
+    raise SystemExit(f"no request held the admission slot within {timeout:g} s")
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -164,22 +239,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.admission_target_ms:
         modes[f"admission-{args.admission_target_ms:g}ms"] = (
             [], {"CTRSERVE_ADMISSION_TARGET_MS": str(args.admission_target_ms)})
+    for name, flags in args.scorer:
+        modes[name] = (flags.split(), {})
     worker_flags = ["--workers", str(args.workers)]
     servers = {mode: Server(mode, args.registry, bundle, features, workdir,
                             [*extra, *worker_flags], env) for mode, (extra, env) in modes.items()}
+    shed_only = Server("shed-only", args.registry, bundle, features, workdir, worker_flags,
+                       SHED_ONLY_ENV)
     cells: list[dict[str, Any]] = []
+    sheds: list[dict[str, Any]] = []
     try:
-        for server in servers.values():
+        cores = pin([*servers.values(), shed_only], args.client_cores)
+        client_cpus = cores and cores["client"]
+        for server in [*servers.values(), shed_only]:
             server.wait_ready()
         for n in candidates:
             bodies_file = workdir / f"bodies-{n}.jsonl"
             bodies_file.write_text("\n".join(make_bodies(users, apps, n, BODIES_PER_SIZE)))
+            shed = shed_cost(shed_only, bodies_file, duration, client_cpus)
+            sheds.append({"candidates": n, **shed})
+            say(f"shed-only {n:>4}: {sheds[-1]['server_us_per_shed']} µs of the scorer's CPU "
+                f"per shed, {sheds[-1]['statuses'].get('503', 0) / sheds[-1]['seconds']:,.0f} "
+                "sheds/s")
             saturation = {mode: 0.0 for mode in servers}
             for c in CLOSED_CONNECTIONS:
                 for mode, server in servers.items():
-                    drive(server.url, bodies_file, None, min(1.0, duration), c)  # warm
+                    drive(server, bodies_file, None, min(1.0, duration), c, client_cpus)  # warm
                     server.wait_idle()
-                    sat = drive(server.url, bodies_file, None, duration, c)
+                    sat = drive(server, bodies_file, None, duration, c, client_cpus)
                     server.wait_idle()
                     saturation[mode] = max(saturation[mode], sat["goodput_per_s"])
                     cells.append({"mode": mode, "candidates": n, "load": "closed",
@@ -193,22 +280,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
                 for mode, server in order:
                     rate = load * saturation[mode]
-                    cell = drive(server.url, bodies_file, rate, duration, OPEN_CONNECTIONS)
+                    cell = drive(server, bodies_file, rate, duration, args.open_connections,
+                                 client_cpus)
                     server.wait_idle(timeout=60)
                     cells.append({"mode": mode, "candidates": n, "load": load,
-                                  "connections": OPEN_CONNECTIONS, "rate": round(rate, 1),
+                                  "connections": args.open_connections,
+                                  "rate": round(rate, 1),
                                   "saturation_per_s": saturation[mode],
                                   "best_saturation_per_s": best,
                                   "goodput_ratio": round(cell["goodput_per_s"] / best, 3),
                                   **cell})
                     say(row(cells[-1], best))
     finally:
-        for server in servers.values():
+        for server in [*servers.values(), shed_only]:
             server.stop()
-    return {"bundle": bundle, "workers": args.workers,
+    return {"bundle": bundle, "workers": args.workers, "cores": cores,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "duration_s": duration, "quick": args.quick, "cells": cells,
+            "duration_s": duration, "quick": args.quick, "cells": cells, "shed_cost": sheds,
             "targets": targets(cells)}
+
+
+def pin(servers: list[Server], client_cores: int) -> dict[str, list[int]] | None:
+    """The scorers and the redis-servers they start on all but the first `client_cores`
+    cores, which the clients get (drive's `cpus`); None: all share every core."""
+    if not client_cores:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if client_cores >= len(cores):
+        raise SystemExit(f"--client-cores {client_cores}: only {len(cores)} cores")
+    client, scorer = cores[:client_cores], cores[client_cores:]
+    for server in servers:  # still starting: threads and redis-server inherit the mask
+        os.sched_setaffinity(server.proc.pid, scorer)
+    return {"client": client, "scorer": scorer}
 
 
 def targets(cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -232,12 +335,18 @@ def row(c: dict[str, Any], saturation: float) -> str:
     late += c["ok"] - c["on_time"]  # 200s past the deadline count as late
     return (f"{c['mode']:>17} {c['candidates']:>4} {load:>6} {c['goodput_per_s']:>9,.0f} "
             f"{ratio:>6.2f} {fmt(c['p50_ms']):>8} {fmt(c['p99_ms']):>8} {fmt(c['max_ms']):>8} "
-            f"{shed:>7} {late:>6} {lost:>7} {other:>6} {c['client_cpu_cores']:>6.2f}")
+            f"{shed:>7} {late:>6} {lost:>7} {other:>6} {fmt(c.get('send_lag_p99_ms')):>7} "
+            f"{c['client_cpu_cores']:>6.2f} "
+            f"{c['server_cpu_cores']:>6.2f} {ms3(c['server_ms_per_on_time']):>7}")
 
 
 HEADER = (f"{'mode':>17} {'cand':>4} {'load':>6} {'goodput/s':>9} {'ratio':>6} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'max ms':>8} {'503':>7} {'late':>6} {'timeout':>7} {'other':>6} "
-          f"{'client':>6}")
+          f"{'lag99':>7} {'client':>6} {'server':>6} {'ms/ok':>7}")
+
+
+def ms3(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def fmt(value: float | None) -> str:
@@ -248,6 +357,10 @@ def table(result: dict[str, Any]) -> str:
     lines = [HEADER]
     for c in result["cells"]:
         lines.append(row(c, c.get("best_saturation_per_s") or c["goodput_per_s"]))
+    for c in result["shed_cost"]:
+        lines.append(f"a shed at {c['candidates']} candidates: {c['server_us_per_shed']} µs of "
+                     f"the scorer's CPU ({c['statuses'].get('503', 0) / c['seconds']:,.0f} sheds/s"
+                     f", {c['server_cpu_cores']:.2f} cores)")
     t = result["targets"]
     lines.append(f"targets (admission, open loop): goodput >= {TARGET_GOODPUT:.0%} of saturation:"
                  f" worst {fmt(t['goodput_ratio']['worst'])} "
@@ -302,8 +415,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run a scorer with this admission target (compared interleaved)")
     p.add_argument("--workers", type=int, default=1,
                    help="scorer processes of each scorer (`ctrserve serve --workers`)")
+    p.add_argument("--scorer", type=named_flags, action="append", default=[],
+                   metavar="NAME=FLAGS", help="also run a scorer with these `ctrserve serve` "
+                   "flags, its cells interleaved with the others (repeatable), e.g. "
+                   "thread=--inference-thread")
+    p.add_argument("--client-cores", type=int, default=0,
+                   help="pin the client to this many cores and the scorers to the rest (0: "
+                   "they share every core, the client taking CPU from the scorer)")
+    p.add_argument("--open-connections", type=int, default=OPEN_CONNECTIONS,
+                   help="the open-loop client's keep-alive connections")
     p.add_argument("--out", type=Path, default=Path("bench-out/overload.json"))
     return p.parse_args(argv)
+
+
+def named_flags(text: str) -> tuple[str, str]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name or name in MODES:
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME=FLAGS, NAME not one of {list(MODES)}")
+    return name, flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,8 +164,13 @@ class Server:
             time.sleep(0.1)
         raise SystemExit(f"server {self.name} not ready after {timeout:.0f} s")
 
-    def wait_idle(self, timeout: float = 30) -> None:
-        """Until requests a finished client abandoned are through the queue."""
+    def wait_idle(self, timeout: float = 30, quiet_cores: float = 0.1) -> None:
+        """Until requests a finished client abandoned are through: the queue empty, and the
+        scorer's CPU below `quiet_cores` over two 0.2 s windows in a row. An empty queue alone
+        is not enough: requests still unread in the sockets of closed connections are parsed
+        and scored after it (a scorer past saturation without admission kept a core busy for
+        seconds), and that work would be measured against the next cell, whichever scorer it
+        drives."""
         import urllib.request
 
         deadline = time.monotonic() + timeout
@@ -177,9 +182,14 @@ class Server:
             except OSError:  # a scorer still busy with abandoned requests: ask again
                 continue
             if all(float(line.rsplit(" ", 1)[1]) == 0 for line in depth):
-                time.sleep(0.05)  # the batch already taken finishes
-                return
+                break
             time.sleep(0.05)
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:
+            before = sum(self.cpu_seconds().values())
+            time.sleep(0.2)
+            busy = (sum(self.cpu_seconds().values()) - before) / 0.2
+            quiet = quiet + 1 if busy < quiet_cores else 0
 
     def metric_sum(self, prefix: str) -> float:
         """The sum of every series of /metrics whose line starts with `prefix`."""

@@ -33,7 +33,11 @@ class ScoreEndpoint:
         metrics, settings = state.metrics, state.settings
         self.shed, self.gauge = metrics.shed.labels("admission"), metrics.admission_limit
         self.max_bytes, self.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
-        self.shed_start = start(503, SHED_BODY, {"retry-after": str(settings.retry_after_s)})
+        retry = {"retry-after": str(settings.retry_after_s)}
+        self.shed_start = start(503, SHED_BODY, retry)
+        # a client waiting for 100-continue may never send the body that the connection's
+        # parser would then wait for: its connection closes after the 503 (RFC 9110 10.1.1)
+        self.shed_closing = start(503, SHED_BODY, {**retry, "connection": "close"})
         self.max_wait_s = settings.admission_target_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -45,7 +49,7 @@ class ScoreEndpoint:
             elif not self._admit(arrived := scope.get(ARRIVED) or time.monotonic()):
                 self.shed.inc()
                 status = 503
-                await send(self.shed_start)
+                await send(self.shed_closing if expects_continue(scope) else self.shed_start)
                 await send({"type": "http.response.body", "body": SHED_BODY})
             else:
                 status = await self._admitted(scope, receive, send, arrived)
@@ -78,6 +82,11 @@ class ScoreEndpoint:
         await send(start(status, reply, headers))
         await send({"type": "http.response.body", "body": reply})
         return status
+
+
+def expects_continue(scope: dict) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue"
+               for name, value in scope["headers"])
 
 
 def start(status: int, body: bytes, headers: dict[str, str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Defaults and the measurement behind each are listed in docs/operations.md ("Sett
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -60,7 +61,8 @@ class Settings(BaseSettings):
     queue_capacity_rows: int = Field(8192, ge=1, description="rows waiting; past it 503")
     inference_thread: bool | None = Field(
         None, description="run onnxruntime on a thread beside the event loop, or on the loop "
-        "itself (unset: a thread with one worker, the loop with several; service/batcher.py)")
+        "itself (unset: a thread with one worker that may use more than one core, else the "
+        "loop; service/batcher.py)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
     admission: bool = Field(True, description="shed score requests before reading them past "
                                               "an adaptive in-flight limit (service/admission.py)")
@@ -174,9 +176,13 @@ class Settings(BaseSettings):
 
     @property
     def inference_on_thread(self) -> bool:
-        """One process overlaps inference with the loop on a thread; several use the cores
-        as processes, without the hand-off's cost (service/batcher.py)."""
-        return self.workers == 1 if self.inference_thread is None else self.inference_thread
+        """One process with a second core overlaps inference with the loop on a thread;
+        several processes use the cores as processes, and one held to a single core has
+        nothing to overlap with: both run it on the loop, without the hand-off's cost
+        (service/batcher.py)."""
+        if self.inference_thread is not None:
+            return self.inference_thread
+        return self.workers == 1 and usable_cores() > 1
 
     @property
     def admission_target_s(self) -> float:
@@ -189,6 +195,14 @@ class Settings(BaseSettings):
 
     def embedded_redis_db(self) -> Path:
         return self.redis_db or self.registry / ".redis" / "ctrserve.rdb"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a cpuset or `taskset` narrows them; a CPU quota
+    does not show here)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def default_registry() -> Path:

@@ -129,6 +129,40 @@ def test_past_the_admission_limit_a_request_is_shed_before_its_body(registry, re
         assert metric_value(text, "ctrserve_admission_limit") == 2
 
 
+def test_a_request_shed_before_its_body_keeps_its_connection_in_step(registry, redis_server):
+    with serve(registry, redis_server.url, admission_min=1, admission_initial=1,
+               admission_max=1) as server:
+        held = connect(server.url)
+        held.sendall(head(len(BODY)) + BODY[:5])  # admitted, its body not yet complete
+        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
+                   "the one slot is taken")
+        shed_before = requests_with_status(server.url, 503)
+        sock = connect(server.url)
+        sock.sendall(head(len(BODY)))  # the headers only: the answer comes before the body
+        status, headers, body = response(sock)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["detail"][0]["loc"] == ["admission"]
+        sock.sendall(BODY)  # the parser drops it; the connection stays in step
+        held.sendall(BODY[5:])
+        assert response(held)[0] == 200
+        sock.sendall(head(len(BODY)) + BODY)  # the same keep-alive connection, now admitted
+        status, _, body = response(sock)
+        assert status == 200 and len(json.loads(body)["scores"]) == 2
+        assert requests_with_status(server.url, 503) > shed_before  # counted as the app counts
+
+        waiting = connect(server.url)  # held again, then a client that waits for 100-continue
+        waiting.sendall(head(len(BODY)) + BODY[:5])
+        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
+                   "the limit is taken again")
+        expecting = connect(server.url)
+        expecting.sendall(head(len(BODY)).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+        status, headers, _ = response(expecting)
+        assert status == 503 and headers["connection"] == "close"
+        assert expecting.recv(1) == b""  # closed: its body would never come
+        for s in (held, sock, waiting, expecting):
+            s.close()
+
+
 def test_a_body_that_does_not_arrive_is_a_408(registry, redis_server):
     with serve(registry, redis_server.url, body_timeout_s=0.5) as server:
         sock = connect(server.url)

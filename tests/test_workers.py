@@ -108,3 +108,22 @@ def test_two_workers_share_the_port_and_count_exactly(scorer):
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
+
+
+WHERE = ("from ctrserve.service.settings import Settings; "
+         "print(Settings().inference_on_thread, Settings(workers=2).inference_on_thread)")
+
+
+def where_inference_runs(cores: set[int]) -> list[str]:
+    """Settings' default, in a process allowed only `cores` (as `taskset` or a cpuset does)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_")}
+    out = subprocess.run([sys.executable, "-c", WHERE], env=env, capture_output=True, text=True,
+                         check=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    return out.stdout.split()
+
+
+def test_inference_runs_on_the_loop_unless_one_worker_has_a_second_core():
+    cores = os.sched_getaffinity(0)
+    assert where_inference_runs({min(cores)}) == ["False", "False"]  # nothing to overlap with
+    if len(cores) > 1:
+        assert where_inference_runs(cores) == ["True", "False"]
