@@ -5,13 +5,17 @@ the same name. It proves, with nothing stored per request on the server:
 
     kid . header . tags . mac        (each part base64url, no padding)
 
-- header: JSON [1, request id, experiment, arm, model version, user id, day, ts, holdout]; `ts`
+- header: JSON [version, request id, experiment, arm, model version, user id, day, ts, holdout]; `ts`
   (epoch seconds) and its UTC `day` are the request's time by the scorer's clock (or the
   request's own `ts` under `clock="client"`), the day it is counted under;
-- tags: 4 bytes per returned item, in the order returned: BLAKE2b of the item id keyed by the
-  signing key and salted with the request id, so an event proves each item it names was served
-  without the token listing the ids; a client cannot make a tag for an item it was not served
-  (one guess in 2^32 / items per try, and online only);
+- tags: 4 bytes per returned item, in the order returned: a pseudo-random function of the item
+  id under a key secret to the scorers and particular to the request, so an event proves each
+  item it names was served without the token listing the ids; a client cannot make a tag for
+  an item it was not served (one guess in 2^32 / items per try, and online only). Version 2
+  (issued now): AES-128 under the key's AES key of the item id's BLAKE2b-128 digest xor a mask
+  (BLAKE2b-128 of the request id keyed by the key), the first 4 bytes of each block: one cipher
+  call for all items, where version 1 (still verified, for tokens issued before) took a keyed
+  BLAKE2b per item, 0.3-0.5 µs each in Python;
 - mac: HMAC-SHA256 (first 16 bytes) of "kid.header.tags" under the key named by kid.
 
 Keys come from `CTRSERVE_ATTRIBUTION_KEYS` ("kid:secret,kid:secret"): the first signs, every
@@ -27,13 +31,20 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from pydantic_core import to_json
+
 TAG_BYTES = 4
 MAC_BYTES = 16
 AUTO_KID = "auto"
+VERSION = 2  # of the tokens issued; 1 and 2 are verified
+DIGESTS_KEPT = 100_000  # item-id digests cached for version 2's tags (about 13 MB at most)
 
 
 class TokenError(ValueError):
@@ -55,6 +66,7 @@ class Claims:
     ts: float
     holdout: bool
     tags: bytes  # TAG_BYTES per returned item, in the order returned
+    version: int = VERSION
 
     @property
     def served(self) -> int:
@@ -107,8 +119,45 @@ class Signer:
         self._keys = dict(keys)
         self._tag_keys = {kid: hashlib.blake2b(secret, digest_size=64, person=b"ctrserve-tag")
                           .digest() for kid, secret in keys}
+        self._aes_keys = {kid: hashlib.blake2b(key, digest_size=16, person=b"ctrserve-aes")
+                          .digest() for kid, key in self._tag_keys.items()}
+        self._local = threading.local()  # the encryptors, which are not shared across threads
+        self._digest_cache: dict[str, bytes] = {}
 
-    def tags(self, kid: str, request_id: str, items: list[str]) -> bytes:
+    def tags(self, kid: str, request_id: str, items: list[str], version: int = VERSION) -> bytes:
+        """TAG_BYTES per item, in order, under key `kid` for the request (token `version`)."""
+        if version == 1:
+            return self._blake2b_tags(kid, request_id, items)
+        # XE (Rogaway, 2004): AES_K(digest(item) xor mask), the mask secret and particular to
+        # the request; ECB is AES applied block by block, as a pseudo-random permutation
+        mask = hashlib.blake2b(request_id.encode(), digest_size=16, key=self._tag_keys[kid],
+                               person=b"ctrserve-mask").digest()
+        masked = (np.frombuffer(self._digests(items), np.uint64).reshape(-1, 2)
+                  ^ np.frombuffer(mask, np.uint64))
+        blocks = self._encryptor(kid).update(masked.tobytes())
+        return np.frombuffer(blocks, np.uint8).reshape(-1, 16)[:, :TAG_BYTES].tobytes()
+
+    def _encryptor(self, kid: str) -> Any:
+        """This thread's AES-ECB encryptor under kid's key: made once (about 10 µs each)."""
+        made = self._local.__dict__
+        if kid not in made:
+            made[kid] = Cipher(algorithms.AES(self._aes_keys[kid]), modes.ECB()).encryptor()
+        return made[kid]
+
+    def _digests(self, items: list[str]) -> bytes:
+        """The items' BLAKE2b-128 digests, concatenated; the cache stays bounded by clearing."""
+        cache = self._digest_cache
+        try:
+            return b"".join(map(cache.__getitem__, items))
+        except KeyError:
+            if len(cache) + len(items) > DIGESTS_KEPT:
+                cache.clear()
+            for item in items:
+                cache[item] = hashlib.blake2b(item.encode(), digest_size=16,
+                                              person=b"ctrserve-item").digest()
+            return b"".join(map(cache.__getitem__, items))
+
+    def _blake2b_tags(self, kid: str, request_id: str, items: list[str]) -> bytes:
         salt = hashlib.blake2b(request_id.encode(), digest_size=16).digest()
         base = hashlib.blake2b(digest_size=TAG_BYTES, key=self._tag_keys[kid], salt=salt)
         out = []
@@ -119,9 +168,10 @@ class Signer:
         return b"".join(out)
 
     def issue(self, request_id: str, experiment: str, arm: str, model_version: str, user: str,
-              ts: float, holdout: bool, items: list[str]) -> str:
-        header = json.dumps([1, request_id, experiment, arm, model_version, user, utc_day(ts),
-                             ts, int(holdout)], separators=(",", ":")).encode()
+              ts: float, holdout: bool, items: list[str], day: str | None = None) -> str:
+        """A token for the request; `day` is utc_day(ts), computed here when not given."""
+        header = to_json([VERSION, request_id, experiment, arm, model_version, user,
+                          day or utc_day(ts), ts, int(holdout)])
         body = f"{self.kid}.{_b64(header)}.{_b64(self.tags(self.kid, request_id, items))}"
         return f"{body}.{_b64(self._mac(self._secret, body))}"
 
@@ -147,12 +197,12 @@ class Signer:
 
     @staticmethod
     def _mac(secret: bytes, body: str) -> bytes:
-        return hmac.new(secret, body.encode(), hashlib.sha256).digest()[:MAC_BYTES]
+        return hmac.digest(secret, body.encode(), "sha256")[:MAC_BYTES]
 
 
 def _claims(fields: Any, tags: bytes) -> Claims:
     version, rid, experiment, arm, model_version, user, day, ts, holdout = fields
-    if version != 1:  # signed by us, so only a future format can get here
+    if version not in (1, 2):  # signed by us, so only a future format can get here
         raise TokenError("bad_token", f"token format {version} is not known to this scorer")
     return Claims(rid, experiment, arm, model_version, user, day, float(ts), bool(holdout),
-                  tags)
+                  tags, version)

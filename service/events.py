@@ -205,7 +205,8 @@ class EventRules:
         self._check_time(event, claims)
         if isinstance(event, Impression):
             self._check_shown(kid, claims, event.items)
-        elif not claims.has_tag(self.signer.tags(kid, claims.request_id, [event.item_id])):
+        elif not claims.has_tag(self.signer.tags(kid, claims.request_id, [event.item_id],
+                                                 claims.version)):
             raise Rejected("item_not_served", f"item {event.item_id} was not served in this "
                            "request")
         return claims
@@ -223,7 +224,8 @@ class EventRules:
                            f"event_clock_skew_s={self.skew_s})")
 
     def _check_shown(self, kid: str, claims: Claims, items: list[Shown]) -> None:
-        tags = self.signer.tags(kid, claims.request_id, [s.item_id for s in items])
+        tags = self.signer.tags(kid, claims.request_id, [s.item_id for s in items],
+                                claims.version)
         for i, shown in enumerate(items):
             if shown.position > claims.served:
                 raise Rejected("bad_position", f"items.{i}.position {shown.position}: the "

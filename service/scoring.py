@@ -246,7 +246,7 @@ class Scorer:
                                                model.version, req.user_id, ids, arm.holdout,
                                                ts, values, own, req.ts))
             attribution = self.signer.issue(request_id, arm.experiment, arm.arm, model.version,
-                                            req.user_id, ts, arm.holdout, ids)
+                                            req.user_id, ts, arm.holdout, ids, self._day(ts))
         returned = scores.tolist()
         self._served(arm, ts, started, len(returned), sum(returned))
         return to_json({

@@ -7,6 +7,8 @@ can also mint tokens the way an attacker holding an old or a wrong key would.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 from pathlib import Path
@@ -136,6 +138,39 @@ def test_keys_rotate_without_downtime(server, registry, redis_server_url):
     assert reply["attribution"].startswith("k1.")
     assert results(server, [impression("rot-1", reply, "carol")])["rot-1"]["status"] == \
         "accepted"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def version_1_token(key: str, reply: dict, user: str, items: list[str]) -> str:
+    """A token for `reply`'s request as scorers issued it before version 2 (a keyed BLAKE2b
+    per item), made here from that format's definition."""
+    kid, _, secret = key.partition(":")
+    tag_key = hashlib.blake2b(secret.encode(), digest_size=64, person=b"ctrserve-tag").digest()
+    salt = hashlib.blake2b(reply["request_id"].encode(), digest_size=16).digest()
+    tags = b"".join(hashlib.blake2b(i.encode(), digest_size=4, key=tag_key, salt=salt).digest()
+                    for i in items)
+    day = time.strftime("%Y-%m-%d", time.gmtime(reply["ts"]))
+    header = json.dumps([1, reply["request_id"], reply["experiment"], reply["arm"],
+                         reply["model_version"], user, day, reply["ts"], 0]).encode()
+    body = f"{kid}.{b64(header)}.{b64(tags)}"
+    return f"{body}.{b64(hmac.new(secret.encode(), body.encode(), 'sha256').digest()[:16])}"
+
+
+def test_tokens_of_the_previous_format_still_verify(server):
+    """Tokens issued before an upgrade stay valid for their attribution window."""
+    reply = score(server, "frank", ITEMS[:6], top_k=4)
+    header = reply["attribution"].split(".")[1]
+    assert json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))[0] == 2
+    old = {**reply, "attribution": version_1_token(NEW, reply, "frank", reply["item_ids"])}
+    unserved = next(i for i in ITEMS[:6] if i not in reply["item_ids"])
+    out = results(server, [impression("v1-imp", old, "frank"),
+                           download("v1-dl", old, "frank", reply["item_ids"][2]),
+                           download("v1-unserved", old, "frank", unserved)])
+    assert out["v1-imp"]["status"] == out["v1-dl"]["status"] == "accepted"
+    assert out["v1-unserved"]["reason"] == "item_not_served"
 
 
 def test_event_sanity_time_position_and_bounds(server):
