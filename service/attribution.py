@@ -6,8 +6,8 @@ the same name. It proves, with nothing stored per request on the server:
     kid . header . tags . mac        (each part base64url, no padding)
 
 - header: JSON [version, request id, experiment, arm, model version, user id, day, ts,
-  holdout]; `ts` (epoch seconds) and its UTC `day` are the request's time by the scorer's clock (or the
-  request's own `ts` under `clock="client"`), the day it is counted under;
+  holdout]; `ts` (epoch seconds) and its UTC `day` are the request's time by the scorer's
+  clock (or the request's own `ts` under `clock="client"`), the day it is counted under;
 - tags: 4 bytes per returned item, in the order returned: a pseudo-random function of the item
   id under a key secret to the scorers and particular to the request, so an event proves each
   item it names was served without the token listing the ids; a client cannot make a tag for
