@@ -1,7 +1,8 @@
 """One score request from raw body to reply bytes.
 
-parse (pydantic, from bytes) -> user record (Redis) -> arm and model (service/experiments: the
-arm's bundle, or its canary's for the canary's share of its users) -> shared row
+parse (request_parser.py: orjson, or pydantic) -> user record (Redis) -> arm and model
+(service/experiments: the arm's bundle, or its canary's for the canary's share of its users)
+-> shared row
 (cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> serve-log record
 (serve_log.py, one pipeline shared with concurrent requests) -> reply with its signed
 attribution token (attribution.py) -> pydantic_core.to_json.
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import redis
-from pydantic import ValidationError
 from pydantic_core import to_json
 
 from ctrserve.service.admission import AdaptiveLimit
@@ -37,10 +37,8 @@ from ctrserve.service.encoding import Feeds, overwrite
 from ctrserve.service.errors import (
     ApiError,
     DeadlineExceeded,
-    InvalidBody,
     InvalidInput,
     NotReady,
-    validation_items,
 )
 from ctrserve.service.experiments.assignment import Assignment
 from ctrserve.service.experiments.config import ExperimentSet, GuardrailsConfig, UnknownExperiment
@@ -48,6 +46,7 @@ from ctrserve.service.feature_store import FeatureStore
 from ctrserve.service.metrics import ArmRecorder, Metrics
 from ctrserve.service.models import LoadedModel, ModelRegistry
 from ctrserve.service.plan import FieldPlan, clock_values, kind_error
+from ctrserve.service.request_parser import parse_request
 from ctrserve.service.routing import Routing
 from ctrserve.service.schemas import ScoreRequest
 from ctrserve.service.serve_log import Served, ServeLog
@@ -55,13 +54,6 @@ from ctrserve.service.settings import Settings
 
 ATTEMPTS = 3
 _ITEM_ID = itemgetter("item_id")
-
-
-def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
-    try:
-        return ScoreRequest.model_validate_json(body, context={"max_candidates": max_candidates})
-    except ValidationError as exc:
-        raise InvalidBody(validation_items(exc)) from None
 
 
 class Scorer:
@@ -287,9 +279,10 @@ def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
 def candidate_ids(req: ScoreRequest) -> tuple[list[str], list[int]]:
     """The candidates' item ids, and the positions of those that bring their own features."""
     ids = list(map(_ITEM_ID, req.candidates))
+    if max(map(len, req.candidates)) == 1:  # ids only: no loop in Python
+        return ids, []
     # a candidate holds item_id and, if anything else, features (its schema forbids more)
-    custom = [i for i, c in enumerate(req.candidates) if len(c) > 1 and c["features"]]
-    return ids, custom
+    return ids, [i for i, c in enumerate(req.candidates) if len(c) > 1 and c["features"]]
 
 
 def missing_fields(plan: FieldPlan, values: dict[str, Any],
