@@ -40,12 +40,12 @@ from typing import Annotated, Any, Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import to_json
-from redis.exceptions import NoScriptError
 
 from ctrserve.common.keys import TOTAL, arm_key, days_key, log_key, seen_key
 from ctrserve.service.attribution import TAG_BYTES, Claims, Signer, TokenError
 from ctrserve.service.errors import InvalidBody, validation_items
 from ctrserve.service.metrics import Metrics
+from ctrserve.service.redis_scripts import PipelinedScript
 from ctrserve.service.schemas import Id
 
 STRICT = ConfigDict(extra="forbid")
@@ -242,7 +242,7 @@ class EventIngest:
         self.client, self.metrics, self.rules = client, metrics, rules
         self.max_events, self.dedup_window_s = max_events, dedup_window_s
         self.retention_s, self.max_log_entries = retention_days * DAY_S, max_log_entries
-        self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
+        self.script = PipelinedScript(SCRIPT)
 
     async def ingest(self, body: bytes) -> dict[str, Any]:
         """Per-event results in the order given, and how many of each status."""
@@ -264,42 +264,13 @@ class EventIngest:
                 self.metrics.events.labels(event.type, "rejected").inc()
                 continue
             queued.append((i, event, claims, self._script_call(event, claims)))
-        replies = await self._run(queued)
+        replies = await self.script.run(self.client, [q[3] for q in queued])
         for (i, event, claims, _), reply in zip(queued, replies, strict=True):
             results[i] = self._result(event, claims, [_text(v) for v in reply])
         counts = {s: sum(r["status"] == s for r in results)
                   for s in ("accepted", "duplicate", "rejected")}
         full = any(r.get("reason") == "log_full" for r in results)
         return {**counts, "results": results, "log_full": full}
-
-    async def _run(self, queued: list[tuple[Any, ...]]) -> list[Any]:
-        """The event script for each queued event, in one pipeline.
-
-        EVALSHA by hand rather than redis-py's Script: a cluster pipeline refuses Script
-        objects, and it does not load a script a node lacks. A NOSCRIPT reply (a restarted or
-        new node) loads it and runs just those events again: they did nothing the first time.
-        """
-        replies: list[Any] = [None] * len(queued)
-        todo = list(range(len(queued)))
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for j in todo:
-                keys, args = queued[j][3]
-                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-            got = await pipe.execute(raise_on_error=False) if todo else []
-            missing = []
-            for j, reply in zip(todo, got, strict=True):
-                if isinstance(reply, NoScriptError) and attempt == 0:
-                    missing.append(j)
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    replies[j] = reply
-            if not missing:
-                break
-            await self.client.script_load(SCRIPT)
-            todo = missing
-        return replies
 
     def _script_call(self, event: Impression | Download, claims: Claims
                      ) -> tuple[list[str], list[Any]]:

@@ -8,11 +8,14 @@ clock, user id), item_features (candidates' own features, if any), client_ts (th
 Parquet (event_log.py) and the retrain joins events to it by request id, so it trains on the
 inputs as served. Nothing per request stays in Redis beyond the drain lag.
 
-Concurrent requests share one pipeline (a write in flight collects the next batch), and the
-score awaits its write. The stream is bounded: each flush reads the lengths of the streams it
-wrote, and past `max_entries` (the drainer is behind or stopped) records are dropped and
-counted (`ctrserve_serve_log_dropped_total`) rather than growing Redis without bound; scoring
-goes on. The event stream has its own, exact bound (events.py).
+Concurrent requests share one write (a write in flight collects the next batch), and the
+score awaits its write. A write is one script call per stream in one pipeline: it appends the
+stream's records while the stream holds fewer than `max_entries` and drops the rest (the
+drainer is behind or stopped), so the bound is exact; dropped records are counted
+(`ctrserve_serve_log_dropped_total`) rather than growing Redis without bound, and scoring goes
+on. One call for a batch, not an XADD per record and an XLEN per stream, costs the scorer
+about 10 µs less per request (redis-py's per-command cost). The event stream has its own bound
+(events.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ from pydantic_core import to_json
 
 from ctrserve.common.keys import log_key
 from ctrserve.service.attribution import utc_day
+from ctrserve.service.redis_scripts import PipelinedScript
+
+APPEND = """
+-- KEYS[1]: an arm's serve-log stream; ARGV[1]: its bound; ARGV[2..]: records, appended in
+-- order while the stream holds fewer entries than the bound. Returns how many were appended.
+local n = math.min(#ARGV - 1, tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1]))
+for i = 2, n + 1 do redis.call('XADD', KEYS[1], '*', 'r', ARGV[i]) end
+return math.max(n, 0)
+"""
+APPEND_SCRIPT = PipelinedScript(APPEND)
 
 
 @dataclass
@@ -56,7 +69,6 @@ class ServeLog:
 
     def __init__(self, client: aioredis.Redis, max_entries: int, dropped: Counter):
         self.client, self.max_entries, self.dropped = client, max_entries, dropped
-        self.full: set[str] = set()
         self._pending: list[tuple[Served, asyncio.Future]] = []
         self._writer: asyncio.Future | None = None
 
@@ -85,24 +97,11 @@ class ServeLog:
             self._writer = None
 
     async def _flush(self, batch: list[Served]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        streams: list[str] = []
+        streams: dict[str, list[bytes]] = {}
         for s in batch:
-            stream = log_key(s.experiment, s.arm, "serve")
-            if stream in self.full:
-                self.dropped.inc()
-                continue
-            pipe.xadd(stream, {"r": s.record()})
-            if stream not in streams:
-                streams.append(stream)
-        # a full stream is read again on each flush, so it reopens once drained
-        checked = [*streams, *(s for s in self.full if s not in streams)]
-        for stream in checked:
-            pipe.xlen(stream)
-        replies = await pipe.execute()
-        lengths = replies[len(replies) - len(checked):]
-        for stream, n in zip(checked, lengths, strict=True):
-            if n >= self.max_entries:
-                self.full.add(stream)
-            else:
-                self.full.discard(stream)
+            streams.setdefault(log_key(s.experiment, s.arm, "serve"), []).append(s.record())
+        calls = [([stream], [self.max_entries, *records]) for stream, records in streams.items()]
+        appended = await APPEND_SCRIPT.run(self.client, calls)
+        dropped = sum(len(args) - 1 - n for (_, args), n in zip(calls, appended, strict=True))
+        if dropped:
+            self.dropped.inc(dropped)

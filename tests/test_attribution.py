@@ -161,14 +161,14 @@ def version_1_token(key: str, reply: dict, user: str, items: list[str]) -> str:
 
 def test_tokens_of_the_previous_format_still_verify(server):
     """Tokens issued before an upgrade stay valid for their attribution window."""
-    reply = score(server, "frank", ITEMS[:6], top_k=4)
+    reply = score(server, "olga", ITEMS[:6], top_k=4)
     header = reply["attribution"].split(".")[1]
     assert json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))[0] == 2
-    old = {**reply, "attribution": version_1_token(NEW, reply, "frank", reply["item_ids"])}
+    old = {**reply, "attribution": version_1_token(NEW, reply, "olga", reply["item_ids"])}
     unserved = next(i for i in ITEMS[:6] if i not in reply["item_ids"])
-    out = results(server, [impression("v1-imp", old, "frank"),
-                           download("v1-dl", old, "frank", reply["item_ids"][2]),
-                           download("v1-unserved", old, "frank", unserved)])
+    out = results(server, [impression("v1-imp", old, "olga"),
+                           download("v1-dl", old, "olga", reply["item_ids"][2]),
+                           download("v1-unserved", old, "olga", unserved)])
     assert out["v1-imp"]["status"] == out["v1-dl"]["status"] == "accepted"
     assert out["v1-unserved"]["reason"] == "item_not_served"
 

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -308,3 +309,22 @@ def test_acknowledged_events_survive_sigkill_of_scorer_and_redis(registry, tmp_p
     finally:
         stop_embedded(server)
     assert main(["report", "--redis-db", str(db), "--experiment", "default"]) == 0
+
+
+def test_the_serve_log_holds_exactly_its_bound_and_counts_what_it_drops(registry, store,
+                                                                        tmp_path):
+    """Concurrent requests past max_log_entries: every one is answered, the stream stops at
+    its bound, and the drops are counted."""
+    lr = next(p.name for p in registry.iterdir() if p.name.startswith("lr-"))
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump({"experiments": [{"name": "bounded", "salt": "b-1", "arms": [
+        {"name": "only", "weight": 1.0, "bundle": lr, "control": True}]}]}))
+    settings = Settings(registry=registry, experiments_file=path, redis_url=embedded_url(store),
+                        max_candidates=50, max_log_entries=100, warmup_rounds=1)
+    with LiveServer(settings) as server, ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda i: score(server.url, f"bound-{i}", ITEMS[:5]),
+                                range(130)))
+        metrics = httpx.get(server.url + "/metrics").text
+    assert len({r["request_id"] for r in replies}) == 130
+    assert store.xlen(log_key("bounded", "only", "serve")) == 100
+    assert metric_value(metrics, "ctrserve_serve_log_dropped_total") == 30
