@@ -264,13 +264,17 @@ class EventIngest:
                 self.metrics.events.labels(event.type, "rejected").inc()
                 continue
             queued.append((i, event, claims, self._script_call(event, claims)))
-        replies = await self.script.run(self.client, [q[3] for q in queued])
+        replies = await self._run(queued)
         for (i, event, claims, _), reply in zip(queued, replies, strict=True):
             results[i] = self._result(event, claims, [_text(v) for v in reply])
         counts = {s: sum(r["status"] == s for r in results)
                   for s in ("accepted", "duplicate", "rejected")}
         full = any(r.get("reason") == "log_full" for r in results)
         return {**counts, "results": results, "log_full": full}
+
+    async def _run(self, queued: list[tuple[Any, ...]]) -> list[Any]:
+        """The event script for each queued event, in one pipeline."""
+        return await self.script.run(self.client, [call for *_, call in queued])
 
     def _script_call(self, event: Impression | Download, claims: Claims
                      ) -> tuple[list[str], list[Any]]:
