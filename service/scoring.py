@@ -2,10 +2,9 @@
 
 parse (request_parser.py: orjson, or pydantic) -> user record (Redis) -> arm and model
 (service/experiments: the arm's bundle, or its canary's for the canary's share of its users)
--> shared row
-(cached) -> item rows (cached, misses from Redis) -> assemble -> batcher -> serve-log record
-(serve_log.py, one pipeline shared with concurrent requests) -> reply with its signed
-attribution token (attribution.py) -> pydantic_core.to_json.
+-> shared row (cached) -> item rows (cached, misses from Redis) -> assemble -> batcher ->
+serve-log record (serve_log.py, one write shared with concurrent requests) -> reply with its
+signed attribution token (attribution.py) -> pydantic_core.to_json.
 Between picking the model and queuing its rows only the item-cache
 refill awaits; if a swap or a new experiment set closed the model's queue meanwhile, the
 request starts over on the new set and model.
