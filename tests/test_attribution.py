@@ -173,6 +173,25 @@ def test_tokens_of_the_previous_format_still_verify(server):
     assert out["v1-unserved"]["reason"] == "item_not_served"
 
 
+def test_tags_are_per_item_per_request_and_survive_the_digest_cache_starting_over(
+        monkeypatch):
+    signer = Signer(parse_keys([NEW, OLD]))
+    kid, other_kid = NEW.split(":")[0], OLD.split(":")[0]
+    items = [f"item-{i}" for i in range(50)]
+    tags = signer.tags(kid, "req-1", items)
+    assert len(tags) == 4 * len(items)
+    # each item's tag alone is its slice of the list's: an event names items one by one
+    assert all(signer.tags(kid, "req-1", [item]) == tags[4 * i: 4 * i + 4]
+               for i, item in enumerate(items))
+    assert signer.tags(kid, "req-2", items) != tags  # another request: other tags
+    assert signer.tags(other_kid, "req-1", items) != tags  # another key: other tags
+    assert signer.tags(kid, "req-1", items, version=1) != tags  # the earlier format
+    monkeypatch.setattr("ctrserve.service.attribution.DIGESTS_KEPT", 10)
+    for start in range(0, 200, 20):  # the item-digest cache starts over again and again
+        signer.tags(kid, "req-3", [f"other-{i}" for i in range(start, start + 20)])
+    assert signer.tags(kid, "req-1", items) == tags
+
+
 def test_event_sanity_time_position_and_bounds(server):
     reply = score(server, "dave", ITEMS[:10], top_k=5)
     old = Signer(parse_keys([NEW])).issue("old-req", "attr", "control",
