@@ -32,4 +32,9 @@ def test_quick_overload_run_measures_both_scorers(bundles, synth_dir, tmp_path):
     for cell in open_loop:
         assert cell["rate"] == round(cell["load"] * cell["saturation_per_s"], 1)
         assert cell["send_lag_p99_ms"] is not None
-    assert set(result["targets"]) == {"goodput_ratio", "p99_ms"}
+    assert set(result["targets"]) == {"goodput_ratio", "p99_ms", "client_lagged"}
+    lagged = result["targets"]["client_lagged"]
+    assert lagged["of"] == sum(c["mode"] == "admission" for c in open_loop)
+    assert lagged["cells"] == [f"{c['candidates']}@{c['load']:g}x" for c in open_loop
+                               if c["mode"] == "admission"
+                               and c["send_lag_p99_ms"] > lagged["send_lag_p99_ms_above"]]
