@@ -16,7 +16,7 @@ def test_overload_and_workers_parts_write_their_tables(bundles, synth_dir, tmp_p
                        "--out", str(out), "--parts", "overload,workers"]) == 0
     summary = json.loads((out / "suite.json").read_text())
     assert set(summary["targets"]) == {"overload"}
-    assert set(summary["targets"]["overload"]) == {"goodput_ratio", "p99_ms"}
+    assert set(summary["targets"]["overload"]) == {"goodput_ratio", "p99_ms", "client_lagged"}
 
     workers = json.loads((out / "workers.json").read_text())
     assert {(c["workers"], c["variant"]) for c in workers["cells"]} == {(1, "1"), (2, "2")}
