@@ -10,7 +10,6 @@ bundle that fails is refused and logged, the old one keeps serving, and the refu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -21,6 +20,7 @@ from ctrserve.service.deployments import read_state, read_version
 from ctrserve.service.experiments.config import ExperimentConfigError
 from ctrserve.service.routing import Routing
 from ctrserve.service.schemas import DeploymentStatus
+from ctrserve.service.tasks import stop_task
 
 log = logging.getLogger("ctrserve.deployments")
 
@@ -66,10 +66,7 @@ class DeploymentFollower:
                 log.warning("deployment state not read: %r", exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task, log)
 
     def status(self) -> DeploymentStatus:
         return DeploymentStatus(version=self.version or 0, applied_at=self.applied_at,

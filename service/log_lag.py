@@ -9,7 +9,6 @@ and `CtrserveLogFilling` (deploy/prometheus/alert_rules.yml) read them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -18,6 +17,7 @@ import redis.asyncio as aioredis
 
 from ctrserve.common.keys import LOG_KINDS, LOGS_KEY, log_parts
 from ctrserve.service.metrics import Metrics
+from ctrserve.service.tasks import stop_task
 
 log = logging.getLogger("ctrserve.logs")
 
@@ -53,10 +53,7 @@ class LagSampler:
         self._task = asyncio.create_task(self._run(), name="log-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task, log)
 
     async def _run(self) -> None:
         while True:

@@ -14,7 +14,7 @@ stream's records while the stream holds fewer than `max_entries` and drops the r
 drainer is behind or stopped), so the bound is exact; dropped records are counted
 (`ctrserve_serve_log_dropped_total`) rather than growing Redis without bound, and scoring goes
 on. One call for a batch, not an XADD per record and an XLEN per stream, costs the scorer
-about 10 µs less per request (redis-py's per-command cost). The event stream has its own bound
+about 8 µs less per request (redis-py's per-command cost). The event stream has its own bound
 (events.py).
 """
 
