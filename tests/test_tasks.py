@@ -15,17 +15,19 @@ def test_a_task_that_loses_its_cancellation_does_not_hold_the_shutdown(monkeypat
     monkeypatch.setattr(tasks, "STOP_TIMEOUT_S", 0.2)
     swallow = [True]
 
-    async def stubborn() -> None:
+    async def stubborn(started: asyncio.Event, never: asyncio.Event) -> None:
+        started.set()
         while True:
             try:
-                await asyncio.sleep(30)
+                await never.wait()
             except asyncio.CancelledError:
                 if not swallow[0]:
                     raise
 
     async def main() -> None:
-        task = asyncio.create_task(stubborn(), name="stubborn")
-        await asyncio.sleep(0)
+        started, never = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(stubborn(started, never), name="stubborn")
+        await started.wait()
         await asyncio.wait_for(tasks.stop_task(task, logging.getLogger("t")), 5)
         assert not task.done()
         swallow[0] = False
@@ -39,17 +41,18 @@ def test_a_task_that_loses_its_cancellation_does_not_hold_the_shutdown(monkeypat
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_task_that_ends_is_waited_for(fails):
-    async def worker() -> None:
-        await asyncio.sleep(30)
-
-    async def failing() -> None:
-        raise RuntimeError("boom")
+    async def worker(started: asyncio.Event, never: asyncio.Event) -> None:
+        started.set()
+        if fails:
+            raise RuntimeError("boom")
+        await never.wait()
 
     async def main() -> asyncio.Task:
-        task = asyncio.create_task(failing() if fails else worker())
-        await asyncio.sleep(0)
+        started, never = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(worker(started, never))
+        await started.wait()
         await tasks.stop_task(task, logging.getLogger("t"))
         return task
 
     task = asyncio.run(main())
-    assert task.done()
+    assert task.done() and task.cancelled() != fails
