@@ -434,10 +434,19 @@ def test_swap_refuses_a_bad_bundle_and_keeps_serving(scorer, registry):
 
 
 # ---- the command line, shutdown and the serving install ----------------------------------------
-def test_cli_serve_drains_in_flight_requests_on_sigterm(registry, redis_url):
+@pytest.fixture
+def own_redis_url(tmp_path):
+    """A Redis of the test's own: a scorer of another bundle would seed the module's Redis
+    with its deployment state, which later scorers there follow on start."""
+    server = start_embedded(tmp_path / "own.rdb")
+    yield embedded_url(server)
+    stop_embedded(server)
+
+
+def test_cli_serve_drains_in_flight_requests_on_sigterm(registry, own_redis_url):
     # a 5 s batch window: the six requests wait in it, unanswered, when SIGTERM arrives (the
     # queue depth says so); the scorer answers them before it exits
-    env = {**os.environ, "REDIS_URL": redis_url, "CTRSERVE_BATCH_MAX_DELAY_MS": "5000",
+    env = {**os.environ, "REDIS_URL": own_redis_url, "CTRSERVE_BATCH_MAX_DELAY_MS": "5000",
            "CTRSERVE_REQUEST_DEADLINE_MS": "30000"}
     with ServeProcess(["--registry", str(registry), "--bundle", bundle_name(registry, "lr"),
                        "--log-level", "warning"], env) as server:
