@@ -2,7 +2,7 @@
 
     python -m ctrserve.loadtest.bench_overload --registry demo/registry [--bundle NAME]
         [--features demo/data] [--candidates 10,100,500] [--loads 1.5,2,3] [--duration 10]
-        [--workers 1] [--client-cores 0] [--open-connections 512] [--scorer NAME=FLAGS]
+        [--workers 1] [--client-cores 0] [--open-connections N] [--scorer NAME=FLAGS]
         [--quick] [--out bench-out/overload.json]
 
 Two scorers as subprocesses (bench_serving.Server, each with its own embedded Redis loaded
@@ -13,10 +13,12 @@ saturation is its best closed-loop rate of answered requests over 16, 64 and 256
 `--loads` times its own saturation, and goodput is reported against the better scorer's
 saturation (the machine's capacity for the bundle). Open loop: request i is due at i / rate,
 whatever the replies, and its latency counts from that due time (no coordinated omission);
-`--open-connections` keep-alive connections, all opened before the first request is due; a
-request unanswered after 10 s counts as timed out; `late` is 504s plus 200s answered after the
-deadline. The two scorers' cells alternate (ABBA); `--scorer NAME=FLAGS` adds a scorer with
-other `ctrserve serve` flags (admission on), its cells interleaved with theirs.
+keep-alive connections (`--open-connections`; by default enough to hold a quarter second of the
+rate, 512 to 1536), all opened before the first request is due, on the lean client of
+http_load.py; a request unanswered after 10 s counts as timed out; `late` is 504s plus 200s
+answered after the deadline. The two scorers' cells alternate (ABBA); `--scorer NAME=FLAGS`
+adds a scorer with other `ctrserve serve` flags (admission on), its cells interleaved with
+theirs.
 
 Reported per cell: goodput (200s per second) and its ratio to saturation, p50/p99/max of the
 200s, the 503s, 504s, other statuses and timeouts; the open-loop client's send lag (p99 from a
@@ -38,7 +40,6 @@ that deadline.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import resource
@@ -55,17 +56,18 @@ import numpy as np
 from ctrserve.loadtest.bench_serving import (
     BODIES_PER_SIZE,
     Server,
-    exchange,
     make_bodies,
     newest_bundle,
     records,
     score_payloads,
     write_result,
 )
+from ctrserve.loadtest.http_load import run_load
 
 FULL = {"candidates": (10, 100, 500), "loads": (1.5, 2.0, 3.0), "duration": 10.0}
 QUICK = {"candidates": (10,), "loads": (2.0,), "duration": 1.0}
-CLOSED_CONNECTIONS, OPEN_CONNECTIONS, TIMEOUT_S = (16, 64, 256), 512, 10.0
+CLOSED_CONNECTIONS, OPEN_CONNECTIONS, MAX_OPEN_CONNECTIONS = (16, 64, 256), 512, 1536
+TIMEOUT_S = 10.0
 TARGET_GOODPUT, DEADLINE_MS = 0.9, 1000.0
 # an open-loop cell whose client sent later than this (p99) offered less than its rate and
 # added the lag to the latencies: it measured the client as much as the scorer
@@ -80,71 +82,20 @@ def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
                connections: int) -> dict[str, Any]:
     """Closed loop over `connections` (rate None) or open loop at `rate` requests/s."""
     host, port, payloads = score_payloads(url, bodies)
-    results: list[tuple[int, float]] = []  # (status, latency s); status 0: transport error
-    lags: list[float] = []  # open loop: from a request's due time to its sending
-
-    async def connection(queue: asyncio.Queue, until: float, stream: tuple = (None, None)) -> None:
-        reader, writer = stream
-        while time.perf_counter() < until:
-            item = await queue.get() if queue is not None else (time.perf_counter(), None)
-            if item is None:
-                break
-            due, payload = item
-            if payload is None:
-                payload = payloads[len(results) % len(payloads)]
-            else:
-                lags.append(time.perf_counter() - due)
-            try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(host, port)
-                status = await asyncio.wait_for(exchange(reader, writer, payload),
-                                                max(0.01, due + TIMEOUT_S - time.perf_counter()))
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError,
-                    TimeoutError):
-                status = 0
-                if writer is not None:
-                    writer.close()
-                reader = writer = None
-            results.append((status, time.perf_counter() - due))
-        if writer is not None:
-            writer.close()
-
-    async def main() -> float:
-        started = time.perf_counter()
-        until = started + duration + (TIMEOUT_S if rate else 0)
-        if rate is None:
-            await asyncio.gather(*(connection(None, started + duration)
-                                   for _ in range(connections)))
-            return time.perf_counter() - started
-        # open loop: every connection opened before the first request is due (opened on demand,
-        # hundreds of connects at once overflow the listen backlog: SYNs retried after 1-7 s)
-        streams = await asyncio.gather(*(asyncio.open_connection(host, port)
-                                         for _ in range(connections)))
-        started = time.perf_counter()
-        until = started + duration + TIMEOUT_S
-        queue: asyncio.Queue = asyncio.Queue()
-        workers = [asyncio.create_task(connection(queue, until, stream)) for stream in streams]
-        for i in range(int(rate * duration)):
-            due = started + i / rate
-            if (wait := due - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            queue.put_nowait((due, payloads[i % len(payloads)]))
-        for _ in workers:
-            queue.put_nowait(None)
-        await asyncio.gather(*workers)
-        return duration
-
-    try:
-        import uvloop
-
-        seconds = uvloop.run(main())
-    except ImportError:
-        seconds = asyncio.run(main())
-    summary = summarize_client(results, seconds)
+    out = run_load(host, port, payloads, rate, duration, connections, TIMEOUT_S)
+    summary = summarize_client(out.results, out.seconds)
     # a client that sends late (its own loop behind, every connection busy) offers less than the
     # rate and adds its lag to the latencies: the cell then measures the client
+    lags = out.lags
     summary["send_lag_p99_ms"] = round(float(np.percentile(lags, 99)) * 1000, 1) if lags else None
     return summary
+
+
+def open_connections(rate: float, given: int | None) -> int:
+    """The open loop's connections: `given`, or enough to hold every request for a quarter
+    second (an answer admitted under the 100 ms target is held about 120 ms), within
+    512..1536 (the scorer's max_connections is 2048)."""
+    return given or max(OPEN_CONNECTIONS, min(MAX_OPEN_CONNECTIONS, int(rate * 0.25) + 1))
 
 
 def summarize_client(results: list[tuple[int, float]], seconds: float) -> dict[str, Any]:
@@ -283,11 +234,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 order = list(servers.items()) if i % 2 == 0 else list(servers.items())[::-1]
                 for mode, server in order:
                     rate = load * saturation[mode]
-                    cell = drive(server, bodies_file, rate, duration, args.open_connections,
-                                 client_cpus)
+                    connections = open_connections(rate, args.open_connections)
+                    cell = drive(server, bodies_file, rate, duration, connections, client_cpus)
                     server.wait_idle(timeout=60)
                     cells.append({"mode": mode, "candidates": n, "load": load,
-                                  "connections": args.open_connections,
+                                  "connections": connections,
                                   "rate": round(rate, 1),
                                   "saturation_per_s": saturation[mode],
                                   "best_saturation_per_s": best,
@@ -434,8 +385,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-cores", type=int, default=0,
                    help="pin the client to this many cores and the scorers to the rest (0: "
                    "they share every core, the client taking CPU from the scorer)")
-    p.add_argument("--open-connections", type=int, default=OPEN_CONNECTIONS,
-                   help="the open-loop client's keep-alive connections")
+    p.add_argument("--open-connections", type=int,
+                   help="the open-loop client's keep-alive connections (default: a quarter "
+                   f"second of the rate, {OPEN_CONNECTIONS}..{MAX_OPEN_CONNECTIONS})")
     p.add_argument("--out", type=Path, default=Path("bench-out/overload.json"))
     return p.parse_args(argv)
 

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from ctrserve.loadtest.http_load import run_load
+
 MIXED = 0  # candidates: the traffic simulator's profile (50-100 candidates, top 10 returned)
 QUICK = {"candidates": (10, 100, 500, MIXED), "concurrency": (1, 16), "duration": 2.0,
          "ort_seconds": 0.3, "max_requests": 20_000}
@@ -344,68 +346,17 @@ def score_payloads(url: str, bodies: list[str]) -> tuple[str, int, list[bytes]]:
     return host, port, payloads
 
 
-async def exchange(reader: Any, writer: Any, payload: bytes) -> int:
-    """Send one request on a keep-alive connection and read its reply; its status."""
-    writer.write(payload)
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    await reader.readexactly(length)
-    return status
-
-
 def open_loop_client(url: str, bodies: list[str], rate: float, duration: float,
                      connections: int) -> dict[str, Any]:
-    """Open loop (wrk2's way): request i is due at i / rate whatever the replies, and its
-    latency counts from that due time, so a server that stalls is not hidden by a client that
-    waits for it (coordinated omission). Due requests queue for `connections` keep-alive
-    HTTP/1.1 connections on plain asyncio streams: httpx's pool managed about 100
-    requests/s at 0.7 cores (first quick-suite run, busy machine): it would have measured the
-    client."""
-    import asyncio
-
+    """Open loop (wrk2's way, http_load.py): request i is due at i / rate whatever the replies,
+    and its latency counts from that due time, so a server that stalls is not hidden by a
+    client that waits for it (coordinated omission); `connections` keep-alive HTTP/1.1
+    connections."""
     host, port, payloads = score_payloads(url, bodies)
-    latencies: list[float] = []
-    errors = {"status": 0, "transport": 0}
-
-    async def connection(queue: asyncio.Queue) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        while (item := await queue.get()) is not None:
-            due, payload = item
-            try:
-                if await exchange(reader, writer, payload) != 200:
-                    errors["status"] += 1
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                errors["transport"] += 1
-                writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
-            latencies.append(time.perf_counter() - due)
-        writer.close()
-
-    async def main() -> float:
-        queue: asyncio.Queue = asyncio.Queue()
-        workers = [asyncio.create_task(connection(queue)) for _ in range(connections)]
-        started = time.perf_counter()
-        for i in range(int(rate * duration)):
-            due = started + i / rate
-            if (wait := due - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            queue.put_nowait((due, payloads[i % len(payloads)]))
-        for _ in workers:
-            queue.put_nowait(None)
-        await asyncio.gather(*workers)
-        return time.perf_counter() - started
-
-    try:
-        import uvloop
-
-        seconds = uvloop.run(main())
-    except ImportError:
-        seconds = asyncio.run(main())
-    return client_result(latencies, seconds, errors)
+    out = run_load(host, port, payloads, rate, duration, connections)
+    errors = {"status": sum(1 for status, _ in out.results if status not in (0, 200)),
+              "transport": sum(1 for status, _ in out.results if status == 0)}
+    return client_result([latency for _, latency in out.results], out.seconds, errors)
 
 
 # ---- the run ----------------------------------------------------------------------------------
