@@ -47,10 +47,14 @@ class AdaptiveLimit:
         self.rows = 1.0  # moving average of the rows (candidates) per admitted request
         self._last_decrease = float("-inf")
 
-    def try_acquire(self) -> bool:
+    def full(self) -> bool:
         # never more in flight than the batcher's queue holds: past it, a request would be
         # shed by the queue after its parsing and encoding, the costly way
-        if self.inflight >= min(self.limit, max(self.minimum, self.capacity_rows / self.rows)) // 1:
+        return self.inflight >= min(self.limit,
+                                    max(self.minimum, self.capacity_rows / self.rows)) // 1
+
+    def try_acquire(self) -> bool:
+        if self.full():
             return False
         self.inflight += 1
         return True

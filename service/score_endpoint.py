@@ -38,6 +38,8 @@ class ScoreEndpoint:
         # a client waiting for 100-continue may never send the body that the connection's
         # parser would then wait for: its connection closes after the 503 (RFC 9110 10.1.1)
         self.shed_closing = start(503, SHED_BODY, {**retry, "connection": "close"})
+        self.shed_raw = b"".join(b"%s: %s\r\n" % pair for pair in self.shed_start["headers"])
+        self.shed_raw += b"\r\n" + SHED_BODY
         self.max_wait_s = settings.admission_target_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -55,6 +57,18 @@ class ScoreEndpoint:
                 status = await self._admitted(scope, receive, send, arrived)
         finally:
             self.recorder.record(PATH, status, time.perf_counter() - started)
+
+    def shed_early(self, arrived: float) -> bytes | None:
+        """For the HTTP protocol (server.py), once a request's headers are parsed: the raw
+        tail of a 503 (headers after the status line, and the body) when the gate would shed
+        it, counted as a shed; None when it would admit it, and then the app decides as
+        before. Answered there, a shed costs no task, app call or response assembly."""
+        if self.limit is None or (time.monotonic() - arrived <= self.max_wait_s
+                                  and not self.limit.full()):
+            return None
+        self.shed.inc()
+        self.recorder.record(PATH, 503, 0.0)
+        return self.shed_raw
 
     def _admit(self, arrived: float) -> bool:
         """Shed a request that already waited longer than the admission target before reaching

@@ -44,7 +44,33 @@ class HeaderTimeout(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stop_header_timer()
-        super().on_headers_complete()
+        if not self._shed_early():
+            super().on_headers_complete()
+
+    def _shed_early(self) -> bool:
+        """A score request that the admission gate sheds is answered here, the 503 written
+        whole; its body, still to be parsed, is then ignored as uvicorn ignores the rest of
+        a request whose response is complete. Only on an idle connection (no pipelined
+        request before it) and without Expect: 100-continue (the app closes that one)."""
+        endpoint = getattr(self.app, "score_endpoint", None)
+        if (endpoint is None or self.url != b"/v1/score" or self.parser.get_method() != b"POST"
+                or self.expect_100_continue
+                or not (self.cycle is None or self.cycle.response_complete)):
+            return False
+        tail = endpoint.shed_early(self.scope[ARRIVED])  # type: ignore[literal-required]
+        if tail is None:
+            return False
+        head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+        head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
+        keep_alive = self.parser.should_keep_alive()
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        self.cycle = ANSWERED  # type: ignore[assignment]
+        self.transport.write(b"".join(head) + tail)
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
@@ -62,6 +88,15 @@ class HeaderTimeout(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class _Answered:
+    """Stands for the cycle of a request answered by the protocol itself: complete."""
+
+    response_complete = True
+
+
+ANSWERED = _Answered()
 
 
 def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:

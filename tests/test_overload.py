@@ -140,9 +140,16 @@ def test_a_request_shed_before_its_body_keeps_its_connection_in_step(registry, r
         sock = connect(server.url)
         sock.sendall(head(len(BODY)))  # the headers only: the answer comes before the body
         status, headers, body = response(sock)
-        assert status == 503 and headers["retry-after"] == "1"
+        assert status == 503 and headers["retry-after"] == "1" and "date" in headers
         assert json.loads(body)["detail"][0]["loc"] == ["admission"]
+        assert "connection" not in headers  # kept alive
         sock.sendall(BODY)  # the parser drops it; the connection stays in step
+        old_client = connect(server.url)  # HTTP/1.0, no keep-alive: shed, then closed
+        old_client.sendall(head(len(BODY)).replace(b"HTTP/1.1", b"HTTP/1.0") + BODY)
+        status, headers, _ = response(old_client)
+        assert status == 503 and headers["connection"] == "close"
+        assert old_client.recv(1) == b""
+        old_client.close()
         held.sendall(BODY[5:])
         assert response(held)[0] == 200
         sock.sendall(head(len(BODY)) + BODY)  # the same keep-alive connection, now admitted
