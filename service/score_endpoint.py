@@ -4,10 +4,12 @@ The stack around the scorer (FastAPI's exit-stack and error middleware, the metr
 admission middleware, routing, Starlette's Request and Response) cost 28-35 µs of CPU per
 request, measured in process with the scorer stubbed out (9-13 µs now); a shed request paid it
 too.
-Here a request goes: admission (a prebuilt 503 before the body is read) -> the body (size and
-time bounded, 413/408/499) -> Scorer.score -> the reply, with every ApiError answered as the
-app's exception handlers answer it, and the request metrics recorded as MetricsMiddleware
-records them. The FastAPI route in routers/score.py stays for the OpenAPI document.
+Here a request goes: admission (a prebuilt 503 before the body is read; under uvicorn's
+httptools protocol most sheds are answered even earlier, by server.py through `shed_early`)
+-> the body (size and time bounded, 413/408/499) -> Scorer.score -> the reply, with every
+ApiError answered as the app's exception handlers answer it, and the request metrics recorded
+as MetricsMiddleware records them. The FastAPI route in routers/score.py stays for the
+OpenAPI document.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every wait of a connection is bounded: headers within `header_timeout_s` (uvicor
 timeout: a client sending a byte a minute would hold a connection forever), the body within
 `body_timeout_s` (routers/score.py), idle keep-alive connections 5 s (uvicorn's own), and at
 most `max_connections` connections or requests at once (uvicorn's limit_concurrency: 503).
+A score request that the admission gate sheds is answered by the protocol itself as soon as
+its headers are parsed (HeaderTimeout._shed_early): no task, app call or response assembly.
 """
 
 from __future__ import annotations
