@@ -145,9 +145,11 @@ def drive(server: Server, bodies_file: Path, rate: float | None, duration: float
 
 # ---- what a shed costs ---------------------------------------------------------------------------
 # a scorer whose one admission slot is held by a request whose body never completes: every
-# other score request is shed
+# other score request is shed. Its admission target of 1 ms is also the pause before a shed
+# connection is read again (server.py), so that 64 connections keep it busy shedding
 SHED_ONLY_ENV = {"CTRSERVE_ADMISSION_MIN": "1", "CTRSERVE_ADMISSION_INITIAL": "1",
-                 "CTRSERVE_ADMISSION_MAX": "1", "CTRSERVE_BODY_TIMEOUT_S": "3600"}
+                 "CTRSERVE_ADMISSION_MAX": "1", "CTRSERVE_BODY_TIMEOUT_S": "3600",
+                 "CTRSERVE_ADMISSION_TARGET_MS": "1"}
 
 
 def shed_cost(server: Server, bodies_file: Path, duration: float,

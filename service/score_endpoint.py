@@ -43,6 +43,7 @@ class ScoreEndpoint:
         self.shed_raw = b"".join(b"%s: %s\r\n" % pair for pair in self.shed_start["headers"])
         self.shed_raw += b"\r\n" + SHED_BODY
         self.max_wait_s = settings.admission_target_s
+        self.shed_pause_s = settings.admission_target_s  # server.py: reads held after a shed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()

@@ -72,7 +72,21 @@ class HeaderTimeout(HttpToolsProtocol):
         if not keep_alive:
             self.transport.close()
         self.on_response_complete()
+        if keep_alive:
+            self._hold_reads(endpoint.shed_pause_s)
         return True
+
+    def _hold_reads(self, seconds: float) -> None:
+        """After a shed, the connection's next request is read `seconds` later: a client that
+        retries at once, Retry-After notwithstanding, is then shed once per connection per
+        `seconds` instead of taking the CPU of the admitted requests (a closed loop of 64
+        such connections at 500 candidates answered 143 requests/s against 189 at 16)."""
+        self.flow.pause_reading()
+        self.loop.call_later(seconds, self._resume_reads)
+
+    def _resume_reads(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()

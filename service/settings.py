@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     admission: bool = Field(True, description="shed score requests before reading them past "
                                               "an adaptive in-flight limit (service/admission.py)")
     admission_target_ms: float | None = Field(
-        None, gt=0, description="mean latency the admission limit steers admitted requests to "
-                                "(default: a tenth of request_deadline_ms)")
+        None, gt=0, description="mean latency the admission limit steers admitted requests to, "
+                                "and the pause before a connection whose request was shed is "
+                                "read again (default: a tenth of request_deadline_ms)")
     admission_min: int = Field(16, ge=1, description="in-flight score requests always admitted")
     admission_initial: int = Field(64, ge=1, description="the limit at start, before any "
                                                          "latency was measured")
