@@ -195,23 +195,9 @@ async def _run(host: str, port: int, payloads: list[bytes], rate: float | None,
     await load.open(connections)
     started = time.perf_counter()
     if rate is None:
-        load.closed_until = started + duration
-        for _ in range(connections):
-            load.submit(started)
-        while time.perf_counter() < load.closed_until:  # replies send the next requests
-            await asyncio.sleep(load.closed_until - time.perf_counter())
+        await _closed_loop(load, started + duration, connections)
     else:
-        total, i, swept = int(rate * duration), 0, started
-        while i < total:
-            now = time.perf_counter()
-            due_now = min(total, int((now - started) * rate) + 1)
-            for j in range(i, due_now):
-                load.submit(started + j / rate)
-            i = due_now
-            if now - swept > SWEEP_S:
-                load.expire()
-                swept = now
-            await asyncio.sleep(TICK_S)
+        await _open_loop(load, started, rate, duration)
     end = started + duration + timeout_s
     while load.pending and time.perf_counter() < end:
         load.expire()
@@ -219,6 +205,31 @@ async def _run(host: str, port: int, payloads: list[bytes], rate: float | None,
     load.out.seconds = duration if rate else time.perf_counter() - started
     load.close()
     return load.out
+
+
+async def _closed_loop(load: _Load, until: float, connections: int) -> None:
+    """A request on every connection; each reply sends the next one until `until`."""
+    load.closed_until = until
+    for _ in range(connections):
+        load.submit(time.perf_counter())
+    while (left := until - time.perf_counter()) > 0:
+        await asyncio.sleep(min(left, SWEEP_S))
+        load.expire()
+
+
+async def _open_loop(load: _Load, started: float, rate: float, duration: float) -> None:
+    """Request j is due at started + j / rate; each tick submits those that fell due."""
+    total, i, swept = int(rate * duration), 0, started
+    while i < total:
+        now = time.perf_counter()
+        due_now = min(total, int((now - started) * rate) + 1)
+        for j in range(i, due_now):
+            load.submit(started + j / rate)
+        i = due_now
+        if now - swept > SWEEP_S:
+            load.expire()
+            swept = now
+        await asyncio.sleep(TICK_S)
 
 
 def run_load(host: str, port: int, payloads: list[bytes], rate: float | None, duration: float,
