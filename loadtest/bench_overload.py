@@ -86,8 +86,8 @@ def run_client(url: str, bodies: list[str], rate: float | None, duration: float,
     summary = summarize_client(out.results, out.seconds)
     # a client that sends late (its own loop behind, every connection busy) offers less than the
     # rate and adds its lag to the latencies: the cell then measures the client
-    lags = out.lags
-    summary["send_lag_p99_ms"] = round(float(np.percentile(lags, 99)) * 1000, 1) if lags else None
+    summary["send_lag_p99_ms"] = (round(float(np.percentile(out.lags, 99)) * 1000, 1)
+                                  if out.lags else None)
     return summary
 
 

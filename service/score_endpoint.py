@@ -42,8 +42,9 @@ class ScoreEndpoint:
         self.shed_closing = start(503, SHED_BODY, {**retry, "connection": "close"})
         self.shed_raw = b"".join(b"%s: %s\r\n" % pair for pair in self.shed_start["headers"])
         self.shed_raw += b"\r\n" + SHED_BODY
-        self.max_wait_s = settings.admission_target_s
-        self.shed_pause_s = settings.admission_target_s  # server.py: reads held after a shed
+        # the longest wait before the gate, and the pause before a shed connection is read
+        # again (server.py)
+        self.target_s = settings.admission_target_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -66,8 +67,7 @@ class ScoreEndpoint:
         tail of a 503 (headers after the status line, and the body) when the gate would shed
         it, counted as a shed; None when it would admit it, and then the app decides as
         before. Answered there, a shed costs no task, app call or response assembly."""
-        if self.limit is None or (time.monotonic() - arrived <= self.max_wait_s
-                                  and not self.limit.full()):
+        if self.limit is None or (self._in_time(arrived) and not self.limit.full()):
             return None
         self.shed.inc()
         self.recorder.record(PATH, 503, 0.0)
@@ -77,7 +77,10 @@ class ScoreEndpoint:
         """Shed a request that already waited longer than the admission target before reaching
         the gate (a saturated event loop: the in-flight limit cannot see that queue), or one
         past the in-flight limit."""
-        return time.monotonic() - arrived <= self.max_wait_s and self.limit.try_acquire()
+        return self._in_time(arrived) and self.limit.try_acquire()
+
+    def _in_time(self, arrived: float) -> bool:
+        return time.monotonic() - arrived <= self.target_s
 
     async def _admitted(self, scope: dict, receive: Any, send: Any, arrived: float) -> int:
         try:

@@ -75,7 +75,7 @@ class HeaderTimeout(HttpToolsProtocol):
             self.transport.close()
         self.on_response_complete()
         if keep_alive:
-            self._hold_reads(endpoint.shed_pause_s)
+            self._hold_reads(endpoint.target_s)
         return True
 
     def _hold_reads(self, seconds: float) -> None:
