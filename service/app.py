@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from ctrserve import __version__
 from ctrserve.common.keys import SIGNING_KEY
+from ctrserve.service import heap
 from ctrserve.service.admission import AdaptiveLimit
 from ctrserve.service.attribution import AUTO_KID, Signer, parse_keys
 from ctrserve.service.deploy_follower import DeploymentFollower
@@ -115,6 +116,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                        settings.counts_retention_days, settings.max_log_entries)
             state.metrics.log_capacity.set(settings.max_log_entries)
             state.lag = LagSampler(state.redis.client, state.metrics, settings.log_sample_s)
+            state.metrics.heap_frozen.set(heap.settle())
             state.ready = True
             state.follower.start()
             state.lag.start()

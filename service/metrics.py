@@ -78,6 +78,10 @@ class Metrics:
         self.model_info = Gauge("ctrserve_model_info", "each loaded bundle's model (value 1)",
                                 list(MODEL_INFO_LABELS), registry=r,
                                 multiprocess_mode="livemax")
+        self.heap_frozen = Gauge("ctrserve_heap_frozen_objects", "objects frozen out of "
+                                 "the collector's walks after start-up or the last model "
+                                 "change (service/heap.py; 0 in-process), summed over workers",
+                                 registry=r, multiprocess_mode="livesum")
         self.swaps = Counter("ctrserve_swaps_total", "bundles loaded, or refused (the bundle "
                              "failed verification)", ["bundle", "result"], registry=r)
         # A/B counts: the recording rules in deploy/ read these names and labels

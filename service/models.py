@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from ctrserve.bundles import Bundle, BundleError, load_bundle
 from ctrserve.bundles.registry import known_bundles
+from ctrserve.service import heap
 from ctrserve.service.batcher import Batcher, Runner
 from ctrserve.service.encoding import RequestEncoder
 from ctrserve.service.errors import NotReady
@@ -158,8 +159,8 @@ class ModelRegistry:
             raise NotReady(["arm"], f"no model loaded for arm {arm!r}")
         return model
 
-    async def load(self, arm: str, path: Path) -> tuple[LoadedModel | None, LoadedModel]:
-        """Load `path` for `arm`, replacing what it served; returns (old, new)."""
+    async def load(self, arm: str, path: Path) -> None:
+        """Load `path` for `arm`, replacing what it served."""
         async with self._lock:
             old = self.models.get(arm)
             meta = await self.store.meta()
@@ -178,7 +179,8 @@ class ModelRegistry:
         if old is not None:
             await old.batcher.close(self.settings.drain_timeout_s)
         log.info("arm %s serves %s (was %s)", arm, new.version, old.version if old else None)
-        return old, new
+        del old, new  # the retired model, unreferenced from here, can be collected
+        self._resettle()
 
     async def unload(self, key: str) -> None:
         """Stop serving `key`: requests already queued on it finish first."""
@@ -190,6 +192,15 @@ class ModelRegistry:
         if not await model.batcher.close(self.settings.drain_timeout_s):
             log.warning("%s: queue not drained within %.0f s", key, self.settings.drain_timeout_s)
         log.info("%s (%s) unloaded", key, model.version)
+        del model
+        self._resettle()
+
+    def _resettle(self) -> None:
+        """After a model change in a serving process: the retired model's cycles collected,
+        and the heap, the new model's objects with it, frozen again (service/heap.py)."""
+        frozen = heap.resettle()
+        if frozen is not None:
+            self.metrics.heap_frozen.set(frozen)
 
     def _retire(self, model: LoadedModel) -> None:
         """Drop the series of a model no longer served, except those another served model of

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ctrserve.service import heap
 from ctrserve.service.app import create_app
 from ctrserve.service.score_endpoint import ARRIVED
 from ctrserve.service.settings import Settings
@@ -167,6 +168,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings, sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then finish in-flight requests and drain the queues."""
+    heap.manage()
     server = DrainingServer(uvicorn_config(settings), settings.shutdown_delay_s)
     server.run(sockets=[sock] if sock else None)
     if server.started is False:
