@@ -5,7 +5,8 @@ timeout: a client sending a byte a minute would hold a connection forever), the 
 `body_timeout_s` (routers/score.py), idle keep-alive connections 5 s (uvicorn's own), and at
 most `max_connections` connections or requests at once (uvicorn's limit_concurrency: 503).
 A score request that the admission gate sheds is answered by the protocol itself as soon as
-its headers are parsed (HeaderTimeout._shed_early): no task, app call or response assembly.
+its headers are parsed (HeaderTimeout._shed_early): no task, app call or response assembly;
+the rest of its body, skipped, has `body_timeout_s` to arrive too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class HeaderTimeout(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _held_until = 0.0  # loop time until which a shed connection's bytes are held
     _held: list[bytes] | None = None
+    _shed_body_timeout_s: float | None = None  # set while a shed request's body is to come
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -77,7 +79,14 @@ class HeaderTimeout(HttpToolsProtocol):
         self.on_response_complete()
         if keep_alive:
             self._hold_reads(endpoint.target_s)
+            self._shed_body_timeout_s = endpoint.body_timeout_s
         return True
+
+    def on_message_complete(self) -> None:
+        if self._shed_body_timeout_s is not None:  # the shed request's body ended: no bound
+            self._shed_body_timeout_s = None
+            self._stop_header_timer()
+        super().on_message_complete()
 
     def _hold_reads(self, seconds: float) -> None:
         """After a shed, what the connection sends within `seconds` is parsed only then: a
@@ -88,6 +97,11 @@ class HeaderTimeout(HttpToolsProtocol):
         self._held_until = self.loop.time() + seconds
 
     def data_received(self, data: bytes) -> None:
+        if self._shed_body_timeout_s is not None and self._header_timer is None:
+            # a shed request's body comes apart from its headers: it has body_timeout_s, as
+            # an admitted one has, or a client trickling it would hold the connection (each
+            # byte cancels uvicorn's keep-alive timer)
+            self._start_header_timer(self._shed_body_timeout_s)
         if self._held is None and self.loop.time() >= self._held_until:
             super().data_received(data)
             return
@@ -107,8 +121,9 @@ class HeaderTimeout(HttpToolsProtocol):
         self._stop_header_timer()
         super().connection_lost(exc)
 
-    def _start_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._too_slow)
+    def _start_header_timer(self, seconds: float | None = None) -> None:
+        self._header_timer = self.loop.call_later(seconds or self.header_timeout_s,
+                                                  self._too_slow)
 
     def _stop_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -121,10 +136,18 @@ class HeaderTimeout(HttpToolsProtocol):
             self.transport.close()
 
 
+class _NoReader:
+    """uvicorn's connection_lost wakes whoever reads the cycle's body: nobody, here."""
+
+    def set(self) -> None:
+        pass
+
+
 class _Answered:
     """Stands for the cycle of a request answered by the protocol itself: complete."""
 
     response_complete = True
+    message_event = _NoReader()
 
 
 ANSWERED = _Answered()

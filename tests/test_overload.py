@@ -8,6 +8,7 @@ closed connection) in bounded time, never a hung request or a 500.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -195,6 +196,29 @@ def test_a_connection_whose_request_was_shed_is_read_again_only_after_a_pause(re
         assert response(held)[0] == 200
         for s in (held, sock):
             s.close()
+
+
+def test_a_shed_request_whose_body_trickles_has_its_connection_closed(registry, redis_server,
+                                                                      caplog):
+    with serve(registry, redis_server.url, admission_min=1, admission_initial=1,
+               admission_max=1, body_timeout_s=2) as server:
+        held = connect(server.url)
+        held.sendall(head(len(BODY)) + BODY[:5])  # admitted, its body not yet complete
+        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
+                   "the one slot is taken")
+        sock = connect(server.url)
+        sock.sendall(head(len(BODY)))
+        assert response(sock)[0] == 503
+        shed_at = time.monotonic()
+        # one byte of the body: it cancels uvicorn's keep-alive timer (5 s), so without a
+        # bound on the shed request's body the connection would stay open for good
+        sock.sendall(BODY[:1])
+        assert sock.recv(1) == b""  # closed by the server (recv would time out after 10 s)
+        assert time.monotonic() - shed_at < 4.5
+        for s in (held, sock):
+            s.close()
+    # closing a connection whose last request the protocol answered is no error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_body_that_does_not_arrive_is_a_408(registry, redis_server):
