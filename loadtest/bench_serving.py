@@ -192,6 +192,10 @@ class Server:
             time.sleep(0.2)
             busy = (sum(self.cpu_seconds().values()) - before) / 0.2
             quiet = quiet + 1 if busy < quiet_cores else 0
+        if quiet < 2:  # the next cell, whichever scorer it drives, shares cores with this one
+            print(f"warning: scorer {self.name} still busy {timeout:g} s after its cell; "
+                  "the next cell's figures include its leftover work", file=sys.stderr,
+                  flush=True)
 
     def metric_sum(self, prefix: str) -> float:
         """The sum of every series of /metrics whose line starts with `prefix`."""
