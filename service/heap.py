@@ -6,11 +6,12 @@ reference cycles (in an overload run the collector found about 4,000 cyclic obje
 out of millions allocated). With CPython's defaults (a young collection every 700 allocations,
 a full one whenever the survivors grow by a quarter) the collector walked that heap again and
 again: 9% of the scorer's CPU at 9,000 requests/s offered (perf), and full collections of
-60-70 ms that stall the event loop. So a serving process (`manage`, from server.serve) freezes
-its heap once it is built and again after each model change (`settle`): frozen objects are not
-walked, and reference counting frees them as before. Cycles among them (a retired model's) are
-found by the next settle, which unfreezes first; young collections run every YOUNG
-allocations. In-process apps (the tests, the benchmarks' ASGI calls) are left as they are.
+60-70 ms that stall the event loop. So while a process serves (`managed`, around
+server.serve's run) its heap is frozen once it is built and again after each model change
+(`settle`): frozen objects are not walked, and reference counting frees them as before. Cycles
+among them (a retired model's) are found by the next settle, which unfreezes first; young
+collections run every YOUNG allocations. In-process apps (the tests, the benchmarks' ASGI
+calls) are left as they are.
 """
 
 from __future__ import annotations
@@ -18,18 +19,29 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger("ctrserve.service")
 YOUNG = 7000  # allocations between young collections; CPython's default is 700
 _managed = False
 
 
-def manage() -> None:
-    """This process serves: from now on `settle` freezes its heap, and young collections are
-    rarer."""
+@contextmanager
+def managed() -> Iterator[None]:
+    """While this process serves: `settle` freezes its heap, and young collections are rarer.
+    Undone after (a test that runs `ctrserve serve` in its own process gets its collector
+    back as it was)."""
     global _managed
+    before = gc.get_threshold()
     _managed = True
     gc.set_threshold(YOUNG, 10, 10)
+    try:
+        yield
+    finally:
+        _managed = False
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def settle() -> int:

@@ -191,8 +191,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings, sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then finish in-flight requests and drain the queues."""
-    heap.manage()
     server = DrainingServer(uvicorn_config(settings), settings.shutdown_delay_s)
-    server.run(sockets=[sock] if sock else None)
+    with heap.managed():
+        server.run(sockets=[sock] if sock else None)
     if server.started is False:
         raise SystemExit(3)  # start-up failed; uvicorn has logged why
