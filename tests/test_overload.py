@@ -72,6 +72,15 @@ def response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, rest
 
 
+def take_the_slot(url: str, what: str = "the one slot is taken") -> socket.socket:
+    """A connection whose request is admitted at its headers and holds its admission slot
+    while its body is incomplete; returns once a second request is shed."""
+    held = connect(url)
+    held.sendall(head(len(BODY)) + BODY[:5])
+    wait_until(lambda: httpx.post(url + "/v1/score", content=BODY).status_code == 503, what)
+    return held
+
+
 def requests_with_status(url: str, status: int) -> float:
     text = httpx.get(url + "/metrics").text
     return metric_value(text, f'ctrserve_requests_total{{endpoint="/v1/score",status="{status}"}}')
@@ -134,10 +143,7 @@ def test_past_the_admission_limit_a_request_is_shed_before_its_body(registry, re
 def test_a_request_shed_before_its_body_keeps_its_connection_in_step(registry, redis_server):
     with serve(registry, redis_server.url, admission_min=1, admission_initial=1,
                admission_max=1) as server:
-        held = connect(server.url)
-        held.sendall(head(len(BODY)) + BODY[:5])  # admitted, its body not yet complete
-        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
-                   "the one slot is taken")
+        held = take_the_slot(server.url)
         shed_before = requests_with_status(server.url, 503)
         sock = connect(server.url)
         sock.sendall(head(len(BODY)))  # the headers only: the answer comes before the body
@@ -159,10 +165,8 @@ def test_a_request_shed_before_its_body_keeps_its_connection_in_step(registry, r
         assert status == 200 and len(json.loads(body)["scores"]) == 2
         assert requests_with_status(server.url, 503) > shed_before  # counted as the app counts
 
-        waiting = connect(server.url)  # held again, then a client that waits for 100-continue
-        waiting.sendall(head(len(BODY)) + BODY[:5])
-        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
-                   "the limit is taken again")
+        # held again, then a client that waits for 100-continue
+        waiting = take_the_slot(server.url, "the limit is taken again")
         expecting = connect(server.url)
         expecting.sendall(head(len(BODY)).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
         status, headers, _ = response(expecting)
@@ -180,10 +184,7 @@ def test_a_connection_whose_request_was_shed_is_read_again_only_after_a_pause(re
     in the app, which cannot hold the connection's reads."""
     with serve(registry, redis_server.url, admission_min=1, admission_initial=1,
                admission_max=1, admission_target_ms=2000) as server:
-        held = connect(server.url)
-        held.sendall(head(len(BODY)) + BODY[:5])  # admitted, its body not yet complete
-        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
-                   "the one slot is taken")
+        held = take_the_slot(server.url)
         sock = connect(server.url)
         sock.sendall(head(len(BODY)) + BODY)
         assert response(sock)[0] == 503
@@ -202,10 +203,7 @@ def test_a_shed_request_whose_body_trickles_has_its_connection_closed(registry, 
                                                                       caplog):
     with serve(registry, redis_server.url, admission_min=1, admission_initial=1,
                admission_max=1, body_timeout_s=2) as server:
-        held = connect(server.url)
-        held.sendall(head(len(BODY)) + BODY[:5])  # admitted, its body not yet complete
-        wait_until(lambda: httpx.post(server.url + "/v1/score", content=BODY).status_code == 503,
-                   "the one slot is taken")
+        held = take_the_slot(server.url)
         sock = connect(server.url)
         sock.sendall(head(len(BODY)))
         assert response(sock)[0] == 503
