@@ -77,6 +77,11 @@ class Claims:
                    for i in range(0, len(self.tags), TAG_BYTES))
 
 
+def item_digest(item_id: str) -> bytes:
+    """An item id's BLAKE2b-128 digest: what version 2's tag of the item encrypts."""
+    return hashlib.blake2b(item_id.encode(), digest_size=16, person=b"ctrserve-item").digest()
+
+
 def new_request_id() -> str:
     """128 random bits (the issue asks for at least 96): not guessable, not a counter."""
     return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
@@ -115,8 +120,8 @@ class Signer:
     def __init__(self, keys: list[tuple[str, bytes]]):
         if not keys:
             raise ValueError("at least one attribution key is needed")
-        self.kid, self._secret = keys[0]
-        self._keys = dict(keys)
+        self.kid = keys[0][0]
+        self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in keys}
         self._tag_keys = {kid: hashlib.blake2b(secret, digest_size=64, person=b"ctrserve-tag")
                           .digest() for kid, secret in keys}
         self._aes_keys = {kid: hashlib.blake2b(key, digest_size=16, person=b"ctrserve-aes")
@@ -124,16 +129,20 @@ class Signer:
         self._local = threading.local()  # the encryptors, which are not shared across threads
         self._digest_cache: dict[str, bytes] = {}
 
-    def tags(self, kid: str, request_id: str, items: list[str], version: int = VERSION) -> bytes:
-        """TAG_BYTES per item, in order, under key `kid` for the request (token `version`)."""
+    def tags(self, kid: str, request_id: str, items: list[str], version: int = VERSION,
+             digests: np.ndarray | None = None) -> bytes:
+        """TAG_BYTES per item, in order, under key `kid` for the request (token `version`).
+        `digests`: the items' item_digest, one uint8 row of 16 each, when the caller has them
+        (the scorer's item cache keeps them), else looked up here."""
         if version == 1:
             return self._blake2b_tags(kid, request_id, items)
         # XE (Rogaway, 2004): AES_K(digest(item) xor mask), the mask secret and particular to
         # the request; ECB is AES applied block by block, as a pseudo-random permutation
         mask = hashlib.blake2b(request_id.encode(), digest_size=16, key=self._tag_keys[kid],
                                person=b"ctrserve-mask").digest()
-        masked = (np.frombuffer(self._digests(items), np.uint64).reshape(-1, 2)
-                  ^ np.frombuffer(mask, np.uint64))
+        blocks = (np.frombuffer(self._digests(items), np.uint64).reshape(-1, 2)
+                  if digests is None else digests.view(np.uint64))
+        masked = blocks ^ np.frombuffer(mask, np.uint64)
         blocks = self._encryptor(kid).update(masked.tobytes())
         return np.frombuffer(blocks, np.uint8).reshape(-1, 16)[:, :TAG_BYTES].tobytes()
 
@@ -153,8 +162,7 @@ class Signer:
             if len(cache) + len(items) > DIGESTS_KEPT:
                 cache.clear()
             for item in items:
-                cache[item] = hashlib.blake2b(item.encode(), digest_size=16,
-                                              person=b"ctrserve-item").digest()
+                cache[item] = item_digest(item)
             return b"".join(map(cache.__getitem__, items))
 
     def _blake2b_tags(self, kid: str, request_id: str, items: list[str]) -> bytes:
@@ -168,12 +176,15 @@ class Signer:
         return b"".join(out)
 
     def issue(self, request_id: str, experiment: str, arm: str, model_version: str, user: str,
-              ts: float, holdout: bool, items: list[str], day: str | None = None) -> str:
-        """A token for the request; `day` is utc_day(ts), computed here when not given."""
+              ts: float, holdout: bool, items: list[str], day: str | None = None,
+              digests: np.ndarray | None = None) -> str:
+        """A token for the request; `day` is utc_day(ts), computed here when not given;
+        `digests` as for `tags`."""
         header = to_json([VERSION, request_id, experiment, arm, model_version, user,
                           day or utc_day(ts), ts, int(holdout)])
-        body = f"{self.kid}.{_b64(header)}.{_b64(self.tags(self.kid, request_id, items))}"
-        return f"{body}.{_b64(self._mac(self._secret, body))}"
+        tags = self.tags(self.kid, request_id, items, digests=digests)
+        body = f"{self.kid}.{_b64(header)}.{_b64(tags)}"
+        return f"{body}.{_b64(self._mac(self.kid, body))}"
 
     def verify(self, token: str) -> tuple[str, Claims]:
         """(kid, claims) of a token this signer's keys made; TokenError otherwise."""
@@ -181,8 +192,7 @@ class Signer:
         if len(parts) != 4:
             raise TokenError("bad_token", "not an attribution token from a score response")
         kid, header, tags, mac = parts
-        secret = self._keys.get(kid)
-        if secret is None:
+        if kid not in self._macs:
             raise TokenError("bad_token", f"signed with an unknown key {kid!r} (rotated out?)")
         try:
             given = _unb64(mac)
@@ -190,14 +200,15 @@ class Signer:
             raw_tags = _unb64(tags)
         except (ValueError, json.JSONDecodeError):
             raise TokenError("bad_token", "the token is not valid base64url/JSON") from None
-        if not hmac.compare_digest(given, self._mac(secret, f"{kid}.{header}.{tags}")):
+        if not hmac.compare_digest(given, self._mac(kid, f"{kid}.{header}.{tags}")):
             raise TokenError("bad_signature", "the token's signature does not match: it was "
                              "altered or not made by this service")
         return kid, _claims(fields, raw_tags)
 
-    @staticmethod
-    def _mac(secret: bytes, body: str) -> bytes:
-        return hmac.digest(secret, body.encode(), "sha256")[:MAC_BYTES]
+    def _mac(self, kid: str, body: str) -> bytes:
+        mac = self._macs[kid].copy()  # keyed once: a copy costs less than keying anew
+        mac.update(body.encode())
+        return mac.digest()[:MAC_BYTES]
 
 
 def _claims(fields: Any, tags: bytes) -> Claims:

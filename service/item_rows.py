@@ -1,7 +1,9 @@
 """The in-process item cache: encoded item-field rows per item id, with bounded staleness.
 
 Rows live in one matrix per model input, so a request gathers its candidates with one fancy
-index (30 us for 500 items) instead of encoding them (3.7 ms). A row is refetched from the
+index (30 us for 500 items) instead of encoding them (3.7 ms). Beside them each id's
+attribution digest (attribution.item_digest), gathered the same way for the token's tags where
+a lookup per id cost 9 us per 100 candidates in the scorer. A row is refetched from the
 feature store once it is older than the TTL; past `max_items` the cache starts over.
 """
 
@@ -12,6 +14,8 @@ from operator import itemgetter
 from typing import Any
 
 import numpy as np
+
+from ctrserve.service.attribution import item_digest
 
 Encode = Callable[[Sequence[str], Sequence[dict[str, Any] | None]], dict[str, np.ndarray]]
 
@@ -27,6 +31,7 @@ class ItemRows:
     def _reset(self, capacity: int) -> None:
         self.index: dict[str, int] = {}
         self._expires = np.zeros(capacity)
+        self._digests = np.zeros((capacity, 16), np.uint8)
         self._mats = {g: np.zeros((capacity, *shape), dtype) for g, (shape, dtype)
                       in self._shapes.items()}
 
@@ -61,6 +66,10 @@ class ItemRows:
     def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {g: m[idx] for g, m in self._mats.items()}
 
+    def digests(self, idx: np.ndarray) -> np.ndarray:
+        """The ids' item_digest, a row of 16 bytes each, in the order of idx."""
+        return self._digests[idx]
+
     def ids(self) -> list[str]:
         return list(self.index)
 
@@ -71,11 +80,13 @@ class ItemRows:
             if row >= len(self._expires):
                 self._grow()
             self.index[item_id] = row
+            self._digests[row] = np.frombuffer(item_digest(item_id), np.uint8)
         return row
 
     def _grow(self) -> None:
         capacity = 2 * len(self._expires)
         self._expires = np.resize(self._expires, capacity)
+        self._digests = np.resize(self._digests, (capacity, 16))
         for g, m in self._mats.items():
             grown = np.zeros((capacity, *m.shape[1:]), m.dtype)
             grown[: len(m)] = m

@@ -29,18 +29,23 @@ _ITEM_ID = itemgetter("item_id")
 
 
 def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
-    """The request, or InvalidBody naming each field that is wrong."""
-    fields = plain_fields(body, max_candidates)
-    if fields is not None:
-        return ScoreRequest.model_construct(**fields)
+    """The request, or InvalidBody naming each field that is wrong. A plain request carries
+    its candidates' ids (`item_ids`), read once here."""
+    plain = plain_fields(body, max_candidates)
+    if plain is not None:
+        fields, ids = plain
+        req = ScoreRequest.model_construct(**fields)
+        req._item_ids = ids
+        return req
     try:
         return ScoreRequest.model_validate_json(body, context={"max_candidates": max_candidates})
     except ValidationError as exc:
         raise InvalidBody(validation_items(exc)) from None
 
 
-def plain_fields(body: bytes, max_candidates: int) -> dict[str, Any] | None:
-    """The body's fields when it is a plain, valid request; None sends it to pydantic."""
+def plain_fields(body: bytes, max_candidates: int) -> tuple[dict[str, Any], list[str]] | None:
+    """The body's fields and its candidates' ids when it is a plain, valid request; None sends
+    it to pydantic."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -48,8 +53,10 @@ def plain_fields(body: bytes, max_candidates: int) -> dict[str, Any] | None:
     if type(data) is not dict or not FIELDS.issuperset(data):
         return None
     candidates = data.get("candidates")
-    if not (type(candidates) is list and 0 < len(candidates) <= max_candidates
-            and plain_candidates(candidates)):
+    if not (type(candidates) is list and 0 < len(candidates) <= max_candidates):
+        return None
+    ids = plain_candidates(candidates)
+    if ids is None:
         return None
     if not all(plain_id(data.get(name)) for name in IDS):
         return None
@@ -63,17 +70,21 @@ def plain_fields(body: bytes, max_candidates: int) -> dict[str, Any] | None:
             data["ts"] = epoch_seconds(data["ts"])
         except ValueError:
             return None
-    return data
+    return data, ids
 
 
-def plain_candidates(candidates: list) -> bool:
-    """Every candidate is a dict holding only an item id of 1 to MAX_ID characters."""
+def plain_candidates(candidates: list) -> list[str] | None:
+    """The item ids, when every candidate is a dict holding only an item id of 1 to MAX_ID
+    characters; else None."""
     try:  # orjson gives no other mapping: the candidates are dicts if this succeeds
         ids = list(map(_ITEM_ID, candidates))
+        "".join(ids)  # TypeError unless every id is a string (orjson makes no subclass)
     except (KeyError, TypeError):
-        return False
-    return (max(map(len, candidates)) == 1 and set(map(type, ids)) == {str}
-            and min(map(len, ids)) >= 1 and max(map(len, ids)) <= MAX_ID)
+        return None
+    if sum(map(len, candidates)) != len(ids):  # each holds item_id, so this: nothing else
+        return None
+    lengths = list(map(len, ids))
+    return ids if min(lengths) >= 1 and max(lengths) <= MAX_ID else None
 
 
 def plain_id(value: Any) -> bool:

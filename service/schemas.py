@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
@@ -97,6 +98,8 @@ class ScoreRequest(BaseModel):
     ts: Timestamp | None = Field(None, description="the client's time of the request: epoch "
                                  "seconds or ISO 8601 with a timezone; with clock=client it "
                                  "decides the A/B day, else it is only recorded")
+    # the candidates' ids, when the fast parser (request_parser.py) read them: ids only
+    _item_ids: list[str] | None = PrivateAttr(None)
 
     @field_validator("candidates")
     @classmethod

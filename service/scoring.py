@@ -107,10 +107,12 @@ class Scorer:
                     raise InvalidInput(["body", "user_id"], "required: the model of arm "
                                        f"{arm.arm!r} has the user field {model.plan.user_id!r}")
                 try:
-                    probs, values = await self._infer(model, req, user, ids, custom, deadline)
+                    probs, values, digests = await self._infer(model, req, user, ids, custom,
+                                                               deadline)
                 except BatcherClosed:
                     continue
-                return await self._reply(req, arm, model, probs, values, ids, custom, started)
+                return await self._reply(req, arm, model, probs, values, ids, digests, custom,
+                                         started)
             raise DeadlineExceeded(["model"], "the model was swapped repeatedly; retry")
         except redis.RedisError as exc:
             self._failed(arm, req, started)
@@ -156,14 +158,16 @@ class Scorer:
             self._sums.add(arm.experiment, arm.arm, self._day(ts), seconds, True, 0, 0.0)
 
     async def _infer(self, model: LoadedModel, req: ScoreRequest, user: dict | None,
-                     ids: list[str], custom: list[int],
-                     deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
-        """Probabilities, and the shared field values they were computed from."""
+                     ids: list[str], custom: list[int], deadline: float
+                     ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+        """Probabilities, the shared field values they were computed from, and the items'
+        attribution digests."""
         plan, enc = model.plan, model.encoder
         values = shared_values(plan, req, user)
         self._check_missing(missing_fields(plan, values, req.candidates))
         shared = enc.shared(values)
-        feeds = enc.assemble(len(ids), shared, await self._item_rows(model, ids))
+        items, digests = await self._item_rows(model, ids)
+        feeds = enc.assemble(len(ids), shared, items)
         if custom:
             await self._custom_rows(model, req, custom, values, feeds)
         future = model.batcher.submit(feeds, len(ids), deadline)
@@ -171,7 +175,7 @@ class Scorer:
         loop = asyncio.get_running_loop()
         timer = loop.call_at(loop.time() + deadline - time.monotonic(), self._expire, future)
         try:
-            return await future, values
+            return await future, values, digests
         finally:
             timer.cancel()
 
@@ -192,14 +196,16 @@ class Scorer:
             future.set_exception(DeadlineExceeded(
                 ["deadline"], f"no result within {self.settings.request_deadline_ms:.0f} ms"))
 
-    async def _item_rows(self, model: LoadedModel, ids: list[str]) -> Feeds:
+    async def _item_rows(self, model: LoadedModel, ids: list[str]) -> tuple[Feeds, np.ndarray]:
+        """The items' encoded rows and attribution digests, read together: a later request's
+        refill may start the cache over."""
         rows = model.encoder.items
         now = time.monotonic()
         idx, stale = rows.locate(ids, now)
         if stale:
             rows.put(stale, await self.store.items(stale), now)
             idx, _ = rows.locate(ids, now)
-        return rows.gather(idx)
+        return rows.gather(idx), rows.digests(idx)
 
     async def _custom_rows(self, model: LoadedModel, req: ScoreRequest, custom: list[int],
                            values: dict[str, Any], feeds: Feeds) -> None:
@@ -222,12 +228,13 @@ class Scorer:
 
     async def _reply(self, req: ScoreRequest, arm: Assignment, model: LoadedModel,
                      probs: np.ndarray, values: dict[str, Any], ids: list[str],
-                     custom: list[int], started: float) -> bytes:
+                     digests: np.ndarray, custom: list[int], started: float) -> bytes:
         scores = probs.astype(np.float64)  # the float32 values exactly
         positions = None
         if req.top_k is not None:
             order = np.argsort(-probs, kind="stable")[: req.top_k]
             ids, scores, positions = [ids[i] for i in order], scores[order], order.tolist()
+            digests = digests[order]
         request_id = req.request_id or new_request_id()
         ts = req.ts if self._client_clock and req.ts is not None else time.time()
         attribution = None
@@ -237,7 +244,8 @@ class Scorer:
                                                model.version, req.user_id, ids, arm.holdout,
                                                ts, values, own, req.ts))
             attribution = self.signer.issue(request_id, arm.experiment, arm.arm, model.version,
-                                            req.user_id, ts, arm.holdout, ids, self._day(ts))
+                                            req.user_id, ts, arm.holdout, ids, self._day(ts),
+                                            digests)
         returned = scores.tolist()
         self._served(arm, ts, started, len(returned), sum(returned))
         return to_json({
@@ -277,6 +285,8 @@ def threshold_values(config: GuardrailsConfig) -> dict[str, float]:
 
 def candidate_ids(req: ScoreRequest) -> tuple[list[str], list[int]]:
     """The candidates' item ids, and the positions of those that bring their own features."""
+    if req._item_ids is not None:  # read by the fast parser: ids only
+        return req._item_ids, []
     ids = list(map(_ITEM_ID, req.candidates))
     if max(map(len, req.candidates)) == 1:  # ids only: no loop in Python
         return ids, []

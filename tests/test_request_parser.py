@@ -70,7 +70,9 @@ def test_the_fast_path_accepts_only_what_pydantic_accepts_and_reads_it_alike(
     event("fast path" if fast is not None else "valid" if slow is not None else "refused")
     if fast is not None:
         assert slow is not None, body
-        assert ScoreRequest.model_construct(**fast).model_dump() == slow.model_dump()
+        fields, ids = fast
+        assert ScoreRequest.model_construct(**fields).model_dump() == slow.model_dump()
+        assert ids == [c["item_id"] for c in slow.candidates]
     if slow is None:
         with pytest.raises(InvalidBody):
             parse_request(body, MAX_CANDIDATES)
@@ -88,8 +90,10 @@ def test_plain_requests_take_the_fast_path() -> None:
         {"candidates": [{"item_id": "x" * 256}], "ts": 1767607200},
     ]
     for request in plain:
-        fields = plain_fields(json.dumps(request).encode(), MAX_CANDIDATES)
-        assert fields is not None, request
+        fast = plain_fields(json.dumps(request).encode(), MAX_CANDIDATES)
+        assert fast is not None, request
+        fields, ids = fast
+        assert ids == [c["item_id"] for c in request["candidates"]]
     assert fields["ts"] == 1767607200.0 and isinstance(fields["ts"], float)
 
 
