@@ -6,7 +6,9 @@
 
 The real app (create_app, its lifespan: the embedded Redis loaded from the synth dir, the
 bundle, the batcher) is driven in process through its ASGI entry with `--concurrency`
-coroutines, so there is no HTTP and no load generator on the CPU. Each batcher's onnxruntime
+coroutines, so there is no HTTP and no load generator on the CPU. The event loop is uvloop, as
+`ctrserve serve` runs it (`--loop asyncio` for the standard one, which costs more per Redis
+round trip and task switch). Each batcher's onnxruntime
 call is replaced by one that returns zeros of the right length: everything else a request does
 runs (admission, body, parsing, the user read and the serve-log write to Redis, routing,
 features and encoding, the batching queue, the signed token, the guardrail sums, metrics, the
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +93,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for thread in (True, False):
             settings = Settings(registry=args.registry, bundle=bundle, load_features=features,
                                 redis_db=db, inference_thread=thread, port=0)
-            ms = asyncio.run(cell(settings, bodies, args.concurrency, args.requests,
-                                  args.rounds))
+            ms = run_loop(args.loop, cell(settings, bodies, args.concurrency, args.requests,
+                                          args.rounds))
             cells.append({"candidates": n, "inference": "thread" if thread else "loop",
                           "cpu_ms_per_request_best": round(min(ms), 3),
                           "cpu_ms_per_request_median": round(statistics.median(ms), 3),
                           "rounds": [round(x, 3) for x in ms]})
             print(row(cells[-1]), file=sys.stderr, flush=True)
-    return {"bundle": bundle, "concurrency": args.concurrency, "requests": args.requests,
+    return {"bundle": bundle, "loop": args.loop, "concurrency": args.concurrency,
+            "requests": args.requests,
             "cores": os.cpu_count(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cells": cells}
+
+
+def run_loop(loop: str, main: Coroutine[Any, Any, list[float]]) -> list[float]:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 HEADER = f"{'cand':>5} {'inference':>9} {'best ms':>8} {'median ms':>10}"
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=4000, help="per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="the event loop (default: uvloop, as ctrserve serve)")
     p.add_argument("--out", type=Path, default=Path("bench-out/request_cpu.json"))
     args = p.parse_args(argv)
     print(HEADER, file=sys.stderr, flush=True)

@@ -31,7 +31,12 @@ class RequestEncoder:
         self._shared_cols = {g.name: g.columns(plan.shared) for g in plan.groups}
         self._item_cols = {g.name: g.columns(plan.item) for g in plan.groups}
         pos = (plan.position,) if plan.position else ()
-        self._pos_cols = {g.name: g.columns(pos) for g in plan.groups}
+        pos_cols = {g.name: g.columns(pos) for g in plan.groups}
+        # assemble's writes, by group: (columns, part) with the columns a slice where they
+        # are contiguous (a third cheaper to write than a list of them)
+        self._writes = {g.name: [(_span(cols[g.name]), part) for cols, part in (
+            (self._shared_cols, "shared"), (self._item_cols, "items"), (pos_cols, "positions"))
+            if len(cols[g.name])] for g in plan.groups}
         self._shared_cache: dict[tuple, Feeds] = {}
         self._shared_max = settings.shared_cache_max_rows
         self.positions = self.encode_part(
@@ -83,15 +88,12 @@ class RequestEncoder:
     # ---- whole batches ---------------------------------------------------------------------
     def assemble(self, n: int, shared: Feeds, items: Feeds) -> Feeds:
         """Model inputs for n candidates: shared row broadcast, item rows, positions 1..n."""
-        feeds = {}
+        feeds, parts = {}, {"shared": shared, "items": items, "positions": self.positions}
         for g in self.plan.groups:
             out = np.empty((n, len(g.fields), *g.tail), dtype=g.dtype)
-            for cols, part in ((self._shared_cols, shared), (self._item_cols, items)):
-                if len(cols[g.name]):
-                    values = part[g.name]
-                    out[:, cols[g.name]] = values[0] if values.shape[0] == 1 else values
-            if len(self._pos_cols[g.name]):
-                out[:, self._pos_cols[g.name]] = self.positions[g.name][:n]
+            for cols, part in self._writes[g.name]:
+                values = parts[part][g.name]
+                out[:, cols] = values[0] if values.shape[0] == 1 else values[:n]
             feeds[g.name] = out
         return feeds
 
@@ -112,6 +114,13 @@ def _item_row(id_field: str | None, item_id: str,
     if id_field:
         row[id_field] = item_id
     return row
+
+
+def _span(cols: np.ndarray) -> slice | np.ndarray:
+    """Column indices as a slice when they are contiguous and ascending."""
+    if len(cols) and np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
+        return slice(int(cols[0]), int(cols[0]) + len(cols))
+    return cols
 
 
 def _frozen(value: Any) -> Any:

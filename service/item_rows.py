@@ -41,8 +41,10 @@ class ItemRows:
     def locate(self, ids: Sequence[str], now: float) -> tuple[np.ndarray, list[str]]:
         """Row of each id (-1 if absent) and the distinct ids that are absent or expired."""
         try:  # every id cached: one C-level lookup of all of them
-            idx = np.array(itemgetter(*ids)(self.index) if len(ids) > 1 else
-                           [self.index[ids[0]]], dtype=np.int64)
+            idx = np.fromiter(itemgetter(*ids)(self.index) if len(ids) > 1 else
+                              [self.index[ids[0]]], dtype=np.int64, count=len(ids))
+            if self._expires[idx].min() >= now:  # and none expired: the usual case
+                return idx, []
         except KeyError:
             get = self.index.get
             idx = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
