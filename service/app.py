@@ -31,6 +31,7 @@ from ctrserve.service.feature_store import FeatureStore
 from ctrserve.service.log_lag import LagSampler
 from ctrserve.service.metrics import Metrics, MetricsMiddleware, RequestRecorder
 from ctrserve.service.models import ModelRegistry
+from ctrserve.service.redis_rounds import RoundTrips
 from ctrserve.service.redis_server import RedisHandle, open_redis
 from ctrserve.service.routers import dashboard, events, experiments, health, metrics, models, score
 from ctrserve.service.routers.events import EventsRequest
@@ -94,7 +95,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         if settings.load_features:
             await asyncio.to_thread(_load_features, state.redis, settings)
-        store = FeatureStore(state.redis.client)
+        rounds = RoundTrips(state.redis.client)  # the user reads and serve-log appends share
+        store = FeatureStore(state.redis.client, rounds)
         state.models = ModelRegistry(settings, state.metrics, store)
         try:
             state.routing = Routing(settings, state.models, state.redis.client)
@@ -106,7 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             serve_log = None
             if settings.events:
                 serve_log = ServeLog(state.redis.client, settings.max_log_entries,
-                                     state.metrics.serve_log_dropped)
+                                     state.metrics.serve_log_dropped, rounds)
             state.scorer = Scorer(settings, state.models, store, state.metrics, state.routing,
                                   serve_log, signer, getattr(state, "admission", None))
             rules = EventRules(signer, settings.attribution_window_s,

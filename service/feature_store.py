@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from ctrserve.common.errors import UserError
 from ctrserve.common.keys import FEATURES_META_KEY, item_key, user_key
 from ctrserve.features.tables import csv_header, explain_csv_error, unnamed_columns
+from ctrserve.service.redis_rounds import RoundTrips
 
 USER_ID_NAMES = ("user_id", "user", "userid")
 ITEM_ID_NAMES = ("item_id", "app_id", "item", "itemid", "movie_id")
@@ -44,52 +45,72 @@ def pick_id_field(names: Sequence[str], candidates: Sequence[str],
 class FeatureStore:
     """Async reads for the scorer.
 
-    User reads of concurrent requests share round trips: while one MGET is in flight, the
-    requests that arrive queue their ids for the next one. Each request still reads its user
-    afresh; redis-py's per-command cost (about 50 us of CPU) is paid per round trip instead.
+    User reads of concurrent requests share round trips (UserReads): while one is in flight,
+    the requests that arrive queue their ids for the next one, which the serve-log appends
+    share too (redis_rounds.py). Each request still reads its user afresh; redis-py's cost per
+    round trip (about 50 us of CPU) is paid once for all of them.
     """
 
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: aioredis.Redis, rounds: RoundTrips | None = None):
         self.client = client
-        self._pending: list[tuple[str, asyncio.Future]] = []
-        self._reading = False
-        self._reader: asyncio.Future | None = None  # a reference keeps the task alive
+        self._users = UserReads(client, rounds or RoundTrips(client))
 
     async def meta(self) -> dict[str, Any]:
         raw = await self.client.get(FEATURES_META_KEY)
         return json.loads(raw) if raw else {}
 
     async def user(self, user_id: str) -> dict[str, Any] | None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((user_id, future))
-        if not self._reading:
-            self._reading = True
-            self._reader = asyncio.ensure_future(self._read_users())
-        return await future
-
-    async def _read_users(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    raws = await mget(self.client, [user_key(u) for u, _ in batch])
-                except Exception as exc:  # every waiting request gets the error
-                    raws, error = None, exc
-                for i, (_, future) in enumerate(batch):
-                    if future.done():
-                        continue
-                    if raws is None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(json.loads(raws[i]) if raws[i] else None)
-        finally:
-            self._reading = False
+        return await self._users.read(user_id)
 
     async def items(self, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         if not item_ids:
             return []
         raws = await mget(self.client, [item_key(i) for i in item_ids])
         return [json.loads(r) if r else None for r in raws]
+
+
+class UserReads:
+    """The user reads of concurrent requests, one batch per round trip (a redis_rounds.Part):
+    one MGET, or on a Redis Cluster (keys of many slots) a GET per user."""
+
+    def __init__(self, client: Any, rounds: RoundTrips):
+        self.rounds = rounds
+        self._cluster = hasattr(client, "mget_nonatomic")
+        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._taken: list[tuple[str, asyncio.Future]] = []
+
+    async def read(self, user_id: str) -> dict[str, Any] | None:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((user_id, future))
+        self.rounds.want(self)
+        return await future
+
+    def take(self, pipe: Any) -> int:
+        self._taken, self._pending = self._pending, []
+        keys = [user_key(u) for u, _ in self._taken]
+        if self._cluster:
+            for key in keys:
+                pipe.execute_command("GET", key)
+            return len(keys)
+        pipe.execute_command("MGET", *keys)
+        return 1
+
+    def settle(self, replies: list[Any]) -> None:
+        raws = replies if self._cluster else replies[0]
+        if isinstance(raws, Exception):
+            return self.fail(raws)
+        for (_, future), raw in zip(self._taken, raws, strict=True):
+            if future.done():
+                continue
+            if isinstance(raw, Exception):
+                future.set_exception(raw)
+            else:
+                future.set_result(json.loads(raw) if raw else None)
+
+    def fail(self, exc: Exception) -> None:
+        for _, future in self._taken:
+            if not future.done():
+                future.set_exception(exc)
 
 
 async def mget(client: Any, keys: list[str]) -> list[bytes | None]:

@@ -20,6 +20,10 @@ class PipelinedScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
+    def add(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        """Queue one call on a pipeline (its NOSCRIPT is the caller's to handle)."""
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
     async def run(self, client: Any, calls: list[Call]) -> list[Any]:
         """The script's reply to each call, in order; a call's error is raised."""
         replies: list[Any] = [None] * len(calls)
@@ -27,8 +31,7 @@ class PipelinedScript:
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
             for j in todo:
-                keys, args = calls[j]
-                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+                self.add(pipe, *calls[j])
             got = await pipe.execute(raise_on_error=False) if todo else []
             missing = []
             for j, reply in zip(todo, got, strict=True):

@@ -8,8 +8,9 @@ clock, user id), item_features (candidates' own features, if any), client_ts (th
 Parquet (event_log.py) and the retrain joins events to it by request id, so it trains on the
 inputs as served. Nothing per request stays in Redis beyond the drain lag.
 
-Concurrent requests share one write (a write in flight collects the next batch), and the
-score awaits its write. A write is one script call per stream in one pipeline: it appends the
+Concurrent requests share one write (a write in flight collects the next batch, which also
+carries the next user reads: redis_rounds.py), and the score awaits its write. A write is one
+script call per stream in one pipeline: it appends the
 stream's records while the stream holds fewer than `max_entries` and drops the rest (the
 drainer is behind or stopped), so the bound is exact; dropped records are counted
 (`ctrserve_serve_log_dropped_total`) rather than growing Redis without bound, and scoring goes
@@ -27,9 +28,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 from pydantic_core import to_json
+from redis.exceptions import NoScriptError
 
 from ctrserve.common.keys import log_key
 from ctrserve.service.attribution import utc_day
+from ctrserve.service.redis_rounds import RoundTrips
 from ctrserve.service.redis_scripts import PipelinedScript
 
 APPEND = """
@@ -40,6 +43,7 @@ for i = 2, n + 1 do redis.call('XADD', KEYS[1], '*', 'r', ARGV[i]) end
 return math.max(n, 0)
 """
 APPEND_SCRIPT = PipelinedScript(APPEND)
+Entry = tuple[str, bytes, asyncio.Future]  # (stream, record, the request's future)
 
 
 @dataclass
@@ -65,43 +69,82 @@ class Served:
 
 
 class ServeLog:
-    """Coalesces the serve-log appends of concurrent requests into one pipeline."""
+    """Coalesces the serve-log appends of concurrent requests, one script call per stream in
+    each round trip, which the user reads share (a redis_rounds.Part)."""
 
-    def __init__(self, client: aioredis.Redis, max_entries: int, dropped: Counter):
+    def __init__(self, client: aioredis.Redis, max_entries: int, dropped: Counter,
+                 rounds: RoundTrips | None = None):
         self.client, self.max_entries, self.dropped = client, max_entries, dropped
-        self._pending: list[tuple[Served, asyncio.Future]] = []
-        self._writer: asyncio.Future | None = None
+        self.rounds = rounds or RoundTrips(client)
+        self._pending: list[Entry] = []
+        self._calls: list[list[Entry]] = []  # the round trip's, one list per stream
+        self._loading: asyncio.Future | None = None
+        self._loaded = False  # the script was loaded just before this round trip
 
     async def record(self, served: Served) -> None:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((served, future))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
+        stream = log_key(served.experiment, served.arm, "serve")
+        self._pending.append((stream, served.record(), future))
+        if self._loading is None:
+            self.rounds.want(self)
         await future
 
-    async def _write(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._flush([s for s, _ in batch])
-                except Exception as exc:  # every waiting request gets the error
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            self._writer = None
+    def take(self, pipe: Any) -> int:
+        if self._loading is not None:  # sent once the script is loaded
+            self._calls = []
+            return 0
+        streams: dict[str, list[Entry]] = {}
+        for entry in self._pending:
+            streams.setdefault(entry[0], []).append(entry)
+        self._pending, self._calls = [], list(streams.values())
+        for entries in self._calls:
+            APPEND_SCRIPT.add(pipe, [entries[0][0]],
+                              [self.max_entries, *(record for _, record, _ in entries)])
+        return len(self._calls)
 
-    async def _flush(self, batch: list[Served]) -> None:
-        streams: dict[str, list[bytes]] = {}
-        for s in batch:
-            streams.setdefault(log_key(s.experiment, s.arm, "serve"), []).append(s.record())
-        calls = [([stream], [self.max_entries, *records]) for stream, records in streams.items()]
-        appended = await APPEND_SCRIPT.run(self.client, calls)
-        dropped = sum(len(args) - 1 - n for (_, args), n in zip(calls, appended, strict=True))
+    def settle(self, replies: list[Any]) -> None:
+        if not self._calls:
+            return
+        dropped, unknown = 0, []
+        for entries, appended in zip(self._calls, replies, strict=True):
+            if isinstance(appended, NoScriptError):  # a restarted or new Redis
+                unknown += entries
+            elif isinstance(appended, Exception):
+                _answer(entries, appended)
+            else:
+                dropped += len(entries) - appended
+                _answer(entries, None)
         if dropped:
             self.dropped.inc(dropped)
+        if unknown and self._loaded:  # refused again right after loading: give up on them
+            _answer(unknown, NoScriptError("the serve-log script did not load"))
+        elif unknown:
+            self._pending[:0] = unknown
+            self._loading = asyncio.ensure_future(self._load_script())
+        self._loaded = False
+
+    def fail(self, exc: Exception) -> None:
+        for entries in self._calls:
+            _answer(entries, exc)
+
+    async def _load_script(self) -> None:
+        """Load the script, then send again what NOSCRIPT refused (it appended nothing)."""
+        try:
+            await self.client.script_load(APPEND)
+            self._loaded = True
+        except Exception as exc:
+            _answer(self._pending, exc)
+            self._pending = []
+        finally:
+            self._loading = None
+        if self._pending:
+            self.rounds.want(self)
+
+
+def _answer(entries: list[Entry], error: Exception | None) -> None:
+    for _, _, future in entries:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)

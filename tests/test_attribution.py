@@ -300,3 +300,13 @@ def test_a_redis_that_lost_the_event_script_loads_it_again(server, client):
     assert out["ns-1"]["status"] == out["ns-2"]["status"] == "accepted"
     again = results(server, [impression("ns-1", reply, "ivy")])
     assert again["ns-1"]["status"] == "duplicate"
+
+
+def test_a_redis_that_lost_the_serve_log_script_loads_it_again(server, client):
+    """The serve-log appends share their round trips with the user reads: after a SCRIPT FLUSH
+    each scored request is still answered and logged exactly once."""
+    client.script_flush()
+    replies = [score(server, "ivy", ITEMS[:3], request_id=f"noscript-{i}") for i in range(3)]
+    logged = [json.loads(fields[b"r"])["request_id"]
+              for _, fields in client.xrange(log_key("attr", "control", "serve"))]
+    assert [logged.count(r["request_id"]) for r in replies] == [1, 1, 1]
