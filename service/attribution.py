@@ -144,7 +144,7 @@ class Signer:
                   if digests is None else digests.view(np.uint64))
         masked = blocks ^ np.frombuffer(mask, np.uint64)
         blocks = self._encryptor(kid).update(masked.tobytes())
-        return np.frombuffer(blocks, np.uint8).reshape(-1, 16)[:, :TAG_BYTES].tobytes()
+        return np.frombuffer(blocks, np.uint32)[::4].tobytes()  # each block's first TAG_BYTES (4)
 
     def _encryptor(self, kid: str) -> Any:
         """This thread's AES-ECB encryptor under kid's key: made once (about 10 µs each)."""
