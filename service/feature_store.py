@@ -104,8 +104,11 @@ class UserReads:
                 continue
             if isinstance(raw, Exception):
                 future.set_exception(raw)
-            else:
+                continue
+            try:
                 future.set_result(json.loads(raw) if raw else None)
+            except ValueError as exc:  # a record that is not JSON: this request's error
+                future.set_exception(exc)
 
     def fail(self, exc: Exception) -> None:
         for _, future in self._taken:

@@ -13,7 +13,10 @@ command's own error reaches only the part that sent it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Protocol
+
+log = logging.getLogger("ctrserve.redis")
 
 
 class Part(Protocol):
@@ -59,5 +62,9 @@ class RoundTrips:
             return
         start = 0
         for part, n in zip(parts, counts, strict=True):
-            part.settle(replies[start:start + n])
+            try:
+                part.settle(replies[start:start + n])
+            except Exception as exc:  # a part's own fault leaves no other part's callers waiting
+                log.exception("Redis replies not handed back")
+                part.fail(exc)
             start += n

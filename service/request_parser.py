@@ -30,7 +30,7 @@ _ITEM_ID = itemgetter("item_id")
 
 def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
     """The request, or InvalidBody naming each field that is wrong. A plain request carries
-    its candidates' ids (`item_ids`), read once here."""
+    its candidates' ids (`_item_ids`), read once here."""
     plain = plain_fields(body, max_candidates)
     if plain is not None:
         fields, ids = plain

@@ -11,13 +11,14 @@ import hashlib
 import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from ctrserve.common.keys import TOTAL, arm_key, log_key
+from ctrserve.common.keys import TOTAL, arm_key, log_key, user_key
 from ctrserve.service.attribution import Signer, parse_keys
 from ctrserve.service.event_log import drain, read_log
 from ctrserve.service.settings import Settings
@@ -310,3 +311,15 @@ def test_a_redis_that_lost_the_serve_log_script_loads_it_again(server, client):
     logged = [json.loads(fields[b"r"])["request_id"]
               for _, fields in client.xrange(log_key("attr", "control", "serve"))]
     assert [logged.count(r["request_id"]) for r in replies] == [1, 1, 1]
+
+
+def test_a_user_record_that_is_not_json_fails_its_request_only(server, client):
+    """Concurrent user reads share a round trip: a corrupt record is that request's 500, and
+    the requests read with it, and after it, are answered."""
+    client.set(user_key("garbled"), b"\xff not json")
+    with httpx.Client(base_url=server, timeout=10) as http, ThreadPoolExecutor(8) as pool:
+        bodies = [{"user_id": user, "candidates": [{"item_id": i} for i in ITEMS[:3]]}
+                  for user in ["garbled"] + [f"fine-{k}" for k in range(15)]]
+        replies = list(pool.map(lambda body: http.post("/v1/score", json=body), bodies))
+    assert [r.status_code for r in replies] == [500] + [200] * 15
+    assert score(server, "fine-again", ITEMS[:3])["item_ids"]
