@@ -88,7 +88,7 @@ class UserReads:
     def take(self, pipe: Any) -> int:
         self._taken, self._pending = self._pending, []
         keys = [user_key(u) for u, _ in self._taken]
-        if self._cluster:
+        if self._cluster or not keys:
             for key in keys:
                 pipe.execute_command("GET", key)
             return len(keys)
@@ -96,7 +96,7 @@ class UserReads:
         return 1
 
     def settle(self, replies: list[Any]) -> None:
-        raws = replies if self._cluster else replies[0]
+        raws = replies if self._cluster or not self._taken else replies[0]
         if isinstance(raws, Exception):
             return self.fail(raws)
         for (_, future), raw in zip(self._taken, raws, strict=True):
