@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 from ctrserve.common.keys import log_key
 from ctrserve.service.attribution import utc_day
 from ctrserve.service.redis_rounds import RoundTrips
-from ctrserve.service.redis_scripts import PipelinedScript
+from ctrserve.service.redis_scripts import Call, PipelinedScript
 
 APPEND = """
 -- KEYS[1]: an arm's serve-log stream; ARGV[1]: its bound; ARGV[2..]: records, appended in
@@ -78,67 +78,62 @@ class ServeLog:
         self.rounds = rounds or RoundTrips(client)
         self._pending: list[Entry] = []
         self._calls: list[list[Entry]] = []  # the round trip's, one list per stream
-        self._loading: asyncio.Future | None = None
-        self._loaded = False  # the script was loaded just before this round trip
+        self._resends: set[asyncio.Future] = set()  # references keep the tasks alive
 
     async def record(self, served: Served) -> None:
         future = asyncio.get_running_loop().create_future()
         stream = log_key(served.experiment, served.arm, "serve")
         self._pending.append((stream, served.record(), future))
-        if self._loading is None:
-            self.rounds.want(self)
+        self.rounds.want(self)
         await future
 
     def take(self, pipe: Any) -> int:
-        if self._loading is not None:  # sent once the script is loaded
-            self._calls = []
-            return 0
         streams: dict[str, list[Entry]] = {}
         for entry in self._pending:
             streams.setdefault(entry[0], []).append(entry)
         self._pending, self._calls = [], list(streams.values())
         for entries in self._calls:
-            APPEND_SCRIPT.add(pipe, [entries[0][0]],
-                              [self.max_entries, *(record for _, record, _ in entries)])
+            APPEND_SCRIPT.add(pipe, *self._call(entries))
         return len(self._calls)
 
     def settle(self, replies: list[Any]) -> None:
-        if not self._calls:
-            return
-        dropped, unknown = 0, []
-        for entries, appended in zip(self._calls, replies, strict=True):
-            if isinstance(appended, NoScriptError):  # a restarted or new Redis
-                unknown += entries
-            elif isinstance(appended, Exception):
+        results = list(zip(self._calls, replies, strict=True))
+        refused = [entries for entries, reply in results if isinstance(reply, NoScriptError)]
+        self._appended([(e, r) for e, r in results if not isinstance(r, NoScriptError)])
+        if refused:  # a restarted or new Redis: the calls appended nothing
+            resend = asyncio.ensure_future(self._resend(refused))
+            self._resends.add(resend)
+            resend.add_done_callback(self._resends.discard)
+
+    def fail(self, exc: Exception) -> None:
+        for entries in self._calls:
+            _answer(entries, exc)
+
+    def _call(self, entries: list[Entry]) -> Call:
+        return [entries[0][0]], [self.max_entries, *(record for _, record, _ in entries)]
+
+    def _appended(self, results: list[tuple[list[Entry], Any]]) -> None:
+        """Answer each stream's requests with its script reply (how many were appended)."""
+        dropped = 0
+        for entries, appended in results:
+            if isinstance(appended, Exception):
                 _answer(entries, appended)
             else:
                 dropped += len(entries) - appended
                 _answer(entries, None)
         if dropped:
             self.dropped.inc(dropped)
-        if unknown and self._loaded:  # refused again right after loading: give up on them
-            _answer(unknown, NoScriptError("the serve-log script did not load"))
-        elif unknown:
-            self._pending[:0] = unknown
-            self._loading = asyncio.ensure_future(self._load_script())
-        self._loaded = False
 
-    def fail(self, exc: Exception) -> None:
-        for entries in self._calls:
-            _answer(entries, exc)
-
-    async def _load_script(self) -> None:
-        """Load the script, then send again what NOSCRIPT refused (it appended nothing)."""
+    async def _resend(self, refused: list[list[Entry]]) -> None:
+        """Calls refused with NOSCRIPT, in a round trip of their own: PipelinedScript loads
+        the script and sends them again, once."""
         try:
-            await self.client.script_load(APPEND)
-            self._loaded = True
+            appended = await APPEND_SCRIPT.run(self.client, [self._call(e) for e in refused])
         except Exception as exc:
-            _answer(self._pending, exc)
-            self._pending = []
-        finally:
-            self._loading = None
-        if self._pending:
-            self.rounds.want(self)
+            for entries in refused:
+                _answer(entries, exc)
+            return
+        self._appended(list(zip(refused, appended, strict=True)))
 
 
 def _answer(entries: list[Entry], error: Exception | None) -> None:
