@@ -1,8 +1,8 @@
 """The scorer follows the deployment state in Redis.
 
-Every `deploy_poll_s` it reads the version counter; when it moved, it reads the state of the
-experiments it serves, canaries included, and hands it to `Routing.follow` (load, verify, warm
-beside, swap). A
+Every `deploy_poll_s` it reads the version counter; when it moved, it reads the config last
+put through `PUT /admin/experiments` and the state of the experiments it serves, canaries
+included, and hands them to `Routing.follow` (load, verify, warm beside, swap). A
 bundle that fails is refused and logged, the old one keeps serving, and the refusal shows in
 `GET /v1/models` (`deployment.error`) until a later version applies cleanly.
 """
@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 
 from ctrserve.bundles import BundleError
-from ctrserve.service.deployments import read_state, read_version
+from ctrserve.service.deployments import read_config, read_state, read_version
 from ctrserve.service.experiments.config import ExperimentConfigError
 from ctrserve.service.routing import Routing
 from ctrserve.service.schemas import DeploymentStatus
@@ -35,14 +35,16 @@ class DeploymentFollower:
 
     async def sync(self) -> None:
         """Apply the state when its version differs from the last one seen."""
-        if await read_version(self.client) != self.version:
-            await self.apply()
+        version = await read_version(self.client)
+        if version != self.version:
+            await self.apply(version)
 
-    async def apply(self) -> None:
-        names = [e.name for e in self.routing.experiments.config.experiments]
-        version, state, canaries = await read_state(self.client, names)
+    async def apply(self, version: int) -> None:
+        """Apply the state as of `version` (read first: a change after it bumps it again)."""
+        stored = await read_config(self.client)
+        _, state, canaries = await read_state(self.client, self.routing.names(stored))
         try:
-            changed = await self.routing.follow(state, canaries)
+            changed = await self.routing.follow(state, canaries, stored)
         except (ExperimentConfigError, BundleError) as exc:
             self.error = f"deployment version {version} refused, the old bundles keep " \
                          f"serving: {exc}"

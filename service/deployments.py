@@ -5,6 +5,8 @@
     ctrserve:{deploy}:<E>:prev:<arm>   list   bundles the arm served before, newest last
     ctrserve:{deploy}:version          int    +1 on every change below (scorers poll it)
     ctrserve:{deploy}:history          list   JSON records, oldest first
+    ctrserve:{deploy}:config:experiments  string  JSON {"config", "id", "base"}: the config
+                                       last put through PUT /admin/experiments
 
 All share the hash tag {deploy}: on a Redis Cluster they live in one slot, so one script or
 transaction may touch any of them.
@@ -20,6 +22,13 @@ which). `promote` makes the canary the arm's bundle (rollback then returns to th
 it), `rollback` during a canary removes the canary only, and a plain deploy ends it. Records:
 kind deploy, rollback, canary or promote; those of a canary carry its `share`, a canary that
 replaced another `replaced`, a deploy that ended one `ended_canary` ({"bundle", "share"}).
+
+The admin API writes here too, so that every worker process follows it (service/workers.py):
+`POST /admin/swap` is a deploy that keeps the arm's canary (kind `swap`), and
+`PUT /admin/experiments` stores its config with the arms' bundles (kind `config`, a record per
+arm whose bundle it changed). The stored config names its `base`, the experiments file (or the
+single bundle) it replaced: a scorer started on that same base follows the stored config, one
+started on a changed file serves the file.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from ctrserve.bundles.load import verify_files
 from ctrserve.bundles.registry import known_bundles, registry_entry
 from ctrserve.common.errors import UserError
 from ctrserve.common.keys import (
+    CONFIG_KEY,
     HISTORY_KEY,
     VERSION_KEY,
     canary_state_key,
@@ -46,16 +56,20 @@ from ctrserve.common.keys import (
 from ctrserve.service.experiments.assignment import canary_share_ok
 
 # KEYS: state, prev list, version, history, canaries. ARGV: arm, bundle ("" = pop prev),
-# expected current bundle ("" = any), record JSON, expected canary ("*" = any, ended; "" = none;
-# else that canary's JSON, ended: a promote). Returns the record, or an error string.
+# expected current bundle ("" = any), record JSON, expected canary ("*" = any, ended; "=" = any,
+# kept; "" = none; else that canary's JSON, ended: a promote). Returns the record, or an error
+# string.
 CHANGE = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return redis.error_reply('UNKNOWN') end
 if ARGV[3] ~= '' and current ~= ARGV[3] then return redis.error_reply('CHANGED') end
-local canary = redis.call('HGET', KEYS[5], ARGV[1])
-if ARGV[5] ~= '*' and (canary or '') ~= ARGV[5] then
-  if not canary then return redis.error_reply('NOCANARY') end
-  return redis.error_reply('CHANGED')
+local canary = false
+if ARGV[5] ~= '=' then
+  canary = redis.call('HGET', KEYS[5], ARGV[1])
+  if ARGV[5] ~= '*' and (canary or '') ~= ARGV[5] then
+    if not canary then return redis.error_reply('NOCANARY') end
+    return redis.error_reply('CHANGED')
+  end
 end
 local to = ARGV[2]
 if to == '' then
@@ -106,6 +120,27 @@ record['version'] = redis.call('INCR', KEYS[3])
 local text = cjson.encode(record)
 redis.call('RPUSH', KEYS[4], text)
 return text
+"""
+
+# KEYS: config, version, history, then the state hash of each experiment. ARGV: stored config
+# JSON, record JSON, JSON [[experiment, arm, bundle, n], ...] of every arm of the config (n: its
+# experiment's state hash is KEYS[3 + n]). Sets each arm's bundle, a record per arm it changed;
+# returns the new version.
+CONFIG = """
+redis.call('SET', KEYS[1], ARGV[1])
+local version = redis.call('INCR', KEYS[2])
+for _, change in ipairs(cjson.decode(ARGV[3])) do
+  local key = KEYS[3 + change[4]]
+  local current = redis.call('HGET', key, change[2])
+  if current ~= change[3] then
+    redis.call('HSET', key, change[2], change[3])
+    local record = cjson.decode(ARGV[2])
+    record['experiment'], record['arm'] = change[1], change[2]
+    record['from'], record['to'], record['version'] = current or '', change[3], version
+    redis.call('RPUSH', KEYS[3], cjson.encode(record))
+  end
+end
+return version
 """
 
 
@@ -276,14 +311,17 @@ def _run(client: redis.Redis, script: str, keys: list[str], args: list[str], exp
     try:
         return json.loads(client.eval(script, len(keys), *keys, *args))
     except redis.ResponseError as exc:
-        reason = str(exc)
-        if reason == "UNKNOWN":
-            _unknown(experiment, arm)
-        message = REFUSALS.get(reason)
-        if message is None:
-            raise
-        raise DeploymentError(message.format(where=f"{experiment}/{arm}", bundle=bundle)
-                              ) from None
+        _refused(exc, experiment, arm, bundle)
+
+
+def _refused(exc: redis.ResponseError, experiment: str, arm: str, bundle: str) -> NoReturn:
+    reason = str(exc)
+    if reason == "UNKNOWN":
+        _unknown(experiment, arm)
+    message = REFUSALS.get(reason)
+    if message is None:
+        raise exc
+    raise DeploymentError(message.format(where=f"{experiment}/{arm}", bundle=bundle)) from None
 
 
 REFUSALS = {
@@ -316,12 +354,49 @@ async def seed(client: aioredis.Redis, arms: dict[str, dict[str, str]]) -> None:
     await pipe.execute()
 
 
+async def record_swap(client: aioredis.Redis, experiment: str, arm: str, bundle: str,
+                      who: str) -> dict[str, Any] | None:
+    """Record that `arm` serves `bundle` (POST /admin/swap, already loaded by the worker that
+    took it), its canary kept; None when the state already said so."""
+    keys = [state_key(experiment), prev_key(experiment, arm), VERSION_KEY, HISTORY_KEY,
+            canary_state_key(experiment)]
+    record = json.dumps(_record("swap", experiment, arm, who, ""))
+    try:
+        return json.loads(await client.eval(CHANGE, len(keys), *keys, arm, bundle, "", record,
+                                            "="))
+    except redis.ResponseError as exc:
+        if str(exc) == "SAME":
+            return None
+        _refused(exc, experiment, arm, bundle)
+
+
+async def publish_config(client: aioredis.Redis, stored: dict[str, Any], arms: DeployState,
+                         who: str) -> int:
+    """Store a config (PUT /admin/experiments, already loaded by the worker that took it:
+    {"config", "id", "base"}) and its arms' bundles ({experiment: {arm: bundle}}) in one step;
+    returns the new version, which every scorer follows."""
+    names = list(arms)
+    keys = [CONFIG_KEY, VERSION_KEY, HISTORY_KEY, *(state_key(e) for e in names)]
+    changes = [[e, arm, bundle, i + 1] for i, e in enumerate(names)
+               for arm, bundle in arms[e].items()]
+    record = {"kind": "config", "who": who, "why": "",
+              "when": datetime.now(UTC).isoformat(timespec="seconds")}
+    return int(await client.eval(CONFIG, len(keys), *keys, json.dumps(stored),
+                                 json.dumps(record), json.dumps(changes)))
+
+
 async def read_version(client: aioredis.Redis) -> int:
     return int(await client.get(VERSION_KEY) or 0)
 
 
 DeployState = dict[str, dict[str, str]]  # {experiment: {arm: bundle}}
 CanaryState = dict[str, dict[str, dict[str, Any]]]  # {experiment: {arm: {"bundle", "share"}}}
+
+
+async def read_config(client: aioredis.Redis) -> dict[str, Any] | None:
+    """The config last stored by PUT /admin/experiments ({"config", "id", "base"}), or None."""
+    text = await client.get(CONFIG_KEY)
+    return json.loads(text) if text else None
 
 
 async def read_state(client: aioredis.Redis, experiments: list[str]

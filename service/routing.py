@@ -11,19 +11,33 @@ arms whose deployed bundle differs from the one they serve get it, everything el
 arm's canary bundle is loaded and warmed beside the others before it takes its share of the
 arm's users, and unloaded when no arm or canary names it any more. Without an experiments file
 the one arm's canary is the model loaded as `control:canary` (the arm's name, ":canary").
+
+A config put through `PUT /admin/experiments` is stored in Redis with the id of the `base` it
+replaced (the experiments file's bytes, or the single bundle's settings); `follow` adopts a
+stored config whose base is this scorer's own, so every worker process serves it and so does a
+scorer restarted on the same file, while a changed file wins over it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from ctrserve.bundles import BundleError
 from ctrserve.service.counts import save_configs
-from ctrserve.service.deployments import CanaryState, DeployState, seed
+from ctrserve.service.deployments import (
+    CanaryState,
+    DeployState,
+    publish_config,
+    record_swap,
+    seed,
+)
 from ctrserve.service.experiments.config import (
     ExperimentConfigError,
     ExperimentSet,
@@ -44,6 +58,10 @@ class Routing:
                  client: aioredis.Redis | None = None):
         self.settings, self.models, self.client = settings, models, client
         self.experiments: ExperimentSet | None = None
+        # one arm from the settings (no experiments file, no config put since)
+        self.single = settings.experiments_file is None
+        self.base = base_id(settings)
+        self.config_id = ""  # the stored config served, if any
         self._lock = asyncio.Lock()
 
     async def start(self) -> ExperimentSet:
@@ -59,37 +77,74 @@ class Routing:
         await self._save(self.experiments)
         return self.experiments
 
+    def stored_form(self, experiments: ExperimentSet) -> dict[str, Any]:
+        """What PUT /admin/experiments stores for the other workers: the config, its id and
+        the base it replaces."""
+        config = experiments.config.model_dump(mode="json")
+        text = json.dumps(config, sort_keys=True)
+        return {"config": config, "id": hashlib.sha256(text.encode()).hexdigest(),
+                "base": self.base}
+
+    def names(self, stored: dict[str, Any] | None) -> list[str]:
+        """The experiments whose deployment state to read: those served and those of a
+        stored config this scorer would adopt."""
+        served = [e.name for e in self.experiments.config.experiments]
+        if not self._adoptable(stored):
+            return served
+        return list(dict.fromkeys([*served, *(e["name"] for e in stored["config"]
+                                              ["experiments"])]))
+
     def _install(self, experiments: ExperimentSet) -> None:
         """Route by `experiments` from now on and export its arms' weights, in one step on the
         event loop (a scrape sees the old set or the new one)."""
         self.experiments = experiments
         self.models.metrics.set_arms(arm_weights(experiments))
 
-    async def _save(self, experiments: ExperimentSet) -> None:
+    async def _save(self, experiments: ExperimentSet, seed_arms: bool = True) -> None:
         if self.client is not None:
             await save_configs(self.client, experiments)
-            await seed(self.client, arm_bundles(experiments))
+            if seed_arms:
+                await seed(self.client, arm_bundles(experiments))
 
     async def replace(self, new: ExperimentSet) -> list[str]:
-        """Serve `new` from now on; returns the bundles it loaded."""
+        """Serve `new` from now on (PUT /admin/experiments) and store it with its arms' bundles
+        in Redis, where the other workers follow it; returns the bundles it loaded."""
+        stored = self.stored_form(new)
         async with self._lock:
-            return await self._replace(new)
+            added = await self._replace(new, seed_arms=False)  # each arm recorded below
+            self.single, self.config_id = False, stored["id"]
+            if self.client is not None:
+                await publish_config(self.client, stored, arm_bundles(new),
+                                     "PUT /admin/experiments")
+            return added
 
-    async def follow(self, state: DeployState, canaries: CanaryState | None = None) -> bool:
+    async def follow(self, state: DeployState, canaries: CanaryState | None = None,
+                     stored: dict[str, Any] | None = None) -> bool:
         """Serve the deployed bundles of `state` ({experiment: {arm: bundle}}) and the canaries
-        of `canaries` ({experiment: {arm: {"bundle", "share"}}}); False when nothing differs.
-        A bundle that fails raises ExperimentConfigError or BundleError and nothing changes."""
+        of `canaries` ({experiment: {arm: {"bundle", "share"}}}), over the `stored` config
+        when it replaced this scorer's base; False when nothing differs. A bundle that fails
+        raises ExperimentConfigError or BundleError and nothing changes."""
         async with self._lock:
-            if self.settings.experiments_file is None:
+            adopted = None
+            if self._adoptable(stored) and stored["id"] != self.config_id:
+                adopted = parse_experiments(stored["config"], self.settings.registry)
+            elif self.single:
                 return await self._follow_single(state, canaries or {})
-            new = overlay(self.experiments, state, canaries or {}, self.settings.registry)
+            base = adopted or self.experiments
+            new = overlay(base, state, canaries or {}, self.settings.registry) or adopted
             if new is not None:
                 await self._replace(new)
+            if adopted is not None:
+                self.single, self.config_id = False, stored["id"]
             return new is not None
+
+    def _adoptable(self, stored: dict[str, Any] | None) -> bool:
+        return stored is not None and stored.get("base") == self.base
 
     async def swap(self, experiment: str, arm: str, bundle: str) -> tuple[str, str]:
         """Serve `bundle` for `arm` of `experiment` (POST /admin/swap): the experiment set
-        changes with the model, so what is listed is what is served; canaries stay. Returns
+        changes with the model, so what is listed is what is served; canaries stay. Recorded
+        in the deployment state, which the other workers follow. Returns
         the (old, new) model versions. Raises UnknownArm, BundleError or
         ExperimentConfigError, and then nothing changes."""
         async with self._lock:
@@ -101,10 +156,12 @@ class Routing:
                                  f"{experiment!r} are {arms}")
             old = self.models.get(current.key(experiment, arm)).version
             state, canaries = {experiment: {arm: bundle}}, canary_state(current)
-            if self.settings.experiments_file is None:
+            if self.single:
                 await self._follow_single(state, canaries)
             elif (new := overlay(current, state, canaries, self.settings.registry)) is not None:
                 await self._replace(new)
+            if self.client is not None:
+                await record_swap(self.client, experiment, arm, bundle, "POST /admin/swap")
             return old, self.models.get(self.experiments.key(experiment, arm)).version
 
     async def _follow_single(self, state: DeployState, canaries: CanaryState) -> bool:
@@ -133,7 +190,7 @@ class Routing:
         path = resolve_bundle(self.settings.registry, bundle, inside_registry=True)
         await self.models.load(key, path)
 
-    async def _replace(self, new: ExperimentSet) -> list[str]:
+    async def _replace(self, new: ExperimentSet, seed_arms: bool = True) -> list[str]:
         added = await self._load_missing(new)
         old = self.experiments
         self._install(new)
@@ -141,7 +198,7 @@ class Routing:
         for key in (old.keys.values() if old else ()):
             if key not in keep:
                 await self.models.unload(key)
-        await self._save(new)
+        await self._save(new, seed_arms)
         log.info("experiments now %s (loaded %s)", [e.name for e in new.config.experiments],
                  added)
         return added
@@ -176,6 +233,19 @@ def _bundle_loc(experiments: ExperimentSet, bundle: str) -> list[str | int]:
             if canary is not None and canary.bundle == bundle:
                 return ["experiments", i, "arms", j, "canary", "bundle"]
     return ["experiments"]
+
+
+def base_id(settings: Settings) -> str:
+    """What this scorer starts from: the experiments file's bytes, or the single arm's
+    settings (a file that cannot be read here fails at start anyway)."""
+    if settings.experiments_file is None:
+        source = f"bundle:{settings.experiment}/{settings.arm}/{settings.bundle}".encode()
+    else:
+        try:
+            source = Path(settings.experiments_file).read_bytes()
+        except OSError:
+            source = b""
+    return hashlib.sha256(source).hexdigest()
 
 
 def arm_bundles(experiments: ExperimentSet) -> DeployState:

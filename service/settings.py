@@ -5,6 +5,7 @@ Defaults and the measurement behind each are listed in docs/operations.md ("Sett
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,8 +34,10 @@ class Settings(BaseSettings):
     arm: str = Field("control", description="its one arm")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=256, description="scorer processes sharing the port, each "
-                                                      "with its own batcher and session")
+    workers: int | None = Field(None, ge=1, le=256,
+                                description="scorer processes sharing the port, each with its "
+                                            "own batcher and session (unset: one per usable "
+                                            "core, `ctrserve serve`; one in process)")
 
     # ---- request limits -----------------------------------------------------------------
     max_candidates: int = Field(1000, ge=1, description="candidates per request")
@@ -183,7 +186,7 @@ class Settings(BaseSettings):
         (service/batcher.py)."""
         if self.inference_thread is not None:
             return self.inference_thread
-        return self.workers == 1 and usable_cores() > 1
+        return (self.workers or 1) == 1 and usable_cores() > 1
 
     @property
     def admission_target_s(self) -> float:
@@ -204,6 +207,34 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def quota_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cgroup's CPU quota in cores (`docker run --cpus`, a Kubernetes CPU limit), or None
+    when there is none: cgroup v2's cpu.max ("max 100000" or "150000 100000"), else v1's
+    cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def default_workers() -> int:
+    """One scorer process per core this process may use: its affinity, capped by a CPU quota
+    (rounded up: 1.5 cores get two)."""
+    quota = quota_cores()
+    cores = usable_cores()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def default_registry() -> Path:

@@ -10,11 +10,13 @@ Before they start, the parent
   the counters and histograms of all of them, exactly (service/metrics.py).
 A worker that dies is started again. SIGTERM or SIGINT reaches every worker, which finishes its
 in-flight requests and drains its queue (uvicorn's graceful shutdown); then the parent stops
-the embedded Redis and removes the metrics directory.
+the embedded Redis and removes the metrics directory. A parent that is killed takes its workers
+with it (Linux's parent-death signal), as a one-process scorer's kill would.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -30,6 +32,7 @@ from ctrserve.service.settings import Settings
 
 log = logging.getLogger("ctrserve.workers")
 RESTART_POLL_S = 0.5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -42,11 +45,24 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, sock: socket.socket, log_level: str) -> None:
+def _worker(settings: Settings, sock: socket.socket, log_level: str, parent: int) -> None:
     from ctrserve.service.server import serve
 
+    _die_with(parent)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     serve(settings, sock)
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when the parent dies (Linux): a SIGKILLed scorer must not leave workers
+    serving on its port, where a restarted one could not bind it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's exit is not watched
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> None:
@@ -65,7 +81,7 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
     procs: list[BaseProcess] = []
 
     def start() -> BaseProcess:
-        proc = context.Process(target=_worker, args=(settings, sock, log_level),
+        proc = context.Process(target=_worker, args=(settings, sock, log_level, os.getpid()),
                                name="ctrserve-worker")
         proc.start()
         return proc

@@ -2,9 +2,10 @@
 
 A port probed free (bind to port 0, close, hand the number over) can be taken by another
 process before the server binds it: under parallel tests that is a real race. Here the server
-is started with `--port 0`, binds a free port itself, and uvicorn's start-up line ("Uvicorn
-running on http://127.0.0.1:PORT", logged at INFO by uvicorn whatever --log-level says: the
-scorer configures uvicorn's own loggers at INFO) tells which; the test reads it from stderr.
+is started with `--port 0`, binds a free port itself, and its start-up line tells which; the
+test reads it from stderr: uvicorn's ("Uvicorn running on http://127.0.0.1:PORT", logged at
+INFO whatever --log-level says: the scorer configures uvicorn's own loggers at INFO) with one
+worker, the parent's ("ctrserve running on http://127.0.0.1:PORT with N workers") with more.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ServeProcess:
     """`ctrserve serve --port 0` in a subprocess: the server binds a free port itself (nothing
     can take it between a probe and the bind) and uvicorn's start-up line names it."""
 
-    RUNNING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+    RUNNING = re.compile(r"(?:Uvicorn|ctrserve) running on (http://127\.0\.0\.1:\d+)")
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path = REPO):
         cmd = [sys.executable, "-m", "ctrserve", "serve", *args, "--port", "0"]

@@ -199,6 +199,52 @@ def test_a_state_in_redis_wins_over_the_file_at_start(world, bundles):
     assert client.hget(state_key("ranker"), "main").decode() == deepfm
 
 
+def served(url: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the version serving arm `main`, [(arm, bundle)] of experiment `ranker`)."""
+    ranker = httpx.get(url + "/v1/experiments").json()["experiments"][0]
+    main_arm = next(a for a in ranker["arms"] if a["name"] == "main")
+    return main_arm["model_version"], [(a["name"], a["bundle"]) for a in ranker["arms"]]
+
+
+def test_admin_changes_reach_the_other_scorers_and_outlive_a_restart(world, bundles, capsys):
+    """A second scorer on the same Redis takes the admin requests (another worker or
+    replica): the first follows each change, a version bump does not undo a swap, and a
+    scorer restarted on the same file keeps the config put, one on a changed file serves it."""
+    lr, deepfm = bundles["lr"].name, bundles["deepfm"].name
+    other, registry = world["server"].url, world["registry"]
+    key = {"X-API-Key": "a" * 16}
+    with LiveServer(world["settings"].model_copy(update={"admin_api_key": "a" * 16})) as admin:
+        swap = httpx.post(admin.url + "/admin/swap", json={"bundle": deepfm}, headers=key,
+                          timeout=60)
+        assert swap.status_code == 200, swap.text
+        world["redis"].incr(VERSION_KEY)  # an unrelated change: the swap is the state now
+        for url in (other, admin.url):
+            applied(world, url)
+            assert served(url)[0] == version(registry, deepfm)
+        config = {"experiments": [{"name": "ranker", "salt": "r1", "arms": [
+            {"name": "main", "weight": 0.5, "bundle": lr, "control": True},
+            {"name": "alt", "weight": 0.5, "bundle": deepfm}]}]}
+        put = httpx.put(admin.url + "/admin/experiments", json=config, headers=key, timeout=60)
+        assert put.status_code == 200, put.text
+        applied(world)
+        assert served(other)[1] == [("main", lr), ("alt", deepfm)]
+    capsys.readouterr()
+    assert cli(world, "deployments", "--experiment", "ranker", "--json") == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["kind"], r["arm"], r["from"], r["to"], r["who"]) for r in records] == [
+        ("swap", "main", lr, deepfm, "POST /admin/swap"),
+        ("config", "main", deepfm, lr, "PUT /admin/experiments"),
+        ("config", "alt", "", deepfm, "PUT /admin/experiments")]
+    with LiveServer(world["settings"]) as restarted:  # the same file: the config put
+        assert served(restarted.url)[1] == [("main", lr), ("alt", deepfm)]
+    changed = {"experiments": [{"name": "ranker", "salt": "r2", "arms": [
+        {"name": "main", "weight": 1.0, "bundle": lr, "control": True}]}]}
+    world["settings"].experiments_file.write_text(yaml.safe_dump(changed))
+    with LiveServer(world["settings"]) as edited:  # a changed file wins over it
+        ranker = httpx.get(edited.url + "/v1/experiments").json()["experiments"][0]
+        assert (ranker["salt"], [a["name"] for a in ranker["arms"]]) == ("r2", ["main"])
+
+
 # ---- canaries ------------------------------------------------------------------------------
 USERS = [f"canary-user-{i:03d}" for i in range(400)]
 SALT = "c1"

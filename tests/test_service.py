@@ -544,10 +544,11 @@ def test_batcher_close_finishes_queued_requests_and_refuses_new_ones(thread):
 def test_cli_serve_freezes_its_heap_and_swaps_leave_it_bounded(registry, own_redis_url):
     # the serving process freezes its built heap out of the collector's walks, and after each
     # model change collects what the change retired before it freezes again (service/heap.py):
-    # swapping back and forth leaves the frozen heap where the first swap back left it
+    # swapping back and forth leaves the frozen heap where the first swap back left it (one
+    # worker: the gauge of several sums heaps that follow a swap each in its own time)
     env = {**os.environ, "REDIS_URL": own_redis_url, "CTRSERVE_ADMIN_API_KEY": API_KEY}
     with ServeProcess(["--registry", str(registry), "--bundle", bundle_name(registry, "deepfm"),
-                       "--log-level", "warning"], env) as server:
+                       "--workers", "1", "--log-level", "warning"], env) as server:
         url = server.wait_ready()
 
         def frozen() -> float:

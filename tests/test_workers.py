@@ -1,9 +1,11 @@
-"""`ctrserve serve --workers 2`: two processes on one port, metrics exact across them.
+"""`ctrserve serve --workers 2`: two processes on one port, metrics exact across them, admin
+changes followed by both.
 
 A real scorer subprocess (port 0: the parent binds a free port and logs it) on a real
 redis-server. Requests on fresh connections spread over both workers; every counter of
 /metrics (prometheus_client's multiprocess mode) equals what the client sent, whichever
-worker answers the scrape.
+worker answers the scrape. A swap or a new experiments config taken by one worker reaches the
+other through the deployment state in Redis.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctrserve.loadtest.redis_servers import LocalRedis
+from ctrserve.service.settings import default_workers, quota_cores
 from tests.serving import copy_registry, metric_value
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"a{i:04d}" for i in range(1, 9)]
+ADMIN_KEY = "k" * 16
 
 
 @pytest.fixture
 def scorer(bundles, redis_binaries, tmp_path):
-    registry = copy_registry(bundles, tmp_path / "registry", models=("lr",))
-    lr = next(p.name for p in registry.iterdir())
+    registry = copy_registry(bundles, tmp_path / "registry")
+    lr = bundles["lr"].name
     with LocalRedis(tmp_path / "redis") as redis_server:
-        env = {**os.environ, "REDIS_URL": redis_server.url, "CTRSERVE_ADMIN_API_KEY": "k" * 16}
+        env = {**os.environ, "REDIS_URL": redis_server.url, "CTRSERVE_ADMIN_API_KEY": ADMIN_KEY,
+               "CTRSERVE_DEPLOY_POLL_S": "0.2"}
         cmd = [sys.executable, "-m", "ctrserve", "serve", "--registry", str(registry),
                "--bundle", lr, "--port", "0", "--workers", "2", "--log-level", "info"]
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -99,15 +104,55 @@ def test_two_workers_share_the_port_and_count_exactly(scorer):
         info = [(s.labels["bundle"], s.value) for family in text_string_to_metric_families(text)
                 for s in family.samples if s.name == "ctrserve_model_info"]
         assert info == [(lr, 1)]
-    # a swap would reach one worker only: refused, naming the way that reaches every worker
-    swap = httpx.post(url + "/admin/swap", json={"bundle": lr}, headers={"X-API-Key": "k" * 16})
-    assert swap.status_code == 409
-    assert swap.json()["detail"][0]["loc"] == ["workers"]
-    assert "ctrserve deploy" in swap.json()["detail"][0]["msg"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
+
+
+def series(url: str, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """{these labels' values: value} of a gauge's non-zero series, from a scrape: with
+    livemax, a series that a worker still holds shows even where another dropped it to 0."""
+    text = httpx.get(url + "/metrics", headers={"Connection": "close"}).text
+    return {tuple(s.labels[k] for k in labels): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name and s.value}
+
+
+def until(check, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+def test_admin_changes_reach_every_worker(scorer, bundles):
+    url, proc, lr = scorer
+    deepfm, admin = bundles["deepfm"].name, {"X-API-Key": ADMIN_KEY}
+    swap = httpx.post(url + "/admin/swap", json={"bundle": deepfm}, headers=admin, timeout=60)
+    assert swap.status_code == 200, swap.text
+    # each worker's info series: the swapped-out bundle shows 1 while any worker serves it
+    until(lambda: series(url, "ctrserve_model_info", "bundle") == {(deepfm,): 1},
+          "both workers serve the swapped bundle")
+    config = {"experiments": [{"name": "ranker", "salt": "r1", "arms": [
+        {"name": "lr", "weight": 0.5, "bundle": lr, "control": True},
+        {"name": "deepfm", "weight": 0.5, "bundle": deepfm}]}]}
+    put = httpx.put(url + "/admin/experiments", json=config, headers=admin, timeout=60)
+    assert put.status_code == 200, put.text
+    until(lambda: series(url, "ctrserve_arm_weight", "experiment", "arm") ==
+          {("ranker", "lr"): 0.5, ("ranker", "deepfm"): 0.5},
+          "both workers route by the new config")
+    arms = set()
+    for n in range(20):  # fresh connections, either worker: the new config's arms
+        reply = httpx.post(url + "/v1/score", headers={"Connection": "close"}, json={
+            "user_id": f"x{n}", "candidates": [{"item_id": "a0001"}]}).json()
+        assert reply["experiment"] == "ranker"
+        arms.add(reply["arm"])
+    assert arms == {"lr", "deepfm"}
+    workers = psutil.Process(proc.pid).children()
+    proc.kill()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive  # a killed scorer takes its workers with it: none keeps its port
 
 
 WHERE = ("from ctrserve.service.settings import Settings; "
@@ -127,3 +172,24 @@ def test_inference_runs_on_the_loop_unless_one_worker_has_a_second_core():
     assert where_inference_runs({min(cores)}) == ["False", "False"]  # nothing to overlap with
     if len(cores) > 1:
         assert where_inference_runs(cores) == ["True", "False"]
+
+
+@pytest.mark.parametrize(("files", "cores"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None), ({}, None)])
+def test_a_cgroup_cpu_quota_is_read_in_cores(tmp_path, files, cores):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert quota_cores(tmp_path) == cores
+
+
+def test_serve_defaults_to_one_worker_per_usable_core():
+    cores = os.sched_getaffinity(0)
+    if quota_cores() is None:
+        assert default_workers() == len(cores)
+    code = "from ctrserve.service.settings import default_workers; print(default_workers())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {min(cores)}))
+    assert out.stdout.strip() == "1"  # taskset to one core: one worker

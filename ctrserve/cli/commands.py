@@ -192,6 +192,7 @@ def serve(args: argparse.Namespace) -> None:
     from ctrserve.bundles.load import verify_files
     from ctrserve.service.models import resolve_bundle
     from ctrserve.service.server import serve
+    from ctrserve.service.settings import default_workers
 
     settings = _settings(**{k: getattr(args, k) for k in SERVE_FLAGS})
     if settings.experiments_file:
@@ -207,10 +208,12 @@ def serve(args: argparse.Namespace) -> None:
         synth_files(settings.load_features)
     _check_port(settings.host, settings.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if settings.workers > 1:
+    workers = settings.workers or default_workers()
+    settings = settings.model_copy(update={"workers": workers})
+    if workers > 1:
         from ctrserve.service.workers import serve_workers
 
-        serve_workers(settings, settings.workers, args.log_level)
+        serve_workers(settings, workers, args.log_level)
     else:
         serve(settings)
 

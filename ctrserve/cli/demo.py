@@ -200,7 +200,8 @@ def _scorer(cfg: DemoConfig, experiments: Path) -> Iterator[_Scorer]:
             proc.kill()
 
 
-RUNNING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+# uvicorn's start-up line with one worker, the parent's ("... with N workers") with more
+RUNNING = re.compile(r"(?:Uvicorn|ctrserve) running on (http://127\.0\.0\.1:\d+)")
 
 
 def _start(cmd: list[str], log: Path, timeout_s: float = 120

@@ -179,7 +179,8 @@ def _serve_parser(sub) -> None:
                    help="A/B experiments config (YAML or JSON): arms, weights, their bundles")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, help="scorer processes sharing the port (see README)")
+    p.add_argument("--workers", type=int, help="scorer processes sharing the port (default: one "
+                   "per usable core; see README)")
     p.add_argument("--features", type=Path, dest="load_features", metavar="SYNTH_DIR",
                    help="load users.parquet and apps.parquet of a synth dir at start")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None)

@@ -97,6 +97,9 @@ def lists_key(experiment: str) -> str:
 DEPLOY_PREFIX = PREFIX + "{deploy}:"
 VERSION_KEY = DEPLOY_PREFIX + "version"
 HISTORY_KEY = DEPLOY_PREFIX + "history"
+# the experiments config last put through PUT /admin/experiments, which every worker follows
+# (":" keeps it apart from the experiments' own keys: their names cannot hold one)
+CONFIG_KEY = DEPLOY_PREFIX + "config:experiments"
 
 
 def state_key(experiment: str) -> str:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from ctrserve.service.dependencies import ModelsDep, RoutingDep, SettingsDep
+from ctrserve.service.dependencies import FollowerDep, ModelsDep, RoutingDep, SettingsDep
 from ctrserve.service.errors import InvalidBody, NotFound
 from ctrserve.service.experiments.assignment import BUCKETS, Assignment
 from ctrserve.service.experiments.config import (
@@ -18,7 +18,7 @@ from ctrserve.service.experiments.config import (
     parse_text,
 )
 from ctrserve.service.models import ModelRegistry
-from ctrserve.service.routers.models import authorize, one_process
+from ctrserve.service.routers.models import authorize
 from ctrserve.service.routers.score import read_body
 from ctrserve.service.schemas import (
     ArmInfo,
@@ -74,14 +74,15 @@ def _placed(models: ModelRegistry, a: Assignment, key: str) -> ExperimentAssignm
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"example": CONFIG_EXAMPLE}, "application/yaml": {}}}})
 async def replace_experiments(request: Request, settings: SettingsDep, routing: RoutingDep,
-                              models: ModelsDep, x_api_key: str | None = Header(None)
-                              ) -> Response:
-    """Validate a new config (JSON or YAML body), load and warm its new bundles, switch to it.
+                              models: ModelsDep, follower: FollowerDep,
+                              x_api_key: str | None = Header(None)) -> Response:
+    """Validate a new config (JSON or YAML body), load and warm its new bundles, switch to it
+    and store it in Redis, where every worker follows it (and a scorer restarted on the same
+    experiments file).
 
     Invalid: 422 naming the field, and the running config stays.
     """
     authorize(settings.admin_api_key, x_api_key)
-    one_process(settings, "a new experiments config")
     fmt = "yaml" if "yaml" in request.headers.get("content-type", "") else "json"
     try:
         text = await read_body(request, settings)
@@ -89,7 +90,9 @@ async def replace_experiments(request: Request, settings: SettingsDep, routing: 
         await routing.replace(new)
     except ExperimentConfigError as exc:
         raise InvalidBody([{**i, "loc": ["body", *i["loc"]]} for i in exc.items]) from None
-    return _json(describe(new, models))
+    if follower is not None:
+        await follower.sync()  # the arms' canaries in the deployment state
+    return _json(describe(routing.experiments, models))
 
 
 def describe(experiments: ExperimentSet, models: ModelRegistry) -> ExperimentsResponse:

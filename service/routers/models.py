@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from ctrserve.bundles import BundleError
 from ctrserve.service.dependencies import FollowerDep, ModelsDep, RoutingDep, SettingsDep
+from ctrserve.service.deployments import DeploymentError
 from ctrserve.service.errors import (
     Conflict,
     Forbidden,
@@ -25,7 +26,6 @@ from ctrserve.service.models import resolve_bundle
 from ctrserve.service.routers.score import read_body
 from ctrserve.service.routing import UnknownArm
 from ctrserve.service.schemas import ErrorResponse, ModelsResponse, SwapRequest, SwapResponse
-from ctrserve.service.settings import Settings
 
 router = APIRouter(tags=["models"])
 
@@ -48,9 +48,9 @@ async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
                x_api_key: str | None = Header(None)) -> Response:
     """Verify, load and warm a bundle of the registry, then serve it for an arm of the default
     experiment (`arm`: an arm name; default the only arm), atomically; /v1/experiments lists
-    what is served. A body over max_body_bytes is a 413 before it is read in full."""
+    what is served. Recorded in the deployment state (kind `swap`), which every worker
+    follows. A body over max_body_bytes is a 413 before it is read in full."""
     authorize(settings.admin_api_key, x_api_key)
-    one_process(settings, "a swap")
     body = await read_body(request, settings)
     try:
         req = SwapRequest.model_validate_json(body)
@@ -64,21 +64,14 @@ async def swap(request: Request, settings: SettingsDep, routing: RoutingDep,
         old, new = await routing.swap(experiment, arm, req.bundle)
     except UnknownArm as exc:
         raise NotFound(["body", "arm"], str(exc)) from None
+    except DeploymentError as exc:  # its state was removed from Redis meanwhile
+        raise Conflict(["body", "arm"], str(exc)) from None
     except (BundleError, ExperimentConfigError) as exc:
         raise InvalidInput(["body", "bundle"], f"refused, the old model keeps serving: "
                                                f"{exc}") from None
     reply = SwapResponse(arm=arm, from_version=old, to_version=new, bundle=str(path),
                          seconds=round(time.perf_counter() - started, 3))
     return Response(reply.model_dump_json(), media_type="application/json")
-
-
-def one_process(settings: Settings, change: str) -> None:
-    """With several workers, a change made through one request would reach only the worker
-    that took it: refused (409), naming the way that reaches every worker."""
-    if settings.workers > 1:
-        raise Conflict(["workers"], f"this scorer runs {settings.workers} worker processes and "
-                       f"{change} reaches only one of them: deploy with `ctrserve deploy`, "
-                       "which every worker follows (the deployment state in Redis)")
 
 
 def only_arm(experiments: ExperimentSet, experiment: str) -> str:
