@@ -1,9 +1,11 @@
 """One scorer process against several on one port: `ctrserve serve --workers N`.
 
-    python -m ctrserve.loadtest.bench_workers --registry demo/registry [--workers 1,2,2:thread]
-        [--candidates 10,100,500] [--concurrency 16,64] [--duration 10] [--out FILE]
+    python -m ctrserve.loadtest.bench_workers --registry demo/registry
+        [--workers 1,default,2:thread] [--candidates 10,100,500] [--concurrency 16,64]
+        [--duration 10] [--out FILE]
 
-Scorers with each worker count as subprocesses (bench_serving.Server: embedded Redis loaded
+Scorers with each worker count (`default`: no --workers flag, the scorer's own choice of one
+per usable core) as subprocesses (bench_serving.Server: embedded Redis loaded
 from the synth dir), driven closed loop by wrk (or the Python client) cell by cell, the
 worker counts alternating (ABBA). Reports answered requests/s, candidates/s and their ratio
 to the machine's in-process onnxruntime limit (the best rows/s of the bundle at any batch
@@ -31,6 +33,7 @@ from ctrserve.loadtest.bench_serving import (
     records,
     write_result,
 )
+from ctrserve.service.settings import default_workers
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for variant, server in order:
                     cell = measure(client, server, bodies_file, n, n, c, args.duration,
                                    200_000, workdir)
-                    cell.update(workers=int(variant.partition(":")[0]), variant=variant,
+                    cell.update(workers=worker_count(variant), variant=variant,
                                 ratio_to_limit=round(cell["candidates_per_s"] / best, 3),
                                 ratio_to_one_thread=round(
                                     cell["candidates_per_s"] / limits[1]["best_rows_per_s"], 3))
@@ -68,7 +71,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": bundle, "client": client, "cores": os.cpu_count(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ort_limit": {str(t): v for t, v in limits.items()}, "best_rows_per_s": best,
-            "cells": cells}
+            "cells": cells, "targets": targets(cells)}
+
+
+TARGET_CANDIDATES, TARGET_RATIO = 100, 0.75
+
+
+def targets(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 13's: with the default workers, at 100 candidates, at least 0.75 of the
+    machine's in-process limit (the best cell over the connection counts)."""
+    got = [c["ratio_to_limit"] for c in cells
+           if c["variant"] == "default" and c["candidates"] == TARGET_CANDIDATES]
+    best = max(got) if got else None
+    return {"default_workers_ratio": {"target": TARGET_RATIO, "candidates": TARGET_CANDIDATES,
+                                      "best": best, "met": best is not None and
+                                      best >= TARGET_RATIO}}
+
+
+def target_line(result: dict[str, Any]) -> str:
+    t = (result.get("targets") or targets(result["cells"]))["default_workers_ratio"]
+    if t["best"] is None:
+        return (f"Target: the default workers at {t['candidates']} candidates >= "
+                f"{t['target']} of the limit: not measured (no such cell).")
+    return (f"Target: the default workers ({default_count(result)}) at {t['candidates']} "
+            f"candidates >= {t['target']} of the limit: best {t['best']:.2f} "
+            f"({'met' if t['met'] else 'not met'}).")
+
+
+def default_count(result: dict[str, Any]) -> int | None:
+    return next((c["workers"] for c in result["cells"] if c["variant"] == "default"), None)
 
 
 HEADER = (f"{'workers':>8} {'cand':>5} {'conc':>5} {'req/s':>8} {'cand/s':>9} {'limit':>6} "
@@ -89,7 +120,7 @@ def table(result: dict[str, Any]) -> str:
     limits = ", ".join(f"{t} thread(s) {v['best_rows_per_s']:,} rows/s at batch "
                        f"{v['best_batch']}" for t, v in result["ort_limit"].items())
     return "\n".join([f"in-process onnxruntime: {limits}", HEADER,
-                      *(row(c) for c in result["cells"])])
+                      *(row(c) for c in result["cells"]), target_line(result)])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -111,7 +142,7 @@ def markdown(result: dict[str, Any]) -> str:
                                         *(f"{c['ratio_to_limit']:.2f} / "
                                           f"{c['ratio_to_one_thread']:.2f}" if c else "-"
                                           for c in got)]) + " |")
-    return "\n".join([*lines, "", cpu_markdown(result["cells"])])
+    return "\n".join([*lines, "", target_line(result), "", cpu_markdown(result["cells"])])
 
 
 def cpu_markdown(cells: list[dict[str, Any]]) -> str:
@@ -128,14 +159,25 @@ def cpu_markdown(cells: list[dict[str, Any]]) -> str:
 
 
 def variant_flags(variant: str) -> list[str]:
-    """`ctrserve serve` flags of a variant "N" or "N:thread" / "N:loop"."""
+    """`ctrserve serve` flags of a variant "N", "default", or either with ":thread" / ":loop"."""
     workers, _, where = variant.partition(":")
-    flags = ["--workers", str(int(workers))]
+    flags = [] if workers == "default" else ["--workers", str(worker_count(variant))]
     if where:
         if where not in ("thread", "loop"):
             raise SystemExit(f"--workers {variant}: expected N, N:thread or N:loop")
         flags.append("--inference-thread" if where == "thread" else "--no-inference-thread")
     return flags
+
+
+def worker_count(variant: str) -> int:
+    workers = variant.partition(":")[0]
+    if workers == "default":
+        return default_workers()
+    try:
+        return int(workers)
+    except ValueError:
+        raise SystemExit(f"--workers {variant}: expected N or default, optionally with :thread "
+                         "or :loop") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,9 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--registry", type=Path, default=Path("demo/registry"))
     p.add_argument("--bundle")
     p.add_argument("--features", type=Path, help="synth dir (default: REGISTRY/../data)")
-    p.add_argument("--workers", type=lambda text: tuple(text.split(",")), default=("1", "2"),
-                   help="worker counts, each optionally with where inference runs: 1,2,2:thread "
-                        "(default: the scorer's own choice for that count)")
+    p.add_argument("--workers", type=lambda text: tuple(text.split(",")),
+                   default=("1", "default"),
+                   help="worker counts (`default`: the scorer's own, one per usable core), each "
+                        "optionally with where inference runs: 1,2,2:thread (without: the "
+                        "scorer's own choice for that count)")
     p.add_argument("--candidates", type=ints, default=(10, 100, 500))
     p.add_argument("--concurrency", type=ints, default=(16, 64))
     p.add_argument("--duration", type=float, default=10.0)

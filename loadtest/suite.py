@@ -6,11 +6,11 @@
 
 Runs loadtest/bench_serving.py (OUT/serving.json), loadtest/bench_overload.py
 (OUT/overload.json: open loop past saturation, admission on and off), loadtest/bench_workers.py
-(OUT/workers.json: 1 against 2 worker processes, with the ratios to the all-core and the
-one-thread in-process limits) and loadtest/bench_training.py (OUT/training/results.json; it
-needs $CTR_DATA_DIR, and the peers' environment from loadtest/peers/setup.sh for FuxiCTR and
-DeepCTR-Torch), then writes OUT/suite.json (the results and their targets) and OUT/suite.md
-(their tables). `--readme FILE` puts
+(OUT/workers.json: 1 worker process against the default, one per core, with the ratios to
+the all-core and the one-thread in-process limits) and loadtest/bench_training.py
+(OUT/training/results.json; it needs $CTR_DATA_DIR, and the peers' environment from
+loadtest/peers/setup.sh for FuxiCTR and DeepCTR-Torch), then writes OUT/suite.json (the results
+and their targets) and OUT/suite.md (their tables). `--readme FILE` puts
 suite.md, with the command that made it, between the `<!-- suite:begin -->` and
 `<!-- suite:end -->` lines of FILE: docs/benchmarks.md's performance figures come from here.
 `--render-only` rebuilds suite.md (and that block) from the JSON files of an earlier run.
@@ -34,7 +34,7 @@ BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 PARTS = ("serving", "overload", "workers", "training")
 TITLES = {"serving": "Serving: the scorer against the in-process limit",
           "overload": "Overload: open loop at 1.5x, 2x and 3x of saturation",
-          "workers": "Workers: one scorer process against two on one port",
+          "workers": "Workers: one scorer process against the default (one per core) on one port",
           "training": "Training: ctrserve against FuxiCTR and DeepCTR-Torch"}
 
 

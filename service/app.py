@@ -146,14 +146,19 @@ async def signing_keys(settings: Settings, client: Any) -> list[tuple[str, bytes
 
 
 def _load_features(handle: RedisHandle, settings: Settings) -> None:
+    client = handle.sync_client()
+    try:
+        load_features(settings, client)
+    finally:
+        client.close()
+
+
+def load_features(settings: Settings, client: Any) -> None:
+    """Write the feature tables of `settings.load_features` (a synth dir) into Redis."""
     from ctrserve.service.feature_store import load_tables, synth_files
 
     users, items = synth_files(settings.load_features)
-    client = handle.sync_client()
-    try:
-        meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
-    finally:
-        client.close()
+    meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
     log.info("feature store: %d users, %d items from %s", meta["users"]["rows"],
              meta["items"]["rows"], settings.load_features)
 

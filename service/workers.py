@@ -6,6 +6,7 @@ onnxruntime session, all accepting on the shared socket (the kernel spreads conn
 Before they start, the parent
 - starts the embedded Redis when no REDIS_URL is set, and hands its URL to every worker (they
   would otherwise race to start one each);
+- loads the feature tables (`--features`) once;
 - points PROMETHEUS_MULTIPROC_DIR at a fresh directory, so /metrics from any worker reports
   the counters and histograms of all of them, exactly (service/metrics.py).
 A worker that dies is started again. SIGTERM or SIGINT reaches every worker, which finishes its
@@ -73,6 +74,14 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
     if not settings.redis_url:
         embedded = start_embedded(settings.embedded_redis_db())
         settings = settings.model_copy(update={"redis_url": embedded_url(embedded)})
+    if settings.load_features:  # once for all workers, not once each
+        try:
+            _load_features(settings)
+        except BaseException:
+            if embedded is not None:
+                stop_embedded(embedded)
+            raise
+        settings = settings.model_copy(update={"load_features": None})
     metrics_dir = tempfile.mkdtemp(prefix="ctrserve-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     sock = bind(settings)
@@ -111,6 +120,17 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
             stop_embedded(embedded)
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def _load_features(settings: Settings) -> None:
+    from ctrserve.service.app import load_features
+    from ctrserve.service.redis_server import sync_client
+
+    client = sync_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
+    try:
+        load_features(settings, client)
+    finally:
+        client.close()
 
 
 def _supervise(procs: list[BaseProcess], start: Any, stopping: list[int]) -> None:
