@@ -5,8 +5,9 @@
     ctrserve:{deploy}:<E>:prev:<arm>   list   bundles the arm served before, newest last
     ctrserve:{deploy}:version          int    +1 on every change below (scorers poll it)
     ctrserve:{deploy}:history          list   JSON records, oldest first
-    ctrserve:{deploy}:config:experiments  string  JSON {"config", "id", "base"}: the config
-                                       last put through PUT /admin/experiments
+    ctrserve:{deploy}:config:experiments  hash  config: JSON {"config", "id", "base"}, the
+                                       config last put through PUT /admin/experiments;
+                                       version: the deployment version it made
 
 All share the hash tag {deploy}: on a Redis Cluster they live in one slot, so one script or
 transaction may touch any of them.
@@ -127,8 +128,9 @@ return text
 # experiment's state hash is KEYS[3 + n]). Sets each arm's bundle, a record per arm it changed;
 # returns the new version.
 CONFIG = """
-redis.call('SET', KEYS[1], ARGV[1])
 local version = redis.call('INCR', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'config', ARGV[1], 'version', version)
 for _, change in ipairs(cjson.decode(ARGV[3])) do
   local key = KEYS[3 + change[4]]
   local current = redis.call('HGET', key, change[2])
@@ -394,9 +396,10 @@ CanaryState = dict[str, dict[str, dict[str, Any]]]  # {experiment: {arm: {"bundl
 
 
 async def read_config(client: aioredis.Redis) -> dict[str, Any] | None:
-    """The config last stored by PUT /admin/experiments ({"config", "id", "base"}), or None."""
-    text = await client.get(CONFIG_KEY)
-    return json.loads(text) if text else None
+    """The config last stored by PUT /admin/experiments ({"config", "id", "base", "version"}),
+    or None."""
+    text, version = await client.hmget(CONFIG_KEY, ["config", "version"])
+    return {**json.loads(text), "version": int(version)} if text else None
 
 
 async def read_state(client: aioredis.Redis, experiments: list[str]

@@ -61,7 +61,9 @@ class Routing:
         # one arm from the settings (no experiments file, no config put since)
         self.single = settings.experiments_file is None
         self.base = base_id(settings)
-        self.config_id = ""  # the stored config served, if any
+        # the stored config served, if any, and the deployment version that stored it (an
+        # older one, read before this scorer put a newer, is not adopted)
+        self.config_id, self.config_version = "", 0
         self._lock = asyncio.Lock()
 
     async def start(self) -> ExperimentSet:
@@ -114,8 +116,8 @@ class Routing:
             added = await self._replace(new, seed_arms=False)  # each arm recorded below
             self.single, self.config_id = False, stored["id"]
             if self.client is not None:
-                await publish_config(self.client, stored, arm_bundles(new),
-                                     "PUT /admin/experiments")
+                self.config_version = await publish_config(
+                    self.client, stored, arm_bundles(new), "PUT /admin/experiments")
             return added
 
     async def follow(self, state: DeployState, canaries: CanaryState | None = None,
@@ -126,7 +128,8 @@ class Routing:
         raises ExperimentConfigError or BundleError and nothing changes."""
         async with self._lock:
             adopted = None
-            if self._adoptable(stored) and stored["id"] != self.config_id:
+            if (self._adoptable(stored) and stored["id"] != self.config_id
+                    and stored["version"] > self.config_version):
                 adopted = parse_experiments(stored["config"], self.settings.registry)
             elif self.single:
                 return await self._follow_single(state, canaries or {})
@@ -136,6 +139,7 @@ class Routing:
                 await self._replace(new)
             if adopted is not None:
                 self.single, self.config_id = False, stored["id"]
+                self.config_version = stored["version"]
             return new is not None
 
     def _adoptable(self, stored: dict[str, Any] | None) -> bool:
