@@ -70,7 +70,7 @@ def _placed(models: ModelRegistry, a: Assignment, key: str) -> ExperimentAssignm
 
 
 @router.put("/admin/experiments", response_model=ExperimentsResponse,
-            responses={s: {"model": ErrorResponse} for s in (401, 403, 409, 422)},
+            responses={s: {"model": ErrorResponse} for s in (401, 403, 413, 422)},
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"example": CONFIG_EXAMPLE}, "application/yaml": {}}}})
 async def replace_experiments(request: Request, settings: SettingsDep, routing: RoutingDep,
