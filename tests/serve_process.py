@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 class ServeProcess:
     """`ctrserve serve --port 0` in a subprocess: the server binds a free port itself (nothing
-    can take it between a probe and the bind) and uvicorn's start-up line names it."""
+    can take it between a probe and the bind) and its start-up line names it."""
 
     RUNNING = re.compile(r"(?:Uvicorn|ctrserve) running on (http://127\.0\.0\.1:\d+)")
 
