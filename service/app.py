@@ -32,7 +32,7 @@ from ctrserve.service.log_lag import LagSampler
 from ctrserve.service.metrics import Metrics, MetricsMiddleware, RequestRecorder
 from ctrserve.service.models import ModelRegistry
 from ctrserve.service.redis_rounds import RoundTrips
-from ctrserve.service.redis_server import RedisHandle, open_redis
+from ctrserve.service.redis_server import REPORT_TIMEOUT_S, open_redis, sync_client
 from ctrserve.service.routers import dashboard, events, experiments, health, metrics, models, score
 from ctrserve.service.routers.events import EventsRequest
 from ctrserve.service.routing import Routing
@@ -94,7 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.redis = await open_redis(settings)
     try:
         if settings.load_features:
-            await asyncio.to_thread(_load_features, state.redis, settings)
+            await asyncio.to_thread(load_features, settings, state.redis.url)
         rounds = RoundTrips(state.redis.client)  # the user reads and serve-log appends share
         store = FeatureStore(state.redis.client, rounds)
         state.models = ModelRegistry(settings, state.metrics, store)
@@ -145,20 +145,18 @@ async def signing_keys(settings: Settings, client: Any) -> list[tuple[str, bytes
     return [(AUTO_KID, await client.get(SIGNING_KEY))]
 
 
-def _load_features(handle: RedisHandle, settings: Settings) -> None:
-    client = handle.sync_client()
-    try:
-        load_features(settings, client)
-    finally:
-        client.close()
-
-
-def load_features(settings: Settings, client: Any) -> None:
-    """Write the feature tables of `settings.load_features` (a synth dir) into Redis."""
+def load_features(settings: Settings, url: str) -> None:
+    """Write the feature tables of `settings.load_features` (a synth dir) into the Redis at
+    `url` (a bulk write: the longer timeout of the report's bulk reads)."""
     from ctrserve.service.feature_store import load_tables, synth_files
 
     users, items = synth_files(settings.load_features)
-    meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
+    client = sync_client(url, settings.redis_cluster,
+                         max(settings.redis_timeout_s, REPORT_TIMEOUT_S))
+    try:
+        meta = load_tables(client, users, items, settings.user_id_field, settings.item_id_field)
+    finally:
+        client.close()
     log.info("feature store: %d users, %d items from %s", meta["users"]["rows"],
              meta["items"]["rows"], settings.load_features)
 

@@ -75,8 +75,10 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
         embedded = start_embedded(settings.embedded_redis_db())
         settings = settings.model_copy(update={"redis_url": embedded_url(embedded)})
     if settings.load_features:  # once for all workers, not once each
+        from ctrserve.service.app import load_features
+
         try:
-            _load_features(settings)
+            load_features(settings, settings.redis_url)
         except BaseException:
             if embedded is not None:
                 stop_embedded(embedded)
@@ -120,17 +122,6 @@ def serve_workers(settings: Settings, workers: int, log_level: str = "info") -> 
             stop_embedded(embedded)
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-
-
-def _load_features(settings: Settings) -> None:
-    from ctrserve.service.app import load_features
-    from ctrserve.service.redis_server import sync_client
-
-    client = sync_client(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s)
-    try:
-        load_features(settings, client)
-    finally:
-        client.close()
 
 
 def _supervise(procs: list[BaseProcess], start: Any, stopping: list[int]) -> None:

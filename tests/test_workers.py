@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctrserve.loadtest.redis_servers import LocalRedis
 from ctrserve.service.settings import default_workers, quota_cores
 from tests.serving import copy_registry, metric_value
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [f"a{i:04d}" for i in range(1, 9)]
@@ -119,29 +120,22 @@ def series(url: str, name: str, *labels: str) -> dict[tuple[str, ...], float]:
             for s in family.samples if s.name == name and s.value}
 
 
-def until(check, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.1)
-
-
 def test_admin_changes_reach_every_worker(scorer, bundles):
     url, proc, lr = scorer
     deepfm, admin = bundles["deepfm"].name, {"X-API-Key": ADMIN_KEY}
     swap = httpx.post(url + "/admin/swap", json={"bundle": deepfm}, headers=admin, timeout=60)
     assert swap.status_code == 200, swap.text
     # each worker's info series: the swapped-out bundle shows 1 while any worker serves it
-    until(lambda: series(url, "ctrserve_model_info", "bundle") == {(deepfm,): 1},
-          "both workers serve the swapped bundle")
+    wait_until(lambda: series(url, "ctrserve_model_info", "bundle") == {(deepfm,): 1},
+               "both workers serve the swapped bundle", timeout_s=60)
     config = {"experiments": [{"name": "ranker", "salt": "r1", "arms": [
         {"name": "lr", "weight": 0.5, "bundle": lr, "control": True},
         {"name": "deepfm", "weight": 0.5, "bundle": deepfm}]}]}
     put = httpx.put(url + "/admin/experiments", json=config, headers=admin, timeout=60)
     assert put.status_code == 200, put.text
-    until(lambda: series(url, "ctrserve_arm_weight", "experiment", "arm") ==
-          {("ranker", "lr"): 0.5, ("ranker", "deepfm"): 0.5},
-          "both workers route by the new config")
+    wait_until(lambda: series(url, "ctrserve_arm_weight", "experiment", "arm") ==
+               {("ranker", "lr"): 0.5, ("ranker", "deepfm"): 0.5},
+               "both workers route by the new config", timeout_s=60)
     arms = set()
     for n in range(20):  # fresh connections, either worker: the new config's arms
         reply = httpx.post(url + "/v1/score", headers={"Connection": "close"}, json={
